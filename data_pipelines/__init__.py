@@ -1,0 +1,1 @@
+"""Pipelines that turn raw sources into webdataset shards (``mmmat data build``)."""

@@ -1,0 +1,195 @@
+"""What a data source is: raw rows per split, plus the joins that turn a row into a record.
+
+A source returns, per split, a list of :class:`RawRow` in a fixed order (the order decides which shard a
+row lands in, so a rebuild writes the same shards).  :func:`make_record` turns one row into a
+:class:`~mmmat.data.schema.MaterialRecord` with every modality rendered; it raises
+:class:`~mmmat.data.schema.RecordError` for a row that cannot be used, and the builder reports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmmat.data.schema import MaterialRecord, RecordError, TextItem, parse_cif
+
+
+@dataclass
+class RawRow:
+    """One row of a source before rendering.
+
+    Attributes:
+        material_id: Unique id in the source.
+        cif: CIF text of the structure (or None when ``structure`` is given).
+        structure: A pymatgen ``Structure`` as a dict (``Structure.as_dict()``), or None.
+        properties: Named numeric properties (NaN or None = missing).
+        formula: Reduced formula if the source gives one (used for text joins), else derived.
+        source_ids: Ids in the source (row index, original file, ...).
+        extra_texts: Texts that come with the row itself (e.g. prototype names), already labelled.
+    """
+
+    material_id: str
+    cif: str | None = None
+    structure: dict[str, Any] | None = None
+    properties: dict[str, Any] = field(default_factory=dict)
+    formula: str | None = None
+    source_ids: dict[str, str] = field(default_factory=dict)
+    extra_texts: list[TextItem] = field(default_factory=list)
+
+
+@dataclass
+class BuildOptions:
+    """What to render for each record.
+
+    Attributes:
+        xrd: Compute the powder pattern (Cu Kα, grid of :mod:`mmmat.data.xrd`).
+        image: Simulate a Z-contrast image.
+        describe: Add a generated structure description (labelled generated) where no literature text exists.
+        max_atoms: Rows with more atoms are reported and skipped (0 = no limit).
+        min_distance: Atoms closer than this (Å) count as overlapping.
+    """
+
+    xrd: bool = True
+    image: bool = True
+    describe: bool = True
+    max_atoms: int = 0
+    min_distance: float = 0.5
+
+
+@dataclass
+class Joins:
+    """Indexes that add texts to a material (picklable, sent once to every worker)."""
+
+    recipes: Any = None  # data_pipelines.recipes.RecipeIndex
+    literature: Any = None  # data_pipelines.literature.LiteratureIndex
+
+
+@dataclass
+class SourceData:
+    """What a source loader returns."""
+
+    name: str
+    splits: dict[str, list[RawRow]]
+    joins: Joins = field(default_factory=Joins)
+    property_columns: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def hash_split(material_id: str, modulo: int = 10) -> int:
+    """Bucket of ``material_id``: sha1, first 8 hex digits as an integer, modulo ``modulo`` (mp20p rule)."""
+    return int(hashlib.sha1(material_id.encode("utf-8")).hexdigest()[:8], 16) % modulo
+
+
+def make_record(row: RawRow, split: str, joins: Joins, options: BuildOptions) -> tuple[MaterialRecord, dict]:
+    """Render every modality of one row; returns the record and per-record notes (e.g. clipped texts)."""
+    from pymatgen.core import Structure
+
+    from mmmat.data.text import MAX_TEXT_CHARS, clip_text
+
+    notes: dict[str, Any] = {}
+    rid = row.material_id
+    if row.structure is not None:
+        try:
+            structure = Structure.from_dict(row.structure)
+        except Exception as exc:
+            raise RecordError(rid, f"bad structure dict ({type(exc).__name__}: {exc})") from None
+    elif row.cif is not None:
+        structure = parse_cif(row.cif, rid)
+    else:
+        raise RecordError(rid, "row has neither a CIF nor a structure")
+    if len(structure) == 0:
+        raise RecordError(rid, "empty structure (no atoms)")
+    if options.max_atoms and len(structure) > options.max_atoms:
+        raise RecordError(rid, f"{len(structure)} atoms > max_atoms={options.max_atoms}")
+    for site in structure:
+        if not site.is_ordered:
+            raise RecordError(rid, "disordered structure (partial occupancies) is not supported")
+        z = getattr(site.specie, "Z", None)
+        if z is None or not (1 <= int(z) <= 118):
+            raise RecordError(rid, f"unknown element {site.species_string!r}")
+
+    props = {}
+    for k, v in row.properties.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        props[k] = f if math.isfinite(f) else math.nan
+
+    record = MaterialRecord.from_structure(
+        structure, rid, properties=props, source_ids=dict(row.source_ids), split=split
+    )
+    record.validate(min_distance=options.min_distance)
+
+    if options.xrd:
+        from mmmat.data.xrd import compute_peaks, render_profile
+
+        peaks = compute_peaks(structure)
+        record.xrd_peaks = peaks
+        record.xrd = render_profile(peaks)
+    if options.image:
+        from mmmat.data.image import simulate_zcontrast
+
+        img, meta = simulate_zcontrast(record.lattice, record.frac_coords, record.numbers)
+        record.image, record.image_meta = img, meta
+
+    formula = row.formula or structure.composition.reduced_formula
+    texts_clipped = 0
+    if joins.recipes is not None:
+        for t in joins.recipes.lookup(row.source_ids.get("mp_id") or rid, formula):
+            t.text, clipped = clip_text(t.text, MAX_TEXT_CHARS)
+            texts_clipped += clipped
+            record.processing_texts.append(t)
+    if joins.literature is not None:
+        for t in joins.literature.lookup(formula):
+            t.text, clipped = clip_text(t.text, MAX_TEXT_CHARS)
+            texts_clipped += clipped
+            record.literature_texts.append(t)
+    for t in row.extra_texts:
+        t = TextItem(t.text, t.source, t.generated, t.ref)
+        t.text, clipped = clip_text(t.text, MAX_TEXT_CHARS)
+        texts_clipped += clipped
+        record.literature_texts.append(t)
+    if options.describe and not any(not t.generated for t in record.literature_texts):
+        from mmmat.data.text import describe_structure
+
+        record.literature_texts.append(
+            TextItem(describe_structure(structure), source="mmmat/describe_structure", generated=True)
+        )
+    if texts_clipped:
+        notes["texts_clipped"] = texts_clipped
+    return record, notes
+
+
+#: name -> loader(root, limit) -> SourceData
+SOURCES: dict[str, Callable[..., SourceData]] = {}
+
+
+def register_source(name: str) -> Callable[[Callable[..., SourceData]], Callable[..., SourceData]]:
+    """Register a source loader under ``name`` (used by ``mmmat data build NAME``)."""
+
+    def deco(fn: Callable[..., SourceData]) -> Callable[..., SourceData]:
+        SOURCES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_source(name: str) -> Callable[..., SourceData]:
+    """Return the loader registered under ``name``."""
+    import data_pipelines.sources  # noqa: F401  (registers the built-in sources)
+
+    if name not in SOURCES:
+        raise KeyError(f"unknown data source {name!r}; known: {sorted(SOURCES)}")
+    return SOURCES[name]
+
+
+def read_csv_any(path: Path) -> Any:
+    """Read a CSV (plain, .gz or .xz) with pandas, keeping ids as strings."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={"material_id": str}, keep_default_na=True)

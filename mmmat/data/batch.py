@@ -1,0 +1,246 @@
+"""One batch type for every stage: :class:`MultimodalBatch`, and the collate that builds it.
+
+A batch holds every modality as a tensor of the full batch size, plus a presence mask per modality; a
+missing modality is a ``False`` in its mask (its rows are zeros), never a crash. The crystals form one
+torch-geometric ``Batch`` with a periodic neighbour graph (edges j → i, integer cell offsets, distances in Å).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmmat.data.schema import MaterialRecord
+
+#: Modality names, in a fixed order.
+MODALITIES = ("crystal", "xrd", "image", "processing_text", "literature_text")
+
+
+@dataclass
+class MultimodalBatch:
+    """A batch of materials with every modality padded to the batch size.
+
+    Attributes:
+        material_ids: Ids, in batch order.
+        crystal: torch-geometric ``Batch`` with ``z`` (N,), ``pos`` (N, 3) Å, ``frac_coords`` (N, 3),
+            ``lattice`` (B, 3, 3) Å (rows are lattice vectors), ``batch`` (N,), ``ptr`` (B + 1,), and when the
+            graph was built: ``edge_index`` (2, E) (row 0 source j, row 1 target i), ``cell_offset`` (E, 3)
+            integer image of j, ``edge_dist`` (E,) Å.
+        xrd: (B, L) float32 powder profiles on :data:`mmmat.data.xrd.TWO_THETA` (zeros where absent).
+        xrd_peaks: (B, P, 2) float32 peaks (d-spacing Å, relative intensity 0..100), zero-padded.
+        xrd_peak_mask: (B, P) bool, True for real peaks.
+        image: (B, 1, H, W) uint8 images (zeros where absent).
+        processing_ids / processing_mask: (B, T) token ids and attention mask of one processing text each.
+        literature_ids / literature_mask: (B, T) likewise for one literature text.
+        properties: (B, K) float32, NaN where missing; columns named by ``property_names``.
+        present: modality name -> (B,) bool.
+        skipped: bad samples skipped so far by the process that built this batch.
+    """
+
+    material_ids: list[str]
+    crystal: Any
+    xrd: torch.Tensor
+    xrd_peaks: torch.Tensor
+    xrd_peak_mask: torch.Tensor
+    image: torch.Tensor
+    processing_ids: torch.Tensor
+    processing_mask: torch.Tensor
+    literature_ids: torch.Tensor
+    literature_mask: torch.Tensor
+    properties: torch.Tensor
+    property_names: list[str]
+    present: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.material_ids)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultimodalBatch:
+        """Move every tensor to ``device`` (returns a new batch)."""
+        kw: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, non_blocking=non_blocking)
+            elif f.name == "crystal":
+                v = v.to(device, non_blocking=non_blocking)
+            elif f.name == "present":
+                v = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
+            kw[f.name] = v
+        return MultimodalBatch(**kw)
+
+    def pin_memory(self) -> MultimodalBatch:
+        """Pin host memory (called by the DataLoader when ``pin_memory=True``)."""
+        kw: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.pin_memory()
+            elif f.name == "crystal":
+                v = v.pin_memory()
+            elif f.name == "present":
+                v = {k: t.pin_memory() for k, t in v.items()}
+            kw[f.name] = v
+        return MultimodalBatch(**kw)
+
+
+class ByteTokenizer:
+    """A dependency-free tokenizer over UTF-8 bytes (ids 0..255 shifted by the special tokens).
+
+    Ids: 0 = pad, 1 = begin, 2 = end, byte b -> b + 3. Used where no trained tokenizer is given; any
+    Hugging Face tokenizer (callable on a list of strings) can replace it.
+    """
+
+    pad_token_id = 0
+    vocab_size = 259
+
+    def __call__(self, texts: Sequence[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+        """Tokenise and pad ``texts`` to the longest (at most ``max_length``) sequence."""
+        seqs = [[1, *[b + 3 for b in t.encode("utf-8")[: max_length - 2]], 2] for t in texts]
+        width = max((len(s) for s in seqs), default=2)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def _tokenize(tokenizer: Callable[..., Any], texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(tokenizer, ByteTokenizer):
+        out = tokenizer(texts, max_length=max_length)
+    else:  # Hugging Face tokenizers
+        out = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return out["input_ids"].long(), out["attention_mask"].long()
+
+
+@dataclass
+class Collator:
+    """Turns a list of :class:`MaterialRecord` into a :class:`MultimodalBatch`.
+
+    Attributes:
+        property_names: Property columns to carry (missing ones are NaN).
+        cutoff: Neighbour-graph cutoff radius, Å.
+        max_num_neighbors: Keep at most this many nearest neighbours per atom (None = all within cutoff).
+        build_graph: Build the periodic graph here (False leaves it to the model, e.g. on the GPU).
+        tokenizer: Callable on a list of strings; :class:`ByteTokenizer` when None.
+        max_text_tokens: Token budget per text.
+        random_text: Pick a random text per material (training) instead of the first (evaluation).
+        include_generated_text: Let generated structure descriptions count as literature text.
+        seed: Seed of the text choice.
+    """
+
+    property_names: list[str] = field(default_factory=list)
+    cutoff: float = 5.0
+    max_num_neighbors: int | None = None
+    build_graph: bool = True
+    tokenizer: Any = None
+    max_text_tokens: int = 128
+    random_text: bool = False
+    include_generated_text: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        if self.tokenizer is None:
+            self.tokenizer = ByteTokenizer()
+
+    def __call__(self, records: Sequence[MaterialRecord], skipped: int = 0) -> MultimodalBatch:
+        """Collate ``records``."""
+        return self.collate(list(records), skipped=skipped)
+
+    def _pick(self, texts: list[str]) -> str | None:
+        if not texts:
+            return None
+        return self._rng.choice(texts) if self.random_text else texts[0]
+
+    def collate(self, records: list[MaterialRecord], skipped: int = 0) -> MultimodalBatch:
+        """Collate ``records`` into one batch."""
+        from torch_geometric.data import Batch
+
+        b = len(records)
+        counts = torch.tensor([r.num_atoms for r in records], dtype=torch.long)
+        z = torch.from_numpy(np.concatenate([r.numbers for r in records]).astype(np.int64))
+        frac = torch.from_numpy(np.concatenate([r.frac_coords for r in records]).astype(np.float32))
+        lattice = torch.from_numpy(np.stack([r.lattice for r in records]).astype(np.float32))
+        batch_vec = torch.repeat_interleave(torch.arange(b), counts)
+        pos = torch.bmm(frac.unsqueeze(1), lattice[batch_vec]).squeeze(1)
+        ptr = torch.zeros(b + 1, dtype=torch.long)
+        ptr[1:] = torch.cumsum(counts, 0)
+        graph = {"z": z, "pos": pos, "frac_coords": frac, "lattice": lattice, "batch": batch_vec, "ptr": ptr,
+                 "num_atoms": counts}
+        if self.build_graph:
+            from mmmat.data.graph import radius_graph_pbc
+
+            ei, off, dist = radius_graph_pbc(pos, lattice, batch_vec, self.cutoff, self.max_num_neighbors)
+            graph.update(edge_index=ei, cell_offset=off, edge_dist=dist)
+        crystal = Batch(**graph)
+        crystal._num_graphs = b
+
+        from mmmat.data.xrd import NUM_POINTS
+
+        has_xrd = torch.tensor([r.xrd is not None for r in records])
+        xrd = torch.zeros(b, NUM_POINTS)
+        for i, r in enumerate(records):
+            if r.xrd is not None:
+                xrd[i, : len(r.xrd)] = torch.from_numpy(np.asarray(r.xrd, dtype=np.float32))[:NUM_POINTS]
+        npk = max((0 if r.xrd_peaks is None else len(r.xrd_peaks)) for r in records)
+        peaks = torch.zeros(b, max(npk, 1), 2)
+        peak_mask = torch.zeros(b, max(npk, 1), dtype=torch.bool)
+        for i, r in enumerate(records):
+            if r.xrd_peaks is not None and len(r.xrd_peaks):
+                p = torch.from_numpy(np.asarray(r.xrd_peaks, dtype=np.float32))
+                peaks[i, : len(p)] = p
+                peak_mask[i, : len(p)] = True
+
+        has_img = torch.tensor([r.image is not None for r in records])
+        shapes = [r.image.shape for r in records if r.image is not None]
+        h = max((s[0] for s in shapes), default=1)
+        w = max((s[1] for s in shapes), default=1)
+        image = torch.zeros(b, 1, h, w, dtype=torch.uint8)
+        for i, r in enumerate(records):
+            if r.image is not None:
+                image[i, 0, : r.image.shape[0], : r.image.shape[1]] = torch.from_numpy(np.asarray(r.image))
+
+        proc = [self._pick([t.text for t in r.processing_texts]) for r in records]
+        lit = [
+            self._pick([t.text for t in r.literature_texts if self.include_generated_text or not t.generated])
+            for r in records
+        ]
+        proc_ids, proc_mask = _tokenize(self.tokenizer, [t or "" for t in proc], self.max_text_tokens)
+        lit_ids, lit_mask = _tokenize(self.tokenizer, [t or "" for t in lit], self.max_text_tokens)
+
+        props = torch.full((b, len(self.property_names)), math.nan)
+        for i, r in enumerate(records):
+            for j, name in enumerate(self.property_names):
+                v = r.properties.get(name)
+                if v is not None:
+                    props[i, j] = float(v)
+
+        present = {
+            "crystal": counts > 0,
+            "xrd": has_xrd,
+            "image": has_img,
+            "processing_text": torch.tensor([t is not None for t in proc]),
+            "literature_text": torch.tensor([t is not None for t in lit]),
+        }
+        return MultimodalBatch(
+            material_ids=[r.material_id for r in records],
+            crystal=crystal,
+            xrd=xrd,
+            xrd_peaks=peaks,
+            xrd_peak_mask=peak_mask,
+            image=image,
+            processing_ids=proc_ids,
+            processing_mask=proc_mask,
+            literature_ids=lit_ids,
+            literature_mask=lit_mask,
+            properties=props,
+            property_names=list(self.property_names),
+            present=present,
+            skipped=skipped,
+        )

@@ -1,0 +1,132 @@
+"""LightningDataModule over a shard folder written by ``mmmat data build``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+
+from mmmat.data.batch import Collator, MultimodalBatch
+from mmmat.data.loader import (
+    SharedEpoch,
+    load_records,
+    memory_loader,
+    shard_loader,
+    split_shards,
+)
+
+
+class MultimodalDataModule(pl.LightningDataModule):
+    """Serves :class:`MultimodalBatch` objects for the train/val/test splits of a shard folder.
+
+    Args:
+        shards: Folder with ``manifest.json`` and one sub-folder of shards per split.
+        batch_size: Samples per batch per rank.
+        num_workers: DataLoader workers per rank.
+        mode: ``"memory"`` decodes every shard once and serves from RAM (small sets); ``"stream"`` reads
+            shards with webdataset (any size; shards >= workers x ranks unless ``resampled``).
+        properties: Property columns to carry; default: every column listed in the manifest.
+        cutoff: Periodic neighbour-graph cutoff, Å.
+        max_num_neighbors: Nearest neighbours kept per atom (None = all within the cutoff).
+        build_graph: Build graphs in the loader workers (False: the model builds them on its device).
+        include_generated_text: Count generated descriptions as literature text.
+        max_text_tokens: Token budget per text.
+        resampled: Stream shards with replacement.
+        shuffle_buffer: Sample shuffle buffer when streaming.
+        seed: Seed of shuffles and text choice.
+        train_split / val_split / test_split: Split names in the shard folder.
+    """
+
+    def __init__(
+        self,
+        shards: str,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        mode: Literal["memory", "stream"] = "memory",
+        properties: list[str] | None = None,
+        cutoff: float = 5.0,
+        max_num_neighbors: int | None = None,
+        build_graph: bool = True,
+        include_generated_text: bool = False,
+        max_text_tokens: int = 128,
+        resampled: bool = False,
+        shuffle_buffer: int = 2000,
+        seed: int = 0,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        from data_pipelines.build import load_manifest
+
+        self.manifest = load_manifest(shards)
+        self.properties = list(properties) if properties is not None else list(self.manifest["property_columns"])
+        unknown = sorted(set(self.properties) - set(self.manifest["property_columns"]))
+        if unknown:
+            raise ValueError(
+                f"properties {unknown} are not in {shards}/manifest.json (columns: "
+                f"{self.manifest['property_columns']})"
+            )
+        self.tokenizer: Any = None
+        self._records: dict[str, list] = {}
+        self._epoch = SharedEpoch(0)
+
+    def collator(self, train: bool) -> Collator:
+        """The collator for training (random text choice) or evaluation."""
+        h = self.hparams
+        return Collator(
+            property_names=self.properties,
+            cutoff=h.cutoff,
+            max_num_neighbors=h.max_num_neighbors,
+            build_graph=h.build_graph,
+            tokenizer=self.tokenizer,
+            max_text_tokens=h.max_text_tokens,
+            random_text=train,
+            include_generated_text=h.include_generated_text,
+            seed=h.seed,
+        )
+
+    def num_samples(self, split: str) -> int:
+        """Samples in ``split`` according to the manifest."""
+        return int(self.manifest["splits"][split]["samples"])
+
+    def records(self, split: str) -> list:
+        """Decoded records of ``split`` (memory mode; cached)."""
+        if split not in self._records:
+            self._records[split] = load_records(split_shards(self.hparams.shards, split))
+        return self._records[split]
+
+    def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
+        h = self.hparams
+        if h.mode == "memory":
+            return memory_loader(
+                self.records(split), self.collator(train), h.batch_size, num_workers=h.num_workers,
+                shuffle=train, drop_last=train, seed=h.seed,
+            )
+        urls = split_shards(h.shards, split)
+        nw = h.num_workers if train else min(h.num_workers, len(urls))
+        return shard_loader(
+            urls, self.collator(train), h.batch_size, self.num_samples(split), num_workers=nw,
+            shuffle=train, resampled=h.resampled and train, shuffle_buffer=h.shuffle_buffer,
+            seed=h.seed, epoch=self._epoch, drop_last=train, repeat=train,
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Training batches (shuffled; equal batch count on every rank)."""
+        if self.trainer is not None:
+            self._epoch.set_value(self.trainer.current_epoch)
+        return self._loader(self.hparams.train_split, train=True)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        """Validation batches."""
+        return self._loader(self.hparams.val_split, train=False)
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        """Test batches."""
+        return self._loader(self.hparams.test_split, train=False)
+
+    def transfer_batch_to_device(self, batch: MultimodalBatch, device: torch.device, dataloader_idx: int) -> Any:
+        """Move a :class:`MultimodalBatch` to ``device``."""
+        return batch.to(device, non_blocking=True)
