@@ -1,0 +1,61 @@
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(sub: str = "") -> Path:
+    """Path under ../shared/data, or skip the test with a clear message."""
+    p = SHARED_DATA / sub
+    if not p.exists():
+        pytest.skip(f"../shared/data not present ({p}): integration test skipped")
+    return p
+
+
+@pytest.fixture
+def nacl():
+    from pymatgen.core import Lattice, Structure
+
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+@pytest.fixture
+def gan():
+    from pymatgen.core import Lattice, Structure
+
+    return Structure.from_spacegroup(
+        "P6_3mc", Lattice.hexagonal(3.19, 5.19), ["Ga", "N"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.375]]
+    )
+
+
+@pytest.fixture
+def triclinic():
+    from pymatgen.core import Lattice, Structure
+
+    rng = np.random.default_rng(0)
+    lat = Lattice.from_parameters(4.1, 5.3, 6.2, 81, 97, 104)
+    frac = rng.random((5, 3))
+    return Structure(lat, ["Li", "Fe", "P", "O", "O"], frac)
+
+
+def csv_rows(structures: dict, props: dict | None = None) -> str:
+    """A CSV text with material_id, cif and property columns."""
+    import csv
+    import io
+
+    from pymatgen.io.cif import CifWriter
+
+    buf = io.StringIO()
+    props = props or {}
+    names = sorted({k for p in props.values() for k in p})
+    w = csv.writer(buf)
+    w.writerow(["material_id", "cif", *names])
+    for mid, s in structures.items():
+        cif = s if isinstance(s, str) else str(CifWriter(s))
+        w.writerow([mid, cif, *[props.get(mid, {}).get(n, "") for n in names]])
+    return buf.getvalue()
