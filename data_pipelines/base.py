@@ -30,6 +30,7 @@ class RawRow:
         formula: Reduced formula if the source gives one (used for text joins), else derived.
         source_ids: Ids in the source (row index, original file, ...).
         extra_texts: Texts that come with the row itself (e.g. prototype names), already labelled.
+
     """
 
     material_id: str
@@ -39,6 +40,7 @@ class RawRow:
     formula: str | None = None
     source_ids: dict[str, str] = field(default_factory=dict)
     extra_texts: list[TextItem] = field(default_factory=list)
+    error: str | None = None
 
 
 @dataclass
@@ -51,6 +53,7 @@ class BuildOptions:
         describe: Add a generated structure description (labelled generated) where no literature text exists.
         max_atoms: Rows with more atoms are reported and skipped (0 = no limit).
         min_distance: Atoms closer than this (Å) count as overlapping.
+
     """
 
     xrd: bool = True
@@ -92,7 +95,11 @@ def make_record(row: RawRow, split: str, joins: Joins, options: BuildOptions) ->
 
     notes: dict[str, Any] = {}
     rid = row.material_id
+    if row.error:
+        raise RecordError(rid, row.error)
     if row.structure is not None:
+        if not row.structure.get("sites"):
+            raise RecordError(rid, "empty structure (no atoms)")
         try:
             structure = Structure.from_dict(row.structure)
         except Exception as exc:

@@ -136,6 +136,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _mark_duplicates(source: SourceData) -> None:
+    """Flag every repeat of a material_id (across all splits) so it is reported, not written twice."""
+    first: dict[str, str] = {}
+    for split, rows in source.splits.items():
+        for row in rows:
+            if row.material_id in first and row.error is None:
+                row.error = f"duplicate material_id (first seen in split {first[row.material_id]!r})"
+            first.setdefault(row.material_id, split)
+
+
 def build_shards(
     source: SourceData,
     out: str | Path,
@@ -155,11 +165,13 @@ def build_shards(
         options: What to render.
         progress: Show a progress bar.
         command: The command line, recorded in the manifest.
+
     """
     options = options or BuildOptions()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    _mark_duplicates(source)
     tasks: list[tuple[str, int, list[RawRow], str, str]] = []
     reports: dict[tuple[str, int], dict[str, Any]] = {}
     for split, rows in source.splits.items():

@@ -220,6 +220,9 @@ def load_builtin(root: str | Path | None = None, limit: int | None = None, joins
         structure = snl.structure
         tags = entry.get("tags", {})
         mid = "aflow-" + str(tags.get("aflow", len(rows)))
+        n_same = sum(1 for r in rows if r.material_id == mid or r.material_id.startswith(mid + "-v"))
+        if n_same:  # a few AFLOW labels name more than one prototype
+            mid = f"{mid}-v{n_same + 1}"
         words = [f"{structure.composition.reduced_formula} in the {tags.get('aflow', '?')} prototype"]
         if tags.get("mineral"):
             words.append(f"the {tags['mineral']} structure")

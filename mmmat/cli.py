@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -24,15 +22,15 @@ def _fail(msg: str) -> None:
 @data_app.command("build")
 def data_build(
     source: str = typer.Argument(..., help="Source name: mp20, perov5, carbon24, generic, builtin."),
-    root: Optional[Path] = typer.Option(None, help="Raw data: a folder (mp20: ../shared/data/mp_20) or CSV."),
+    root: Path | None = typer.Option(None, help="Raw data: a folder (mp20: ../shared/data/mp_20) or CSV."),
     out: Path = typer.Option(..., help="Output folder for shards and manifest.json."),
     workers: int = typer.Option(1, help="Worker processes."),
-    limit: Optional[int] = typer.Option(None, help="At most this many rows per split."),
+    limit: int | None = typer.Option(None, help="At most this many rows per split."),
     shard_size: int = typer.Option(256, help="Rows per shard."),
     xrd: bool = typer.Option(True, help="Compute powder XRD patterns."),
     image: bool = typer.Option(True, help="Simulate Z-contrast images."),
     describe: bool = typer.Option(True, help="Generated descriptions where no literature text exists."),
-    joins: Optional[bool] = typer.Option(None, help="Join recipes and literature from folders beside --root."),
+    joins: bool | None = typer.Option(None, help="Join recipes and literature from folders beside --root."),
     max_atoms: int = typer.Option(0, help="Skip (and report) structures with more atoms (0 = no limit)."),
 ) -> None:
     """Build webdataset shards (one sample per material) and manifest.json; resumable."""
@@ -51,7 +49,10 @@ def data_build(
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     opts = BuildOptions(xrd=xrd, image=image, describe=describe, max_atoms=max_atoms)
-    cmd = "mmmat " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = f"mmmat data build {source} --out {shlex.quote(str(out))} --workers {workers} --shard-size {shard_size}"
+    cmd += f" --root {shlex.quote(str(root))}" if root is not None else ""
+    cmd += f" --limit {limit}" if limit else ""
+    cmd += "".join(f" --no-{k}" for k, v in (("xrd", xrd), ("image", image), ("describe", describe)) if not v)
     manifest = build_shards(data, out, workers=workers, shard_size=shard_size, options=opts, command=cmd)
     _print_summary(manifest, out)
 
@@ -106,7 +107,7 @@ def quickstart(
 
     data = get_source("builtin")(None)
     shard_dir = out / "shards"
-    cmd = "mmmat " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = f"mmmat quickstart --out {shlex.quote(str(out))} --workers {workers}"
     manifest = build_shards(data, shard_dir, workers=workers, shard_size=32, options=BuildOptions(), command=cmd)
     _print_summary(manifest, shard_dir)
     urls = split_shards(shard_dir, "train")

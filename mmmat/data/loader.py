@@ -39,7 +39,7 @@ def skipped_count() -> int:
 
 
 def count_and_warn(exc: Exception) -> bool:
-    """webdataset handler: log the error, count it, and keep going."""
+    """Webdataset handler: log the error, count it, and keep going."""
     global _SKIPPED
     _SKIPPED += 1
     log.warning("skipping bad sample (%d so far in pid %d): %s", _SKIPPED, os.getpid(), str(exc)[:300])
@@ -162,6 +162,7 @@ def shard_pipeline(
         repeat: Training mode (endless shard stream cut at an equal batch count per worker). False reads
             every shard once and keeps the last partial batch: for evaluation, where each sample must be
             seen exactly once (ranks may then get unequal batch counts).
+
     """
     import webdataset as wds
 
@@ -198,7 +199,17 @@ def shard_pipeline(
         wds.tarfile_to_samples(handler=count_and_warn),
     ]
     if shuffle:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500)))
+        # a buffer larger than a worker's share of the epoch would mix the next pass into this one
+        buf = max(1, min(shuffle_buffer, num_samples // (world_size * nw) // 2))
+
+        def sample_shuffle(src: Iterator[dict]) -> Iterator[dict]:
+            # seeded by (seed, epoch, rank, worker): the same run gives the same order
+            info = torch.utils.data.get_worker_info()
+            wid = info.id if info is not None else 0
+            s = hash((seed, epoch.get_value(), _world()[0], wid)) & 0x7FFFFFFF
+            return wds.shuffle(buf, initial=buf, seed=s)(src)
+
+        stages.append(sample_shuffle)
     stages += [wds.map(decode, handler=count_and_warn), to_batches]
     pipe = wds.DataPipeline(*stages)
     if repeat:
