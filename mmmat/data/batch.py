@@ -41,6 +41,7 @@ class MultimodalBatch:
         properties: (B, K) float32, NaN where missing; columns named by ``property_names``.
         present: modality name -> (B,) bool.
         skipped: bad samples skipped so far by the process that built this batch.
+
     """
 
     material_ids: list[str]
@@ -132,6 +133,7 @@ class Collator:
         random_text: Pick a random text per material (training) instead of the first (evaluation).
         include_generated_text: Let generated structure descriptions count as literature text.
         seed: Seed of the text choice.
+
     """
 
     property_names: list[str] = field(default_factory=list)

@@ -49,6 +49,7 @@ class TextItem:
         source: Where it came from (for example ``"synthesis_textmined/solid-state"``, ``"matscholar_ner"``).
         generated: True when the text was generated from the structure rather than written by people.
         ref: A reference inside the source (DOI, sentence index, ...), empty when unknown.
+
     """
 
     text: str
@@ -92,6 +93,7 @@ class MaterialRecord:
             (``generated=True``) where none exists.
         source_ids: Ids in the source data sets (``{"mp": "mp-1234", "row": "17"}``).
         split: Split name (``train``/``val``/``test``) or empty.
+
     """
 
     material_id: str

@@ -36,6 +36,7 @@ class MultimodalDataModule(pl.LightningDataModule):
         shuffle_buffer: Sample shuffle buffer when streaming.
         seed: Seed of shuffles and text choice.
         train_split / val_split / test_split: Split names in the shard folder.
+
     """
 
     def __init__(
