@@ -370,4 +370,4 @@ def _png_bytes(img: np.ndarray) -> bytes:
 def _png_decode(data: bytes) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    return np.array(Image.open(io.BytesIO(data)).convert("L"))
