@@ -5,10 +5,13 @@
 Paths measured (batch 256, cutoff 5 Å, every modality collated and tokenised):
 - ``stream``: webdataset shards -> decode -> collate + periodic graph in the DataLoader workers;
 - ``memory``: records decoded once into RAM -> collate + periodic graph in the workers;
+- ``resident``: the split packed once as tensors on the device (GPU when present); each batch is a few
+  gathers plus the periodic graph on that device (no workers, no copies);
 - ``memory_gpu_graph`` (GPU only): collate without graph in the workers, periodic graph built on the GPU
-  in the training process (the path for feeding a fast GPU model);
-- ``schnet_step`` (GPU only, ``--schnet``): what one GPU consumes, PyG's SchNet (6 interactions, 128
-  channels) forward + backward + Adam step on the same batches, graphs built on the GPU.
+  in the training process;
+- ``schnet_step_*`` (GPU only, ``--schnet``): what one GPU consumes: PyG's SchNet (6 interactions, 128
+  channels) forward + backward + Adam step, on one fixed batch (``only``: the model's own rate) and fed by the
+  resident and the worker paths.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from data_pipelines.build import load_manifest  # noqa: E402
 from mmmat.data.batch import Collator  # noqa: E402
 from mmmat.data.graph import radius_graph_pbc  # noqa: E402
 from mmmat.data.loader import load_records, memory_loader, shard_loader, split_shards  # noqa: E402
+from mmmat.data.resident import ResidentData, ResidentLoader  # noqa: E402
 
 
 def timed(it, n_batches: int, warmup: int, step=None) -> tuple[float, int]:
@@ -94,8 +98,15 @@ def main() -> None:
     rate, _ = timed(endless(mem), args.batches, args.warmup)
     metrics["memory_samples_per_s"] = round(rate, 1)
 
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    resident = ResidentData(records, props, cutoff=args.cutoff, device=dev)
+    metrics["resident_pack_seconds"] = round(time.perf_counter() - t0, 2)
+    metrics["resident_mbytes"] = round(resident.nbytes() / 2**20, 1)
+    rate, _ = timed(endless(lambda: ResidentLoader(resident, bs, seed=0)), args.batches, args.warmup)
+    metrics["resident_samples_per_s"] = round(rate, 1)
+
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
         nograph = Collator(property_names=props, cutoff=args.cutoff, build_graph=False, random_text=True)
 
         def gpu_graph(batch):
@@ -126,8 +137,7 @@ def main() -> None:
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             target = props.index("formation_energy_per_atom") if "formation_energy_per_atom" in props else 0
 
-            def step(batch):
-                b = gpu_graph(batch)
+            def step(b):
                 c = b.crystal
                 graph.edge_index, graph.edge_dist = c.edge_index, c.edge_dist
                 out = model(c.z, c.pos, c.batch).squeeze(-1)
@@ -137,8 +147,13 @@ def main() -> None:
                 loss.backward()
                 opt.step()
 
-            rate, _ = timed(endless(lambda: mem(nograph)), args.batches, args.warmup, step=step)
-            metrics["schnet_step_samples_per_s"] = round(rate, 1)
+            fixed = next(iter(ResidentLoader(resident, bs, seed=0)))
+            rate, _ = timed(endless(lambda: [fixed] * 50), args.batches, args.warmup, step=step)
+            metrics["schnet_step_only_samples_per_s"] = round(rate, 1)
+            rate, _ = timed(endless(lambda: ResidentLoader(resident, bs, seed=0)), args.batches, args.warmup, step=step)
+            metrics["schnet_step_resident_samples_per_s"] = round(rate, 1)
+            rate, _ = timed(endless(lambda: mem(nograph)), args.batches, args.warmup, step=lambda b: step(gpu_graph(b)))
+            metrics["schnet_step_memory_workers_samples_per_s"] = round(rate, 1)
             metrics["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     write_result("loader", metrics, {"shards": str(args.shards), "split": args.split}, args.result)
 

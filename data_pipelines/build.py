@@ -47,6 +47,14 @@ def _init_worker(joins: Joins, options: BuildOptions) -> None:
     warnings.filterwarnings("ignore")
 
 
+def _init_pool_worker(joins: Joins, options: BuildOptions) -> None:
+    _init_worker(joins, options)
+    # one BLAS thread per worker process: many threaded pools on few cores slow small products down
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file."""
     h = hashlib.sha256()
@@ -193,17 +201,20 @@ def build_shards(
 
         bar = tqdm(total=total_rows, unit="structures", desc=f"build {source.name}")
     if workers <= 1:
+        from threadpoolctl import threadpool_limits
+
         _init_worker(source.joins, options)
-        for t in tasks:
-            reports[(t[0], t[1])] = _run_shard(t)
-            if bar:
-                bar.update(len(t[2]))
+        with threadpool_limits(1):
+            for t in tasks:
+                reports[(t[0], t[1])] = _run_shard(t)
+                if bar:
+                    bar.update(len(t[2]))
     elif tasks:
         import multiprocessing as mp
 
         ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context("spawn")
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(source.joins, options)
+            max_workers=workers, mp_context=ctx, initializer=_init_pool_worker, initargs=(source.joins, options)
         ) as ex:
             futs = {ex.submit(_run_shard, t): t for t in tasks}
             for fut in as_completed(futs):

@@ -91,6 +91,46 @@ class MultimodalBatch:
         return MultimodalBatch(**kw)
 
 
+def crystal_batch(
+    z: torch.Tensor,
+    frac: torch.Tensor,
+    lattice: torch.Tensor,
+    counts: torch.Tensor,
+    cutoff: float | None = 5.0,
+    max_num_neighbors: int | None = None,
+    batch_vec: torch.Tensor | None = None,
+) -> Any:
+    """A torch-geometric ``Batch`` of crystals from flat atom arrays (on the device of the inputs).
+
+    Args:
+        z: (N,) atomic numbers.
+        frac: (N, 3) fractional coordinates.
+        lattice: (B, 3, 3) lattice vectors as rows, Å.
+        counts: (B,) atoms per crystal.
+        cutoff: Build the periodic neighbour graph within this radius (Å); None leaves it to the model.
+        max_num_neighbors: Nearest neighbours kept per atom.
+        batch_vec: (N,) crystal index of each atom, when already known.
+    """
+    from torch_geometric.data import Batch
+
+    b = counts.shape[0]
+    if batch_vec is None:
+        batch_vec = torch.repeat_interleave(torch.arange(b, device=counts.device), counts)
+    pos = torch.bmm(frac.unsqueeze(1), lattice[batch_vec]).squeeze(1)
+    ptr = torch.zeros(b + 1, dtype=torch.long, device=counts.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    graph = {"z": z, "pos": pos, "frac_coords": frac, "lattice": lattice, "batch": batch_vec, "ptr": ptr,
+             "num_atoms": counts}
+    if cutoff is not None:
+        from mmmat.data.graph import radius_graph_pbc
+
+        ei, off, dist = radius_graph_pbc(pos, lattice, batch_vec, cutoff, max_num_neighbors)
+        graph.update(edge_index=ei, cell_offset=off, edge_dist=dist)
+    crystal = Batch(**graph)
+    crystal._num_graphs = b
+    return crystal
+
+
 class ByteTokenizer:
     """A dependency-free tokenizer over UTF-8 bytes (ids 0..255 shifted by the special tokens).
 
@@ -162,26 +202,14 @@ class Collator:
 
     def collate(self, records: list[MaterialRecord], skipped: int = 0) -> MultimodalBatch:
         """Collate ``records`` into one batch."""
-        from torch_geometric.data import Batch
-
         b = len(records)
         counts = torch.tensor([r.num_atoms for r in records], dtype=torch.long)
         z = torch.from_numpy(np.concatenate([r.numbers for r in records]).astype(np.int64))
         frac = torch.from_numpy(np.concatenate([r.frac_coords for r in records]).astype(np.float32))
         lattice = torch.from_numpy(np.stack([r.lattice for r in records]).astype(np.float32))
-        batch_vec = torch.repeat_interleave(torch.arange(b), counts)
-        pos = torch.bmm(frac.unsqueeze(1), lattice[batch_vec]).squeeze(1)
-        ptr = torch.zeros(b + 1, dtype=torch.long)
-        ptr[1:] = torch.cumsum(counts, 0)
-        graph = {"z": z, "pos": pos, "frac_coords": frac, "lattice": lattice, "batch": batch_vec, "ptr": ptr,
-                 "num_atoms": counts}
-        if self.build_graph:
-            from mmmat.data.graph import radius_graph_pbc
-
-            ei, off, dist = radius_graph_pbc(pos, lattice, batch_vec, self.cutoff, self.max_num_neighbors)
-            graph.update(edge_index=ei, cell_offset=off, edge_dist=dist)
-        crystal = Batch(**graph)
-        crystal._num_graphs = b
+        crystal = crystal_batch(
+            z, frac, lattice, counts, self.cutoff if self.build_graph else None, self.max_num_neighbors
+        )
 
         from mmmat.data.xrd import NUM_POINTS
 

@@ -33,6 +33,21 @@ log = logging.getLogger(__name__)
 _SKIPPED = 0  # bad samples skipped in this process
 
 
+def limit_threads(n: int = 1) -> None:
+    """Limit torch and BLAS/OpenMP thread pools of this process (one per worker process avoids oversubscription)."""
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+        pass
+
+
+def _worker_init(worker_id: int) -> None:
+    limit_threads(1)
+
+
 def skipped_count() -> int:
     """Bad samples skipped so far by this process."""
     return _SKIPPED
@@ -233,6 +248,7 @@ def shard_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_init,
     )
     loader.num_batches = pipe.batches_per_epoch
     loader.epoch = pipe.epoch
@@ -294,4 +310,5 @@ def memory_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_worker_init,
     )

@@ -1,0 +1,60 @@
+import torch
+
+from data_pipelines.base import BuildOptions, get_source
+from data_pipelines.build import build_shards
+from mmmat.data import loader as L
+from mmmat.data.batch import Collator
+from mmmat.data.resident import ResidentData, ResidentLoader
+from mmmat.data.schema import TextItem
+
+
+def _records(tmp_path, n=20):
+    src = get_source("builtin")(None, limit=n)
+    build_shards(src, tmp_path, progress=False, options=BuildOptions(describe=False))
+    recs = L.load_records(L.split_shards(tmp_path, "train"))
+    recs[0].processing_texts = [TextItem("heat at 900 C", "t"), TextItem("ball mill 2 h", "t")]
+    recs[1].xrd = None
+    recs[2].image = None
+    return recs
+
+
+def test_resident_batch_equals_collator(tmp_path):
+    recs = _records(tmp_path)
+    props = ["density", "num_atoms"]
+    data = ResidentData(recs, props, cutoff=4.0, include_generated_text=True)
+    idx = torch.tensor([3, 0, 1, 2, 7])
+    rb = data.batch(idx)
+    cb = Collator(property_names=props, cutoff=4.0, include_generated_text=True)([recs[i] for i in idx.tolist()])
+    assert rb.material_ids == cb.material_ids
+    for name in ("z", "pos", "frac_coords", "lattice", "batch", "ptr", "edge_index", "cell_offset"):
+        assert torch.equal(getattr(rb.crystal, name), getattr(cb.crystal, name)), name
+    assert torch.allclose(rb.crystal.edge_dist, cb.crystal.edge_dist)
+    assert torch.allclose(rb.xrd, cb.xrd, atol=1e-3)
+    assert torch.equal(rb.image, cb.image)
+    assert torch.equal(rb.xrd_peak_mask.sum(1), cb.xrd_peak_mask.sum(1))
+    assert torch.allclose(rb.properties, cb.properties, equal_nan=True)
+    for k in rb.present:
+        assert torch.equal(rb.present[k], cb.present[k]), k
+    # first text when not random: same tokens as the collator (up to padding width)
+    w = cb.processing_ids.shape[1]
+    assert torch.equal(rb.processing_ids[:, :w], cb.processing_ids)
+    assert rb.present["processing_text"].tolist() == [False, True, False, False, False]
+
+
+def test_resident_random_text_choice_and_loader(tmp_path):
+    recs = _records(tmp_path)
+    data = ResidentData(recs, [], cutoff=4.0)
+    g = torch.Generator().manual_seed(0)
+    seen = {tuple(data.batch(torch.tensor([0]), generator=g).processing_ids[0].tolist()) for _ in range(20)}
+    assert len(seen) == 2
+    n = len(data)
+    ranks = [ResidentLoader(data, 3, shuffle=True, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    ids = [[m for b in ld for m in b.material_ids] for ld in ranks]
+    assert len(ranks[0]) == len(ranks[1]) == (n // 2) // 3
+    assert not set(ids[0]) & set(ids[1])
+    again = [m for b in ResidentLoader(data, 3, shuffle=True, seed=1, rank=0, world_size=2) for m in b.material_ids]
+    assert again == ids[0]
+    ranks[0].set_epoch(1)
+    assert [m for b in ranks[0] for m in b.material_ids] != ids[0]
+    ev = ResidentLoader(data, 4, shuffle=False, drop_last=False, rank=0, world_size=1)
+    assert [m for b in ev for m in b.material_ids] == data.material_ids
