@@ -161,3 +161,19 @@ def test_datamodule(shard_dir):
     with pytest.raises(ValueError, match="not in .*manifest"):
         MultimodalDataModule(str(shard_dir), properties=["nope"])
     assert np.isfinite(b.xrd.numpy()).all()
+
+
+def test_batch_pickles_compactly_and_exactly(shard_dir):
+    import pickle
+
+    recs = L.load_records(L.split_shards(shard_dir, "train"))[:6]
+    b = Collator(property_names=["density", "nope"], cutoff=4.0, include_generated_text=True)(recs)
+    back = pickle.loads(pickle.dumps(b))
+    assert back.material_ids == b.material_ids and back.crystal.num_graphs == 6
+    for name in ("z", "pos", "lattice", "batch", "ptr", "edge_index", "cell_offset", "edge_dist"):
+        x, y = getattr(b.crystal, name), getattr(back.crystal, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    for name in ("xrd", "xrd_peaks", "image", "literature_ids", "literature_mask"):
+        assert torch.equal(getattr(b, name), getattr(back, name)), name
+    assert torch.allclose(b.properties, back.properties, equal_nan=True)
+    assert all(torch.equal(b.present[k], back.present[k]) for k in b.present)
