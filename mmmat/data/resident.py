@@ -232,6 +232,13 @@ class ResidentLoader:
         """Set the epoch (changes the permutation)."""
         self.epoch = epoch
 
+    batch_sampler = None  # read by Lightning's data checks
+
+    @property
+    def sampler(self) -> ResidentLoader:
+        """Itself: Lightning calls ``loader.sampler.set_epoch(epoch)`` at the start of every epoch."""
+        return self
+
     def _indices(self) -> torch.Tensor:
         n = len(self.data)
         if self.shuffle:

@@ -24,8 +24,10 @@ class MultimodalDataModule(pl.LightningDataModule):
         shards: Folder with ``manifest.json`` and one sub-folder of shards per split.
         batch_size: Samples per batch per rank.
         num_workers: DataLoader workers per rank.
-        mode: ``"memory"`` decodes every shard once and serves from RAM (small sets); ``"stream"`` reads
-            shards with webdataset (any size; shards >= workers x ranks unless ``resampled``).
+        mode: ``"resident"`` packs each split once as tensors on the training device and assembles batches
+            there (fastest; for sets that fit in device memory, e.g. MP-20); ``"memory"`` decodes every shard
+            once and collates from RAM in worker processes; ``"stream"`` reads shards with webdataset (any
+            size; shards >= workers x ranks unless ``resampled``).
         properties: Property columns to carry; default: every column listed in the manifest.
         cutoff: Periodic neighbour-graph cutoff, Å.
         max_num_neighbors: Nearest neighbours kept per atom (None = all within the cutoff).
@@ -44,7 +46,7 @@ class MultimodalDataModule(pl.LightningDataModule):
         shards: str,
         batch_size: int = 64,
         num_workers: int = 2,
-        mode: Literal["memory", "stream"] = "memory",
+        mode: Literal["resident", "memory", "stream"] = "memory",
         properties: list[str] | None = None,
         cutoff: float = 5.0,
         max_num_neighbors: int | None = None,
@@ -57,6 +59,9 @@ class MultimodalDataModule(pl.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
+        tokenizer: str | None = None,
+        build_tokenizer: bool = False,
+        tokenizer_vocab_size: int = 8000,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -70,9 +75,25 @@ class MultimodalDataModule(pl.LightningDataModule):
                 f"properties {unknown} are not in {shards}/manifest.json (columns: "
                 f"{self.manifest['property_columns']})"
             )
-        self.tokenizer: Any = None
         self._records: dict[str, list] = {}
+        self._resident: dict[str, Any] = {}
         self._epoch = SharedEpoch(0)
+        self.tokenizer: Any = self._load_or_build_tokenizer()
+
+    def _load_or_build_tokenizer(self) -> Any:
+        from pathlib import Path
+
+        from mmmat.data.tokenizer import build_tokenizer, corpus_from_records, load_tokenizer
+
+        h = self.hparams
+        if h.tokenizer is None:
+            return None
+        if Path(h.tokenizer).exists() or ":" in h.tokenizer or not h.build_tokenizer:
+            return load_tokenizer(h.tokenizer)
+        texts = list(corpus_from_records(self.records(h.train_split)))
+        if not texts:
+            raise ValueError(f"no texts in split {h.train_split!r} to train a tokenizer on")
+        return build_tokenizer(texts, vocab_size=h.tokenizer_vocab_size, out_dir=h.tokenizer)
 
     def collator(self, train: bool) -> Collator:
         """The collator for training (random text choice) or evaluation."""
@@ -99,8 +120,30 @@ class MultimodalDataModule(pl.LightningDataModule):
             self._records[split] = load_records(split_shards(self.hparams.shards, split))
         return self._records[split]
 
-    def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
+    def resident(self, split: str, device: torch.device | str | None = None) -> Any:
+        """The split packed as tensors on ``device`` (resident mode; cached)."""
+        from mmmat.data.resident import ResidentData
+
+        if split not in self._resident:
+            if device is None:
+                device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+            h = self.hparams
+            self._resident[split] = ResidentData(
+                self.records(split), self.properties, tokenizer=self.tokenizer, max_text_tokens=h.max_text_tokens,
+                include_generated_text=h.include_generated_text, cutoff=h.cutoff if h.build_graph else None,
+                max_num_neighbors=h.max_num_neighbors, device=device,
+            )
+        return self._resident[split]
+
+    def _loader(self, split: str, train: bool) -> Any:
         h = self.hparams
+        if h.mode == "resident":
+            from mmmat.data.resident import ResidentLoader
+
+            loader = ResidentLoader(self.resident(split), h.batch_size, shuffle=train, seed=h.seed, drop_last=train)
+            if self.trainer is not None:
+                loader.set_epoch(self.trainer.current_epoch)
+            return loader
         if h.mode == "memory":
             return memory_loader(
                 self.records(split), self.collator(train), h.batch_size, num_workers=h.num_workers,
@@ -120,6 +163,16 @@ class MultimodalDataModule(pl.LightningDataModule):
             self._epoch.set_value(self.trainer.current_epoch)
         return self._loader(self.hparams.train_split, train=True)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the streaming loaders which epoch starts (the shard order depends on it)."""
+        self._epoch.set_value(epoch)
+
+    def text_corpus(self) -> list[str]:
+        """Texts of the train split (for tokenizers)."""
+        from mmmat.data.tokenizer import corpus_from_records
+
+        return list(corpus_from_records(self.records(self.hparams.train_split)))
+
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         """Validation batches."""
         return self._loader(self.hparams.val_split, train=False)
@@ -129,5 +182,7 @@ class MultimodalDataModule(pl.LightningDataModule):
         return self._loader(self.hparams.test_split, train=False)
 
     def transfer_batch_to_device(self, batch: MultimodalBatch, device: torch.device, dataloader_idx: int) -> Any:
-        """Move a :class:`MultimodalBatch` to ``device``."""
+        """Move a :class:`MultimodalBatch` to ``device`` (a no-op for resident batches)."""
+        if batch.crystal.z.device == device:
+            return batch
         return batch.to(device, non_blocking=True)

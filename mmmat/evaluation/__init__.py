@@ -1,0 +1,1 @@
+"""Evaluation: cross-modal retrieval and downstream metrics."""

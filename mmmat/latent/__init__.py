@@ -1,0 +1,1 @@
+"""Shared latent space: contrastive objectives and the multimodal model."""

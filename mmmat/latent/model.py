@@ -1,0 +1,244 @@
+"""MultimodalModel: one encoder per modality, projected into one shared, L2-normalised latent space.
+
+The model is built from a plain config (JSON-serialisable): ``encoders`` maps a modality name
+(``crystal``, ``xrd``, ``image``, ``processing_text``, ``literature_text``) to ``{"name": <registered encoder>,
+**kwargs}``. On disk a model is ``config.json`` + ``model.safetensors`` (+ ``tokenizer/`` when text encoders use a
+trained tokenizer); :meth:`MultimodalModel.from_pretrained` rebuilds it without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmmat.data.batch import MODALITIES, Collator, MultimodalBatch
+from mmmat.encoders.registry import create_encoder
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TEXT_MODALITIES = ("processing_text", "literature_text")
+
+
+class Projection(nn.Module):
+    """Linear (or two-layer MLP) projection into the shared space."""
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear"):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Linear(in_dim, out_dim, bias=False)
+        elif kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim, bias=False))
+        else:
+            raise ValueError(f"unknown projection kind {kind!r} (linear, mlp)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project ``x`` (B, in_dim) -> (B, out_dim)."""
+        return self.net(x)
+
+
+class MultimodalModel(nn.Module):
+    """Encoders + projections into one shared space.
+
+    Args:
+        encoders: modality -> ``{"name": registered encoder name, **constructor kwargs}``.
+        embed_dim: Dimension of the shared space.
+        projection: ``linear`` or ``mlp``.
+        cutoff: Periodic graph cutoff (Å) used when :meth:`embed` collates raw crystals.
+        max_text_tokens: Token budget per text when :meth:`embed` tokenises raw strings.
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, dict[str, Any]],
+        embed_dim: int = 256,
+        projection: str = "linear",
+        cutoff: float = 5.0,
+        max_text_tokens: int = 128,
+    ):
+        super().__init__()
+        unknown = sorted(set(encoders) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; known: {list(MODALITIES)}")
+        if not encoders:
+            raise ValueError("a MultimodalModel needs at least one encoder")
+        self.config = {
+            "encoders": copy.deepcopy(encoders),
+            "embed_dim": embed_dim,
+            "projection": projection,
+            "cutoff": cutoff,
+            "max_text_tokens": max_text_tokens,
+        }
+        self.encoders = nn.ModuleDict()
+        self.projections = nn.ModuleDict()
+        for modality, cfg in encoders.items():
+            cfg = dict(cfg)
+            name = cfg.pop("name")
+            if modality in TEXT_MODALITIES:
+                cfg.setdefault("modality", modality)
+            enc = create_encoder(name, **cfg)
+            self.encoders[modality] = enc
+            self.projections[modality] = Projection(enc.out_dim, embed_dim, projection)
+        self.tokenizer: Any = None
+
+    @property
+    def modalities(self) -> list[str]:
+        """Modalities this model encodes."""
+        return list(self.encoders)
+
+    def encode(self, modality: str, batch: MultimodalBatch) -> torch.Tensor:
+        """L2-normalised embeddings (B, embed_dim) of one modality of ``batch`` (all rows, present or not)."""
+        if modality not in self.encoders:
+            raise KeyError(f"this model has no {modality!r} encoder (it has {self.modalities})")
+        h = self.encoders[modality](batch)
+        return F.normalize(self.projections[modality](h).float(), dim=-1)
+
+    def forward(self, batch: MultimodalBatch, modalities: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Embeddings of every modality (default: those with at least one present row in ``batch``)."""
+        out = {}
+        for m in modalities or self.modalities:
+            if modalities is None and not bool(batch.present[m].any()):
+                continue
+            out[m] = self.encode(m, batch)
+        return out
+
+    # ------------------------------------------------------------------ embedding raw inputs
+    @torch.no_grad()
+    def embed(self, modality: str, inputs: Any, batch_size: int = 256) -> torch.Tensor:
+        """Embed one modality from a batch or raw inputs; returns (N, embed_dim) on the model's device.
+
+        ``inputs``: a :class:`MultimodalBatch`; or, per modality: ``crystal`` - pymatgen Structures, ASE Atoms
+        or :class:`~mmmat.data.schema.MaterialRecord` objects; ``xrd`` - (N, 1701) profiles on
+        :data:`mmmat.data.xrd.TWO_THETA` (Cu Kα) as an array or tensor; ``image`` - (N, H, W) or
+        (N, 1, H, W) uint8 images; text modalities - a list of strings.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            dev = next(self.parameters()).device
+            if isinstance(inputs, MultimodalBatch):
+                return self.encode(modality, inputs.to(dev))
+            outs = []
+            for start in range(0, len(inputs), batch_size):
+                chunk = inputs[start : start + batch_size]
+                outs.append(self.encode(modality, self._raw_batch(modality, chunk).to(dev)))
+            if not outs:
+                return torch.zeros(0, self.config["embed_dim"], device=dev)
+            return torch.cat(outs)
+        finally:
+            self.train(was_training)
+
+    def _raw_batch(self, modality: str, chunk: Any) -> MultimodalBatch:
+        from mmmat.data.schema import MaterialRecord
+        from mmmat.data.xrd import NUM_POINTS
+
+        if modality == "crystal":
+            records = []
+            for i, x in enumerate(chunk):
+                if isinstance(x, MaterialRecord):
+                    records.append(x)
+                elif hasattr(x, "lattice") and hasattr(x, "frac_coords"):
+                    records.append(MaterialRecord.from_structure(x, f"input-{i}"))
+                elif hasattr(x, "get_scaled_positions"):
+                    records.append(MaterialRecord.from_ase(x, f"input-{i}"))
+                else:
+                    raise TypeError(f"cannot embed {type(x).__name__} as a crystal")
+            for r in records:
+                r.validate()
+            return self._collator()(records)
+        dummy = [_dummy_record(i) for i in range(len(chunk))]
+        b = self._collator(build_graph=False)(dummy)
+        if modality == "xrd":
+            x = torch.as_tensor(np.asarray(chunk, dtype=np.float32))
+            if x.ndim != 2 or x.shape[1] != NUM_POINTS:
+                raise ValueError(f"xrd inputs must be (N, {NUM_POINTS}) profiles on the mmmat grid, got {tuple(x.shape)}")
+            b.xrd = x
+        elif modality == "image":
+            x = torch.as_tensor(np.asarray(chunk))
+            if x.ndim == 3:
+                x = x[:, None]
+            if x.ndim != 4:
+                raise ValueError(f"image inputs must be (N, H, W) or (N, 1, H, W), got {tuple(x.shape)}")
+            b.image = x.to(torch.uint8)
+        elif modality in TEXT_MODALITIES:
+            texts = list(chunk)
+            if any(not isinstance(t, str) or not t.strip() for t in texts):
+                raise ValueError("text inputs must be non-empty strings")
+            from mmmat.data.batch import _tokenize
+
+            ids, mask = _tokenize(self._collator().tokenizer, texts, self.config["max_text_tokens"])
+            if modality == "processing_text":
+                b.processing_ids, b.processing_mask = ids, mask
+            else:
+                b.literature_ids, b.literature_mask = ids, mask
+        else:
+            raise KeyError(f"unknown modality {modality!r}")
+        b.present[modality] = torch.ones(len(chunk), dtype=torch.bool)
+        return b
+
+    def _collator(self, build_graph: bool = True) -> Collator:
+        return Collator(
+            cutoff=self.config["cutoff"],
+            build_graph=build_graph,
+            tokenizer=self.tokenizer,
+            max_text_tokens=self.config["max_text_tokens"],
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (and the tokenizer, if any) to ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = dict(self.config, format="mmmat.MultimodalModel", version=1)
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
+            config["tokenizer"] = TOKENIZER_DIR
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=1, sort_keys=True))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> MultimodalModel:
+        """Rebuild a model written by :meth:`save_pretrained` (no pickle is loaded)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file = path / CONFIG_NAME
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{cfg_file} not found: is {path} a directory written by save_pretrained?")
+        config = json.loads(cfg_file.read_text())
+        if config.get("format") != "mmmat.MultimodalModel":
+            raise ValueError(f"{cfg_file} does not describe an mmmat MultimodalModel")
+        model = cls(
+            encoders=config["encoders"],
+            embed_dim=config["embed_dim"],
+            projection=config["projection"],
+            cutoff=config["cutoff"],
+            max_text_tokens=config["max_text_tokens"],
+        )
+        if config.get("tokenizer"):
+            from mmmat.data.tokenizer import load_tokenizer
+
+            model.tokenizer = load_tokenizer(str(path / config["tokenizer"]))
+        state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return model.to(map_location)
+
+
+def _dummy_record(i: int) -> Any:
+    from mmmat.data.schema import MaterialRecord
+
+    return MaterialRecord(f"input-{i}", np.eye(3) * 5.0, np.zeros((1, 3)), [1])

@@ -1,0 +1,196 @@
+"""Contrastive pretraining of a :class:`~mmmat.latent.model.MultimodalModel` with Lightning.
+
+Every step: XRD profiles are re-rendered from the stored peaks with the augmentations real patterns need
+(strain, zero shift, broadening, intensity jitter, background, noise), every modality is encoded, and the
+contrastive loss aligns the modalities (to the crystal by default). Validation embeds the whole validation
+pool (gathered across ranks, duplicates from sampler padding removed) and logs cross-modal retrieval
+(R@1, R@5, R@10, median rank) for every ordered pair of modalities present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from mmmat.data.batch import MultimodalBatch
+from mmmat.latent.losses import MultimodalContrastiveLoss
+from mmmat.latent.model import TEXT_MODALITIES, MultimodalModel
+
+
+def _id_hash(material_id: str) -> int:
+    return int(hashlib.sha1(material_id.encode("utf-8")).hexdigest()[:15], 16)
+
+
+class ContrastivePretraining(pl.LightningModule):
+    """LightningModule for multimodal contrastive pretraining.
+
+    Args:
+        encoders: modality -> ``{"name": registered encoder, **kwargs}`` (see :class:`MultimodalModel`).
+        embed_dim: Shared latent dimension.
+        projection: ``linear`` or ``mlp`` projection heads.
+        loss_mode: ``anchor`` (every modality aligned to ``anchor``) or ``all_pairs``.
+        loss_kind: ``clip`` (InfoNCE) or ``siglip``.
+        anchor: Anchor modality for ``anchor`` mode.
+        loss_weights: Optional weight per pair (``"crystal-xrd"``) or per modality.
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay (not applied to norms, biases and the logit scale).
+        warmup_steps: Linear warm-up steps.
+        max_steps: Steps of the cosine decay (default: the trainer's estimate).
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        xrd_augment: Keyword arguments of :class:`mmmat.data.augment.XRDAugment`, or None for no augmentation.
+        save_dir: Where ``save_pretrained`` writes the model at the end of fit (default: the logger's folder
+            + ``/model``).
+        seed: Random state (augmentations, dropout) is reseeded from (seed, epoch, rank) at every epoch
+            start, so a run resumed from an end-of-epoch checkpoint continues exactly as if uninterrupted.
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, dict[str, Any]],
+        embed_dim: int = 256,
+        projection: str = "linear",
+        loss_mode: str = "anchor",
+        loss_kind: str = "clip",
+        anchor: str = "crystal",
+        loss_weights: dict[str, float] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 200,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.05,
+        xrd_augment: dict[str, Any] | None = None,
+        save_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = MultimodalModel(encoders, embed_dim=embed_dim, projection=projection)
+        self.loss = MultimodalContrastiveLoss(anchor=anchor, mode=loss_mode, kind=loss_kind, weights=loss_weights)
+        self.augment = None
+        if xrd_augment is not None and "xrd" in self.model.modalities:
+            from mmmat.data.augment import XRDAugment
+
+            self.augment = XRDAugment(**xrd_augment)
+        self._val: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        """Take the tokenizer from the data module (text encoders must agree with it)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        tok = getattr(dm, "tokenizer", None)
+        if tok is not None:
+            self.model.tokenizer = tok
+            for m in TEXT_MODALITIES:
+                enc = self.model.encoders[m] if m in self.model.encoders else None
+                vocab = getattr(getattr(getattr(enc, "model", None), "config", None), "vocab_size", None)
+                if vocab is not None and len(tok) > vocab:
+                    raise ValueError(
+                        f"the tokenizer has {len(tok)} tokens but the {m} encoder's vocabulary is {vocab}: set "
+                        f"model.encoders.{m}.vocab_size >= {len(tok)}"
+                    )
+
+    def on_train_epoch_start(self) -> None:
+        """Let streaming loaders know the epoch (their shard order depends on it)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch)
+        pl.seed_everything(
+            (self.hparams.seed * 1_000_003 + self.current_epoch) * 1009 + self.global_rank, verbose=False
+        )
+
+    # ------------------------------------------------------------------ steps
+    def _augmented(self, batch: MultimodalBatch) -> MultimodalBatch:
+        if self.augment is None or not bool(batch.present["xrd"].any()):
+            return batch
+        prof = self.augment(batch)
+        batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
+        return batch
+
+    def training_step(self, batch: MultimodalBatch, batch_idx: int) -> torch.Tensor:
+        """One contrastive step."""
+        batch = self._augmented(batch)
+        emb = self.model(batch, modalities=self.model.modalities)
+        loss, logs = self.loss(emb, {m: batch.present[m] for m in emb})
+        bs = len(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in logs.items():
+            if k.startswith(("loss/", "acc/", "logit")):
+                self.log(f"train/{k}", v, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
+        """Embed the batch (clean inputs) and keep it for the epoch-end retrieval."""
+        emb = self.model(batch, modalities=self.model.modalities)
+        loss, _ = self.loss(emb, {m: batch.present[m] for m in emb})
+        self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
+        ids = torch.tensor([_id_hash(m) for m in batch.material_ids], device=self.device)
+        self._val.append(
+            {"ids": ids, "emb": {m: e.detach() for m, e in emb.items()},
+             "present": {m: batch.present[m] for m in emb}}
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        """Cross-modal retrieval over the whole validation pool."""
+        from mmmat.evaluation.retrieval import cross_modal_retrieval
+
+        if not self._val:
+            return
+        ids = torch.cat([v["ids"] for v in self._val])
+        mods = list(self._val[0]["emb"])
+        emb = {m: torch.cat([v["emb"][m] for v in self._val]) for m in mods}
+        pres = {m: torch.cat([v["present"][m] for v in self._val]) for m in mods}
+        self._val.clear()
+        if self.trainer.world_size > 1:
+            ids = self.all_gather(ids).reshape(-1)
+            emb = {m: self.all_gather(e).reshape(-1, e.shape[-1]) for m, e in emb.items()}
+            pres = {m: self.all_gather(p).reshape(-1) for m, p in pres.items()}
+        _, first = _unique_first(ids)
+        emb = {m: e[first].float() for m, e in emb.items()}
+        pres = {m: p[first] for m, p in pres.items()}
+        metrics = cross_modal_retrieval(emb, pres)
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                self.log(f"val/{k}", float(v), rank_zero_only=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        """AdamW with linear warm-up and cosine decay."""
+        h = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "logit" in name or "norm" in name.lower() else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=h.lr, betas=(0.9, 0.98), eps=1e-6,
+        )
+        total = h.max_steps or max(1, int(self.trainer.estimated_stepping_batches))
+
+        def schedule(step: int) -> float:
+            if step < h.warmup_steps:
+                return (step + 1) / h.warmup_steps
+            t = min(1.0, (step - h.warmup_steps) / max(1, total - h.warmup_steps))
+            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        """Write the model as ``config.json`` + ``model.safetensors``."""
+        if self.trainer.is_global_zero:
+            out = self.hparams.save_dir or str(Path(self.trainer.log_dir or ".") / "model")
+            self.model.save_pretrained(out)
+
+
+def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique values and the index of each one's first occurrence."""
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    first = torch.full((uniq.shape[0],), ids.shape[0], dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inv, torch.arange(ids.shape[0], device=ids.device), reduce="amin")
+    return uniq, first
