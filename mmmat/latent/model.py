@@ -98,8 +98,29 @@ class MultimodalModel(nn.Module):
         """L2-normalised embeddings (B, embed_dim) of one modality of ``batch`` (all rows, present or not)."""
         if modality not in self.encoders:
             raise KeyError(f"this model has no {modality!r} encoder (it has {self.modalities})")
+        if modality in TEXT_MODALITIES and modality in batch.present:
+            return self._encode_text_rows(modality, batch)
         h = self.encoders[modality](batch)
         return F.normalize(self.projections[modality](h).float(), dim=-1)
+
+    def _encode_text_rows(self, modality: str, batch: MultimodalBatch) -> torch.Tensor:
+        """Run a text encoder on the rows that have the text only (most materials have none).
+
+        Absent rows get zeros (the loss masks them); at least one row always runs, so every parameter takes
+        part in every step (DDP needs that).
+        """
+        import dataclasses
+
+        present = batch.present[modality]
+        rows = present.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            rows = torch.zeros(1, dtype=torch.long, device=present.device)
+        field = "processing" if modality == "processing_text" else "literature"
+        ids, mask = getattr(batch, f"{field}_ids")[rows], getattr(batch, f"{field}_mask")[rows]
+        sub = dataclasses.replace(batch, **{f"{field}_ids": ids, f"{field}_mask": mask})
+        h = F.normalize(self.projections[modality](self.encoders[modality](sub)).float(), dim=-1)
+        out = torch.zeros(len(batch), h.shape[-1], device=h.device, dtype=h.dtype)
+        return out.index_copy(0, rows, h)
 
     def forward(self, batch: MultimodalBatch, modalities: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Embeddings of every modality (default: those with at least one present row in ``batch``)."""
@@ -159,7 +180,9 @@ class MultimodalModel(nn.Module):
         if modality == "xrd":
             x = torch.as_tensor(np.asarray(chunk, dtype=np.float32))
             if x.ndim != 2 or x.shape[1] != NUM_POINTS:
-                raise ValueError(f"xrd inputs must be (N, {NUM_POINTS}) profiles on the mmmat grid, got {tuple(x.shape)}")
+                raise ValueError(
+                    f"xrd inputs must be (N, {NUM_POINTS}) profiles on the mmmat grid, got {tuple(x.shape)}"
+                )
             b.xrd = x
         elif modality == "image":
             x = torch.as_tensor(np.asarray(chunk))
@@ -234,7 +257,9 @@ class MultimodalModel(nn.Module):
         state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
         return model.to(map_location)
 
 
