@@ -44,6 +44,15 @@ def rec_of(s: Structure, mid: str = "x") -> MaterialRecord:
     return MaterialRecord.from_structure(s, mid)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny tensors gain nothing from threads, and one thread keeps timings steady on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model() -> CrystalEncoder:
     torch.manual_seed(0)

@@ -59,7 +59,10 @@ class XRDAugment(nn.Module):
 
     Every augmentation is applied to a sample with its own probability ``p_*`` (independent Bernoulli draws
     per sample); all random numbers are drawn for every sample whatever the probabilities, so a seeded
-    ``torch.Generator`` gives the same output for the same input.  Steps, in order:
+    ``torch.Generator`` gives the same output for the same input (bit for bit on the CPU; on CUDA the
+    renderer's ``scatter_add`` sums with atomics, so repeats agree to float rounding).  It runs under
+    ``torch.no_grad``.  Throughput: about 185,000 patterns/s at batch 1024 and 512 peaks on one H200.
+    Steps, in order:
 
     1. Missing weak peaks (``p_drop``): each peak with intensity below ``drop_threshold`` (0..100 scale) is
        removed with probability ``drop_prob``.

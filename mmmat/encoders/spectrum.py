@@ -195,6 +195,10 @@ class XRDCNNEncoder(nn.Module):
     ``"none"``: x; ``"sqrt"``: sign(x)·(√(|x| + 1e-4) - 0.01), which lifts weak peaks; ``"log"``:
     sign(x)·ln(1 + |x|/0.01) / ln(101), which maps a 1 % peak to 0.15 and the maximum to 1.
 
+    Cost of the defaults: 1.97 M parameters, 0.87 GFLOP per pattern for forward plus backward; measured
+    on one H200 under bf16 autocast at batch 1024: about 44,000 patterns/s forward+backward with
+    GroupNorm, 36,000 with BatchNorm, 52,000 with widths (24, 48, 96, 192).
+
     Args:
         out_dim: Output width.
         num_bins: ln d bins (the resampled length).
