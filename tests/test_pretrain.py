@@ -64,3 +64,70 @@ def test_unknown_config_key_is_an_error(tmp_path, tiny_shards):
 
     with pytest.raises(SystemExit):
         train.main(_args(tmp_path, tiny_shards, "--model.init_args.no_such_key=1"))
+
+
+def test_ddp_two_cpu_processes_through_train_py(tmp_path, tiny_shards):
+    """The DDP path: two gloo processes on the CPU, launched by Lightning from train.py itself."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = _args(tmp_path, tiny_shards, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=1")
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = (next(tmp_path.rglob("metrics.csv"))).read_text()
+    assert "val/xrd_to_crystal_R@1" in metrics
+    # 48 train materials over 2 ranks x 16 per batch: 1 step per epoch, every rank the same count
+    assert ",0," in metrics or "\n0," in metrics
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_wandb_offline_logging_needs_no_login(tmp_path, tiny_shards, monkeypatch):
+    import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cli = train.main(_args(tmp_path, tiny_shards, "--trainer.max_epochs=1",
+                           "--trainer.logger=pytorch_lightning.loggers.WandbLogger",
+                           "--trainer.logger.init_args.offline=true",
+                           f"--trainer.logger.init_args.save_dir={tmp_path}"))
+    assert cli.trainer.global_step == 3
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_save_load_round_trip_gives_identical_embeddings(tmp_path, tiny_shards):
+    import yaml
+
+    from mmmat.data.loader import load_records, split_shards
+    from mmmat.data.tokenizer import build_tokenizer, corpus_from_records
+    from mmmat.latent.model import MultimodalModel
+
+    cfg = yaml.safe_load(open(TINY))["model"]["init_args"]
+    model = MultimodalModel(cfg["encoders"], embed_dim=cfg["embed_dim"]).eval()
+    recs = load_records(split_shards(tiny_shards, "train"))[:6]
+    model.tokenizer = build_tokenizer(list(corpus_from_records(recs)), vocab_size=512)
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    back = MultimodalModel.from_pretrained(tmp_path / "m").eval()
+    structures = [r.to_structure() for r in recs]
+    assert torch.equal(model.embed("crystal", structures), back.embed("crystal", structures))
+    prof = torch.stack([torch.from_numpy(r.xrd) for r in recs])
+    assert torch.equal(model.embed("xrd", prof), back.embed("xrd", prof))
+    imgs = [r.image for r in recs]
+    assert torch.equal(model.embed("image", imgs), back.embed("image", imgs))
+    texts = ["LiCoO2 heated at 900 C in air", "a rocksalt oxide"]
+    e1, e2 = model.embed("literature_text", texts), back.embed("literature_text", texts)
+    assert torch.equal(e1, e2) and torch.allclose(e1.norm(dim=1), torch.ones(2), atol=1e-5)
+    # the file holds tensors only: loading never unpickles
+    from safetensors.torch import load_file
+
+    assert all(isinstance(v, torch.Tensor) for v in load_file(str(tmp_path / "m" / "model.safetensors")).values())
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        MultimodalModel.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="non-empty"):
+        back.embed("literature_text", [""])
+    with pytest.raises(ValueError, match="1701"):
+        back.embed("xrd", torch.zeros(2, 10))
