@@ -131,3 +131,27 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path, tiny_shards):
         back.embed("literature_text", [""])
     with pytest.raises(ValueError, match="1701"):
         back.embed("xrd", torch.zeros(2, 10))
+
+
+def test_crystal_augment_perturbs_only_slightly(tiny_shards):
+    import yaml
+
+    from mmmat.data.batch import Collator
+    from mmmat.data.loader import load_records, split_shards
+    from mmmat.tasks.pretrain import ContrastivePretraining
+
+    cfg = yaml.safe_load(open(TINY))["model"]["init_args"]
+    cfg["encoders"] = {"crystal": cfg["encoders"]["crystal"], "xrd": cfg["encoders"]["xrd"]}
+    m = ContrastivePretraining(**cfg, crystal_augment={"displacement": 0.03, "strain": 0.01})
+    recs = load_records(split_shards(tiny_shards, "train"))[:8]
+    b = Collator(cutoff=5.0)(recs)
+    pos0, lat0 = b.crystal.pos.clone(), b.crystal.lattice.clone()
+    m._perturb_crystals(b)
+    dpos = (b.crystal.pos - pos0).norm(dim=1)
+    assert 0 < float(dpos.mean()) < 0.5
+    assert float((b.crystal.lattice - lat0).abs().max()) <= 0.02 * float(lat0.abs().max()) + 1e-6
+    # fractional coordinates follow the moved atoms
+    back = torch.bmm(b.crystal.frac_coords.unsqueeze(1), b.crystal.lattice[b.crystal.batch]).squeeze(1)
+    assert torch.allclose(back, b.crystal.pos, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown keys"):
+        ContrastivePretraining(**cfg, crystal_augment={"rotate": 1.0})

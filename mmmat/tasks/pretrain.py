@@ -43,6 +43,10 @@ class ContrastivePretraining(pl.LightningModule):
         max_steps: Steps of the cosine decay (default: the trainer's estimate).
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         xrd_augment: Keyword arguments of :class:`mmmat.data.augment.XRDAugment`, or None for no augmentation.
+        crystal_augment: Optional training-time perturbation of the crystals: ``{"displacement": σ in Å
+            (Gaussian noise on every atom), "strain": largest |ε| of a random symmetric strain of the cell}``.
+            Small distortions should not move a crystal in the latent space; they keep the crystal encoder
+            from memorising exact coordinates of the training set. None (default) leaves crystals untouched.
         save_dir: Where ``save_pretrained`` writes the model at the end of fit (default: the logger's folder
             + ``/model``).
         seed: Random state (augmentations, dropout) is reseeded from (seed, epoch, rank) at every epoch
@@ -64,6 +68,7 @@ class ContrastivePretraining(pl.LightningModule):
         max_steps: int | None = None,
         min_lr_ratio: float = 0.05,
         xrd_augment: dict[str, Any] | None = None,
+        crystal_augment: dict[str, float] | None = None,
         save_dir: str | None = None,
         seed: int = 0,
     ):
@@ -76,6 +81,9 @@ class ContrastivePretraining(pl.LightningModule):
             from mmmat.data.augment import XRDAugment
 
             self.augment = XRDAugment(**xrd_augment)
+        unknown = sorted(set(crystal_augment or {}) - {"displacement", "strain"})
+        if unknown:
+            raise ValueError(f"crystal_augment: unknown keys {unknown} (displacement, strain)")
         self._val: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
@@ -105,11 +113,28 @@ class ContrastivePretraining(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _augmented(self, batch: MultimodalBatch) -> MultimodalBatch:
+        if self.hparams.crystal_augment:
+            self._perturb_crystals(batch)
         if self.augment is None or not bool(batch.present["xrd"].any()):
             return batch
         prof = self.augment(batch)
         batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
         return batch
+
+    def _perturb_crystals(self, batch: MultimodalBatch) -> None:
+        """Random symmetric cell strain and atomic displacements, in place (the graph's offsets stay valid)."""
+        cfg = self.hparams.crystal_augment
+        c = batch.crystal
+        lat = c.lattice
+        if cfg.get("strain"):
+            e = (torch.rand_like(lat) * 2 - 1) * float(cfg["strain"])
+            e = 0.5 * (e + e.transpose(1, 2))
+            lat = lat @ (torch.eye(3, device=lat.device, dtype=lat.dtype) + e)
+        pos = torch.bmm(c.frac_coords.unsqueeze(1), lat[c.batch]).squeeze(1)
+        if cfg.get("displacement"):
+            pos = pos + torch.randn_like(pos) * float(cfg["displacement"])
+            c.frac_coords = torch.linalg.solve(lat[c.batch].transpose(1, 2), pos.unsqueeze(-1)).squeeze(-1)
+        c.pos, c.lattice = pos, lat
 
     def training_step(self, batch: MultimodalBatch, batch_idx: int) -> torch.Tensor:
         """One contrastive step."""
