@@ -111,6 +111,7 @@ class ResidentData:
         p_ids, p_mask, p_ptr = _pack_texts(proc, tokenizer, max_text_tokens)
         l_ids, l_mask, l_ptr = _pack_texts(lit, tokenizer, max_text_tokens)
         dev = self.device
+        self._counts_cpu = counts
         self.t = {
             "counts": counts.to(dev),
             "ptr": ptr.to(dev),
@@ -160,22 +161,23 @@ class ResidentData:
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> MultimodalBatch:
         """The batch of the records at ``idx`` (a random text per material when ``generator`` is given)."""
         t = self.t
-        idx = idx.to(self.device)
+        idx_cpu = idx.cpu()  # ids and the atom total come from host copies: no device sync for them
+        n_atoms = int(self._counts_cpu[idx_cpu].sum())
+        idx = idx_cpu.to(self.device, non_blocking=True)
         counts = t["counts"][idx]
         b = idx.shape[0]
-        batch_vec = torch.repeat_interleave(torch.arange(b, device=self.device), counts)
+        batch_vec = torch.repeat_interleave(torch.arange(b, device=self.device), counts, output_size=n_atoms)
         first = torch.zeros(b, dtype=torch.long, device=self.device)
         first[1:] = torch.cumsum(counts, 0)[:-1]
-        atom = t["ptr"][idx][batch_vec] + torch.arange(batch_vec.shape[0], device=self.device) - first[batch_vec]
+        atom = t["ptr"][idx][batch_vec] + torch.arange(n_atoms, device=self.device) - first[batch_vec]
         crystal = crystal_batch(
             t["z"][atom], t["frac"][atom], t["lattice"][idx], counts, self.cutoff, self.max_num_neighbors,
             batch_vec=batch_vec,
         )
         p_ids, p_mask, p_present = self._texts("p", idx, generator)
         l_ids, l_mask, l_present = self._texts("l", idx, generator)
-        idx_cpu = idx.tolist()
         return MultimodalBatch(
-            material_ids=[self.material_ids[i] for i in idx_cpu],
+            material_ids=[self.material_ids[i] for i in idx_cpu.tolist()],
             crystal=crystal,
             xrd=t["xrd"][idx].float(),
             xrd_peaks=t["peaks"][idx],
@@ -257,7 +259,7 @@ class ResidentLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[MultimodalBatch]:
-        idx = self._indices().to(self.data.device)
+        idx = self._indices()  # stays on the host; each batch's slice is copied without a sync
         g = None
         if self.shuffle:
             g = torch.Generator(device=self.data.device)
