@@ -1,0 +1,437 @@
+"""Stability of generated crystals: CHGNet relaxation and energy, energy above a CHGNet convex hull.
+
+Every energy here comes from CHGNet (Deng et al., Nat. Mach. Intell. 2023; the pretrained weights ship in the
+``chgnet`` wheel, so nothing is downloaded): eV/atom, on CHGNet's scale (trained on MPtrj energies with the
+MP2020 corrections). The hull is a pymatgen ``PhaseDiagram`` of reference structures whose energies were
+computed the same way, so generated and reference energies share one scale; no DFT number enters.
+
+A hull needs an elemental end point for every element of a chemical system. Reference sets such as MP-20 lack
+most elemental crystals, so :func:`elemental_endpoints` supplies them: for each missing element it relaxes a
+few simple prototypes (fcc, bcc, hcp, simple cubic, diamond, and a dimer in a 12 Å box for molecular elements)
+with CHGNet and keeps the lowest energy. Such an end point is an upper bound on the element's true CHGNet
+ground state, which can make compounds of that element look more stable than they are; reports should say how
+many end points came from prototypes (``HullReference.ids`` starting with ``proto:``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+#: Prefix of the ids of elemental end points built by :func:`elemental_endpoints`.
+PROTO_PREFIX = "proto:"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` intra-op torch threads (None: leave the setting alone), then restore it."""
+    if not n:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def resolve_device(device: str | None = None) -> str:
+    """``device`` or, when None, ``"cuda"`` if a CUDA device is visible, else ``"cpu"``."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=4)
+def load_chgnet(device: str = "cpu"):
+    """The pretrained CHGNet model (bundled weights) on ``device``, loaded once per process."""
+    from chgnet.model import CHGNet
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return CHGNet.load(use_device=device, verbose=False)
+
+
+def chgnet_energies(
+    structures: Sequence,
+    relax: bool = False,
+    steps: int = 500,
+    fmax: float = 0.1,
+    relax_cell: bool = True,
+    device: str | None = None,
+    batch_size: int = 16,
+    threads: int | None = None,
+) -> tuple[np.ndarray, list]:
+    """CHGNet energies (eV/atom), optionally after a FIRE relaxation of positions and cell.
+
+    Args:
+        structures: pymatgen ``Structure`` objects.
+        relax: Relax each structure first (``steps`` at most, until every force is below ``fmax`` eV/Å).
+        steps: Most relaxation steps per structure.
+        fmax: Force convergence threshold, eV/Å.
+        relax_cell: Relax the cell as well as the positions (``FrechetCellFilter``).
+        device: Torch device (default: CUDA if available).
+        batch_size: Structures per CHGNet batch for the single-point energies.
+        threads: Torch CPU threads while this runs (None: unchanged); 1 avoids oversubscribed cores.
+
+    Returns:
+        ``(energy_per_atom (N,), final_structures)``; a structure CHGNet fails on gets ``NaN`` and is returned
+        unchanged.
+
+    """
+    with torch_threads(threads):
+        return _chgnet_energies(
+            structures, relax, steps, fmax, relax_cell, resolve_device(device), batch_size
+        )
+
+
+def _chgnet_energies(
+    structures, relax, steps, fmax, relax_cell, device, batch_size
+) -> tuple[np.ndarray, list]:
+    model = load_chgnet(device)
+    finals = list(structures)
+    if relax and finals:
+        from chgnet.model import StructOptimizer
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            opt = StructOptimizer(model=model, use_device=device, on_isolated_atoms="ignore")
+        for i, s in enumerate(finals):
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    out = opt.relax(s.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False)
+                finals[i] = out["final_structure"]
+            except Exception:  # noqa: BLE001 - a failed relaxation keeps the input structure
+                finals[i] = s
+    energies = np.full(len(finals), np.nan)
+    for start in range(0, len(finals), batch_size):
+        chunk = finals[start : start + batch_size]
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                preds = model.predict_structure(chunk, task="e", batch_size=batch_size)
+            energies[start : start + len(chunk)] = [float(np.asarray(p["e"]).reshape(-1)[0]) for p in preds]
+        except Exception:  # noqa: BLE001 - retry one by one so that one bad cell costs only itself
+            for j, s in enumerate(chunk):
+                try:
+                    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                        warnings.simplefilter("ignore")
+                        p = model.predict_structure(s, task="e")
+                    energies[start + j] = float(np.asarray(p["e"]).reshape(-1)[0])
+                except Exception:  # noqa: BLE001
+                    energies[start + j] = np.nan
+    return energies, finals
+
+
+def elemental_prototypes(symbol: str) -> list[tuple[str, object, bool]]:
+    """Simple starting structures for one element: ``(name, Structure, relax_cell)``.
+
+    fcc, bcc, hcp, simple cubic and diamond cells with a nearest-neighbour distance of twice the element's
+    atomic radius, and a dimer in a 12 Å cubic box (positions relaxed only).
+    """
+    from pymatgen.core import Element, Lattice, Structure
+
+    el = Element(symbol)
+    r = el.atomic_radius or el.atomic_radius_calculated or 1.5
+    d = 2.0 * float(r)
+    protos = [
+        (
+            "fcc",
+            Structure(
+                Lattice.cubic(d * math.sqrt(2)),
+                [symbol] * 4,
+                [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
+            ),
+            True,
+        ),
+        (
+            "bcc",
+            Structure(Lattice.cubic(2 * d / math.sqrt(3)), [symbol] * 2, [[0, 0, 0], [0.5, 0.5, 0.5]]),
+            True,
+        ),
+        (
+            "hcp",
+            Structure(
+                Lattice.hexagonal(d, 1.633 * d), [symbol] * 2, [[1 / 3, 2 / 3, 0.25], [2 / 3, 1 / 3, 0.75]]
+            ),
+            True,
+        ),
+        ("sc", Structure(Lattice.cubic(d), [symbol], [[0, 0, 0]]), True),
+        (
+            "diamond",
+            Structure(
+                Lattice.cubic(4 * d / math.sqrt(3)),
+                [symbol] * 8,
+                [
+                    [0, 0, 0],
+                    [0.5, 0.5, 0],
+                    [0.5, 0, 0.5],
+                    [0, 0.5, 0.5],
+                    [0.25, 0.25, 0.25],
+                    [0.75, 0.75, 0.25],
+                    [0.75, 0.25, 0.75],
+                    [0.25, 0.75, 0.75],
+                ],
+            ),
+            True,
+        ),
+    ]
+    box = 12.0
+    bond = 0.8 * d
+    protos.append(
+        (
+            "dimer",
+            Structure(Lattice.cubic(box), [symbol] * 2, [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5 + bond / box]]),
+            False,
+        )
+    )
+    return protos
+
+
+@dataclass
+class HullReference:
+    """Reference entries for CHGNet convex hulls.
+
+    Attributes:
+        formulas: Reduced or full formula of each reference (pymatgen-readable).
+        energies: CHGNet energy per atom of each reference, eV/atom.
+        ids: Id of each reference (``proto:<element>:<prototype>`` for elemental end points from prototypes).
+
+    """
+
+    formulas: list[str]
+    energies: np.ndarray
+    ids: list[str]
+    _by_chemsys: dict = field(default_factory=dict, init=False, repr=False)
+    _pd_cache: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from pymatgen.core import Composition
+
+        self.energies = np.asarray(self.energies, dtype=np.float64).reshape(-1)
+        self.formulas = [str(f) for f in self.formulas]
+        self.ids = [str(i) for i in self.ids]
+        if not len(self.formulas) == len(self.energies) == len(self.ids):
+            raise ValueError("formulas, energies and ids must have the same length")
+        self._comps = [Composition(f) for f in self.formulas]
+        for i, c in enumerate(self._comps):
+            if np.isfinite(self.energies[i]):
+                key = frozenset(el.symbol for el in c.elements)
+                self._by_chemsys.setdefault(key, []).append(i)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def elements_with_endpoint(self) -> set[str]:
+        """Elements that have an elemental reference entry."""
+        return {next(iter(k)) for k in self._by_chemsys if len(k) == 1}
+
+    def missing_endpoints(self, elements: Iterable[str]) -> set[str]:
+        """Which of ``elements`` lack an elemental reference entry."""
+        return set(elements) - self.elements_with_endpoint
+
+    def extend(self, other: HullReference) -> HullReference:
+        """A new reference holding the entries of both."""
+        return HullReference(
+            self.formulas + other.formulas,
+            np.concatenate([self.energies, other.energies]),
+            self.ids + other.ids,
+        )
+
+    def phase_diagram(self, elements: Iterable[str]):
+        """The pymatgen ``PhaseDiagram`` of a chemical system; None when an elemental end point is missing."""
+        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+        key = frozenset(elements)
+        if key in self._pd_cache:
+            return self._pd_cache[key]
+        pd = None
+        if not self.missing_endpoints(key):
+            idx: list[int] = []
+            for k in range(1, len(key) + 1):
+                for sub in combinations(sorted(key), k):
+                    idx.extend(self._by_chemsys.get(frozenset(sub), []))
+            entries = [
+                PDEntry(self._comps[i], float(self.energies[i]) * self._comps[i].num_atoms, name=self.ids[i])
+                for i in idx
+            ]
+            pd = PhaseDiagram(entries)
+        self._pd_cache[key] = pd
+        return pd
+
+    def e_above_hull(self, composition, energy_per_atom: float) -> float:
+        """Energy above the hull (eV/atom; negative = below it), ``NaN`` when the hull lacks an end point."""
+        from pymatgen.analysis.phase_diagram import PDEntry
+        from pymatgen.core import Composition
+
+        comp = Composition(composition) if isinstance(composition, str) else composition
+        if not np.isfinite(energy_per_atom):
+            return math.nan
+        pd = self.phase_diagram(el.symbol for el in comp.elements)
+        if pd is None:
+            return math.nan
+        entry = PDEntry(comp, float(energy_per_atom) * comp.num_atoms)
+        return float(pd.get_e_above_hull(entry, allow_negative=True))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the entries as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "energy_unit": "eV/atom (CHGNet)",
+            "entries": [
+                {"id": i, "formula": f, "energy_per_atom": None if not np.isfinite(e) else float(e)}
+                for i, f, e in zip(self.ids, self.formulas, self.energies)
+            ],
+        }
+        path.write_text(json.dumps(doc, indent=0))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HullReference:
+        """Read :meth:`save` output."""
+        doc = json.loads(Path(path).read_text())
+        ents = doc["entries"]
+        return cls(
+            [e["formula"] for e in ents],
+            np.array([np.nan if e["energy_per_atom"] is None else e["energy_per_atom"] for e in ents]),
+            [e["id"] for e in ents],
+        )
+
+
+def elemental_endpoints(
+    elements: Iterable[str],
+    steps: int = 200,
+    fmax: float = 0.1,
+    device: str | None = None,
+    threads: int | None = None,
+) -> HullReference:
+    """Elemental end points from CHGNet-relaxed prototypes: the lowest of :func:`elemental_prototypes`."""
+    formulas, energies, ids = [], [], []
+    for sym in sorted(set(elements)):
+        best, best_name = math.nan, ""
+        for name, s, relax_cell in elemental_prototypes(sym):
+            e, _ = chgnet_energies(
+                [s], relax=True, steps=steps, fmax=fmax, relax_cell=relax_cell, device=device, threads=threads
+            )
+            if np.isfinite(e[0]) and not (e[0] >= best):
+                best, best_name = float(e[0]), name
+        if np.isfinite(best):
+            formulas.append(sym)
+            energies.append(best)
+            ids.append(f"{PROTO_PREFIX}{sym}:{best_name}")
+    return HullReference(formulas, np.asarray(energies), ids)
+
+
+def reference_hull(
+    structures: Sequence,
+    ids: Sequence[str],
+    cache: str | Path | None = None,
+    relax: bool = False,
+    steps: int = 500,
+    add_endpoints: bool = True,
+    device: str | None = None,
+    threads: int | None = None,
+) -> HullReference:
+    """CHGNet hull reference of a set of structures, read from / written to a JSON cache.
+
+    Args:
+        structures: Reference structures (for example the training split).
+        ids: Their ids; the cache is reused when it holds every one of them.
+        cache: JSON file (see :meth:`HullReference.save`), or None for no cache.
+        relax: Relax the reference structures with CHGNet first (DFT-relaxed references are usually evaluated
+            as they are).
+        steps: Most relaxation steps.
+        add_endpoints: Add :func:`elemental_endpoints` for every element that has no elemental reference.
+        device: Torch device.
+        threads: Torch CPU threads (None: unchanged).
+
+    Returns:
+        The reference, elemental end points included.
+
+    """
+    ids = [str(i) for i in ids]
+    if cache is not None and Path(cache).exists():
+        ref = HullReference.load(cache)
+        if set(ids) <= set(ref.ids):
+            return ref
+    energies, _ = chgnet_energies(structures, relax=relax, steps=steps, device=device, threads=threads)
+    ref = HullReference([s.composition.formula for s in structures], energies, ids)
+    if add_endpoints:
+        elements = {el.symbol for s in structures for el in s.composition.elements}
+        missing = ref.missing_endpoints(elements)
+        if missing:
+            ref = ref.extend(elemental_endpoints(missing, device=device, threads=threads))
+    if cache is not None:
+        ref.save(cache)
+    return ref
+
+
+def stability(
+    structures: Sequence,
+    hull: HullReference,
+    relax: bool = True,
+    steps: int = 500,
+    fmax: float = 0.1,
+    device: str | None = None,
+    add_endpoints: bool = True,
+    threads: int | None = None,
+) -> dict:
+    """CHGNet energy and energy above ``hull`` of each structure.
+
+    Args:
+        structures: pymatgen ``Structure`` objects.
+        hull: Reference entries.
+        relax: Relax each structure with CHGNet first (``steps`` at most, force threshold ``fmax`` eV/Å).
+        steps: Most relaxation steps.
+        fmax: Force convergence threshold, eV/Å.
+        device: Torch device.
+        add_endpoints: Add prototype end points for elements ``hull`` lacks (the extended reference is
+            returned).
+        threads: Torch CPU threads (None: unchanged).
+
+    Returns:
+        ``{"energy_per_atom": (N,), "e_above_hull": (N,) eV/atom (NaN: no hull), "structures": [...],
+        "hull": HullReference}``.
+
+    """
+    energies, finals = chgnet_energies(
+        structures, relax=relax, steps=steps, fmax=fmax, device=device, threads=threads
+    )
+    if add_endpoints:
+        elements = {el.symbol for s in finals for el in s.composition.elements}
+        missing = hull.missing_endpoints(elements)
+        if missing:
+            hull = hull.extend(elemental_endpoints(missing, device=device, threads=threads))
+    ehull = np.array(
+        [hull.e_above_hull(s.composition, e) for s, e in zip(finals, energies)], dtype=np.float64
+    )
+    return {"energy_per_atom": energies, "e_above_hull": ehull, "structures": finals, "hull": hull}
+
+
+__all__ = [
+    "HullReference",
+    "chgnet_energies",
+    "elemental_endpoints",
+    "elemental_prototypes",
+    "load_chgnet",
+    "reference_hull",
+    "resolve_device",
+    "stability",
+    "torch_threads",
+]
