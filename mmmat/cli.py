@@ -6,6 +6,7 @@ import json
 import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -139,6 +140,139 @@ def quickstart(
     }
     (out / "quickstart.json").write_text(json.dumps(summary, indent=1))
     typer.echo(json.dumps(summary, indent=1))
+
+
+# ---------------------------------------------------------------------- embedding lookup
+index_app = typer.Typer(no_args_is_help=True, help="Build and extend FAISS indexes of crystal embeddings.")
+app.add_typer(index_app, name="index")
+
+
+def _retrieval_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a retrieval function; its input errors become a clear message and exit code 2."""
+    from mmmat.retrieval import RetrievalError
+
+    try:
+        return fn(*args, **kwargs)
+    except RetrievalError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def embed(
+    model: Path = typer.Option(..., help="Model folder (config.json + model.safetensors)."),
+    shards: Path = typer.Option(..., help="Shard folder written by `mmmat data build`."),
+    out: Path = typer.Option(..., help="Output parquet file (material table + embedding column)."),
+    modality: str = typer.Option("crystal", help="crystal, xrd, image, literature_text or processing_text."),
+    split: str | None = typer.Option(None, help="Split(s), comma-separated (default: every split)."),
+    batch_size: int = typer.Option(128, help="Inputs per forward pass."),
+) -> None:
+    """Embed one modality of every material in a shard folder into a parquet file."""
+    from mmmat.retrieval import embed_shards, load_model
+
+    t0 = time.perf_counter()
+    m = _retrieval_call(load_model, model)
+    table = _retrieval_call(embed_shards, m, shards, modality, split, batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out, index=False)
+    dim = len(table["embedding"].iloc[0]) if len(table) else 0
+    typer.echo(f"{len(table)} {modality} embeddings (dim {dim}) -> {out} in {time.perf_counter() - t0:.1f} s")
+
+
+@index_app.command("build")
+def index_build(
+    model: Path = typer.Option(..., help="Model folder (config.json + model.safetensors)."),
+    shards: Path = typer.Option(..., help="Shard folder written by `mmmat data build`."),
+    out: Path = typer.Option(..., help="Index folder to write (index.faiss, meta.parquet, index.json)."),
+    split: str | None = typer.Option(None, help="Split(s), comma-separated (default: every split)."),
+    exact: bool | None = typer.Option(
+        None, "--exact/--approx", help="Exact (flat) or approximate (IVF) index; default: by size."
+    ),
+    nprobe: int = typer.Option(16, help="IVF lists scanned per query."),
+    approx_threshold: int = typer.Option(200_000, help="Above this many vectors the default is IVF."),
+    batch_size: int = typer.Option(128, help="Crystals per forward pass."),
+) -> None:
+    """Embed the crystals of a shard folder and write a FAISS index of them."""
+    from mmmat.retrieval import build_index
+
+    kind = "auto" if exact is None else ("exact" if exact else "ivf")
+    t0 = time.perf_counter()
+    idx = _retrieval_call(
+        build_index, model, shards, out, split=split, kind=kind, nprobe=nprobe,
+        approx_threshold=approx_threshold, batch_size=batch_size,
+    )
+    extra = f", {idx.nlist} lists, nprobe {idx.nprobe}" if idx.kind == "ivf" else ""
+    typer.echo(
+        f"{len(idx)} crystals indexed ({idx.kind}{extra}, dim {idx.dim}) -> {out} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+
+
+@index_app.command("add")
+def index_add(
+    index: Path = typer.Option(..., help="Index folder written by `mmmat index build`."),
+    shards: Path = typer.Option(..., help="Shard folder to add."),
+    model: Path | None = typer.Option(None, help="Model folder (default: the one recorded in the index)."),
+    split: str | None = typer.Option(None, help="Split(s), comma-separated (default: every split)."),
+    skip_duplicates: bool = typer.Option(
+        False, help="Skip materials already indexed (default: refuse the whole batch)."
+    ),
+    batch_size: int = typer.Option(128, help="Crystals per forward pass."),
+) -> None:
+    """Append the crystals of another shard folder to an index without rebuilding it."""
+    from mmmat.retrieval import add_to_index
+
+    added, skipped = _retrieval_call(
+        add_to_index, index, shards, model, split=split, skip_duplicates=skip_duplicates,
+        batch_size=batch_size,
+    )
+    typer.echo(f"{added} crystals added, {skipped} already indexed and skipped -> {index}")
+
+
+@app.command()
+def search(
+    index: Path = typer.Option(..., help="Index folder written by `mmmat index build`."),
+    model: Path | None = typer.Option(None, help="Model folder (default: the one recorded in the index)."),
+    cif: Path | None = typer.Option(None, help="Query: a CIF file (embedded as a crystal)."),
+    xrd: Path | None = typer.Option(None, help="Query: a measured powder pattern (xy, csv, powder CIF)."),
+    image: Path | None = typer.Option(None, help="Query: an image (PNG, TIFF, ... or .npy)."),
+    text: str | None = typer.Option(None, help="Query: a sentence."),
+    text_modality: str = typer.Option("literature_text", help="literature_text or processing_text (--text)."),
+    wavelength: float | None = typer.Option(None, help="X-ray wavelength of --xrd in Å (default: Cu Kα)."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of hits."),
+    nprobe: int | None = typer.Option(None, help="IVF lists to scan (default: the index's)."),
+    csv: Path | None = typer.Option(None, help="Also write the hits to this CSV file."),
+) -> None:
+    """Find the indexed crystals nearest to a CIF, a powder pattern, an image or a sentence."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmmat.retrieval import search as run_search
+
+    options = (("--cif", cif), ("--xrd", xrd), ("--image", image), ("--text", text))
+    given = [name for name, v in options if v is not None]
+    if len(given) != 1:
+        _fail(f"give exactly one query of --cif, --xrd, --image, --text (got {', '.join(given) or 'none'})")
+    if k < 1:
+        _fail(f"-k must be at least 1, got {k}")
+    hits = _retrieval_call(
+        run_search, index, model, cif=cif, xrd=xrd, image=image, text=text, text_modality=text_modality,
+        k=k, nprobe=nprobe, wavelength=wavelength,
+    )
+    query = given[0] + " " + (repr(text) if text is not None else str(cif or xrd or image))
+    t = Table(title=f"{query} -> {index}")
+    for col, just in (("rank", "right"), ("material_id", "left"), ("formula", "left"),
+                      ("space group", "left"), ("score", "right")):
+        t.add_column(col, justify=just)
+    for h in hits:
+        t.add_row(str(h.rank), h.material_id, h.formula, h.spacegroup, f"{h.score:.4f}")
+    Console().print(t)
+    if csv is not None:
+        import pandas as pd
+
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        cols = ["rank", "material_id", "formula", "spacegroup", "score"]
+        pd.DataFrame([h.to_dict() for h in hits], columns=cols).to_csv(csv, index=False)
+        typer.echo(f"hits -> {csv}")
 
 
 def main() -> None:

@@ -155,3 +155,13 @@ def test_crystal_augment_perturbs_only_slightly(tiny_shards):
     assert torch.allclose(back, b.crystal.pos, atol=1e-4)
     with pytest.raises(ValueError, match="unknown keys"):
         ContrastivePretraining(**cfg, crystal_augment={"rotate": 1.0})
+
+
+def test_model_records_the_crystal_encoders_cutoff():
+    from mmmat.latent.model import MultimodalModel
+
+    enc = {"crystal": {"name": "crystal/schnet", "hidden": 16, "num_interactions": 1, "cutoff": 6.0, "num_rbf": 8}}
+    assert MultimodalModel(enc, embed_dim=8).config["cutoff"] == 6.0
+    assert MultimodalModel(enc, embed_dim=8, cutoff=7.0).config["cutoff"] == 7.0
+    with pytest.raises(ValueError, match="shorter than the crystal encoder"):
+        MultimodalModel(enc, embed_dim=8, cutoff=5.0)

@@ -52,7 +52,8 @@ class MultimodalModel(nn.Module):
         encoders: modality -> ``{"name": registered encoder name, **constructor kwargs}``.
         embed_dim: Dimension of the shared space.
         projection: ``linear`` or ``mlp``.
-        cutoff: Periodic graph cutoff (Å) used when :meth:`embed` collates raw crystals.
+        cutoff: Periodic graph cutoff (Å) used when :meth:`embed` collates raw crystals; None (default) takes
+            the crystal encoder's own cutoff, so graphs built here never miss neighbours the encoder expects.
         max_text_tokens: Token budget per text when :meth:`embed` tokenises raw strings.
     """
 
@@ -61,7 +62,7 @@ class MultimodalModel(nn.Module):
         encoders: dict[str, dict[str, Any]],
         embed_dim: int = 256,
         projection: str = "linear",
-        cutoff: float = 5.0,
+        cutoff: float | None = None,
         max_text_tokens: int = 128,
     ):
         super().__init__()
@@ -87,6 +88,12 @@ class MultimodalModel(nn.Module):
             enc = create_encoder(name, **cfg)
             self.encoders[modality] = enc
             self.projections[modality] = Projection(enc.out_dim, embed_dim, projection)
+        enc_cutoff = getattr(self.encoders["crystal"], "cutoff", None) if "crystal" in self.encoders else None
+        if cutoff is None:
+            cutoff = float(enc_cutoff) if enc_cutoff is not None else 5.0
+        elif enc_cutoff is not None and cutoff < float(enc_cutoff):
+            raise ValueError(f"cutoff {cutoff} Å is shorter than the crystal encoder's {enc_cutoff} Å")
+        self.config["cutoff"] = cutoff
         self.tokenizer: Any = None
 
     @property

@@ -90,6 +90,13 @@ class ContrastivePretraining(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Take the tokenizer from the data module (text encoders must agree with it)."""
         dm = getattr(self.trainer, "datamodule", None)
+        dm_cutoff = getattr(getattr(dm, "hparams", None), "cutoff", None)
+        build = getattr(getattr(dm, "hparams", None), "build_graph", True)
+        if build and dm_cutoff is not None and dm_cutoff < self.model.config["cutoff"]:
+            raise ValueError(
+                f"data.cutoff {dm_cutoff} Å is shorter than the crystal encoder's {self.model.config['cutoff']} Å: "
+                "the graphs would miss neighbours the encoder expects"
+            )
         tok = getattr(dm, "tokenizer", None)
         if tok is not None:
             self.model.tokenizer = tok
