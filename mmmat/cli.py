@@ -275,6 +275,36 @@ def search(
         typer.echo(f"hits -> {csv}")
 
 
+@app.command()
+def predict(
+    model: Path = typer.Option(..., help="A fine-tuned property model directory (config.json + model.safetensors)."),
+    input: list[Path] = typer.Option(..., "--input", help="CIF files or folders of CIFs."),
+    csv: Path | None = typer.Option(None, help="Also write the table to this CSV file."),
+) -> None:
+    """Predict the model's properties (with uncertainty) for CIF files and print a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmmat.data.schema import RecordError
+    from mmmat.heads.predict import predict_files
+
+    if not (model / "config.json").exists():
+        _fail(f"{model}: not a model directory (no config.json)")
+    missing = [str(p) for p in input if not p.exists()]
+    if missing:
+        _fail(f"input not found: {', '.join(missing)}")
+    try:
+        df = predict_files(str(model), [str(p) for p in input], csv=str(csv) if csv else None)
+    except (RecordError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    t = Table()
+    for col in df.columns:
+        t.add_column(str(col), justify="right" if df[col].dtype.kind in "fi" else "left")
+    for row in df.itertuples(index=False):
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    Console().print(t)
+
+
 def main() -> None:
     """Entry point."""
     app()

@@ -1,0 +1,177 @@
+"""Property fine-tuning on mp20p: from scratch, frozen (linear probe) and fine-tuned, all labels and 1,000.
+
+    python benchmarks/finetune.py --pretrained runs/pretrain_mp20p/model --shards shards/mp20p \
+        --seconds 100 --result benchmarks/results/finetune.json
+
+For every target (formation energy per atom, band gap), setting and label count, one run of train.py's
+LightningCLI with the target's config (configs/finetune/mp20p_formation.yaml, mp20p_band_gap.yaml):
+
+    scratch    the config's encoder, randomly initialised, everything trains
+    frozen     the pretrained crystal encoder frozen, heads trained (mode linear_probe)
+    partial    the pretrained encoder's last ``--unfreeze-last`` blocks and readout train (not run by default)
+    finetuned  the pretrained encoder and heads train (mode full, encoder lr = encoder_lr_ratio x lr)
+
+``--labels all 1000``: all train labels, or the first 1,000 of a permutation of the labelled train materials
+by seed 0 (``model.max_train_labels``; the composition baseline uses the same materials). Each run stops at
+``--seconds`` (the TimeBudget callback fits the cosine schedule to it) or at ``--max-steps``; the checkpoint
+with the best validation score (mean MAE / train std) is scored on the test split (7,342). Decoded records are
+kept in memory across runs, so the shards are read once. With --baselines, the composition-model figures of
+benchmarks/results/finetune_baselines.json are copied beside the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "formation_energy_per_atom": str(ROOT / "configs" / "finetune" / "mp20p_formation.yaml"),
+    "band_gap": str(ROOT / "configs" / "finetune" / "mp20p_band_gap.yaml"),
+}
+SETTINGS = {
+    "scratch": {"pretrained": False, "mode": "full"},
+    "frozen": {"pretrained": True, "mode": "linear_probe"},
+    "partial": {"pretrained": True, "mode": "partial"},
+    "finetuned": {"pretrained": True, "mode": "full"},
+}
+
+
+def _run_args(args: argparse.Namespace, target: str, setting: str, labels: str, workdir: Path) -> list[str]:
+    """Command-line arguments of one train.py run."""
+    config = dict(c.split("=", 1) for c in args.config).get(target, CONFIGS.get(target))
+    if config is None:
+        raise SystemExit(f"no config for target {target!r}: pass --config {target}=PATH")
+    s = SETTINGS[setting]
+    out = [
+        "--config", config, f"--data.shards={args.shards}", f"--model.init_args.targets=[{target}]",
+        f"--trainer.default_root_dir={workdir}", f"--trainer.logger.init_args.save_dir={workdir}",
+        f"--model.init_args.mode={s['mode']}", f"--model.init_args.save_dir={workdir}/model",
+    ]
+    if s["pretrained"]:
+        out.append(f"--model.init_args.pretrained={args.pretrained}")
+    if s["mode"] == "partial":
+        out.append(f"--model.init_args.unfreeze_last={args.unfreeze_last}")
+    steps = args.max_steps if labels == "all" else (args.max_steps_small or args.max_steps)
+    if steps:
+        out.append(f"--trainer.max_steps={steps}")
+    if labels != "all":
+        out.append(f"--model.init_args.max_train_labels={int(labels)}")
+    best = {"monitor": "val/score", "mode": "min", "save_last": True, "filename": "best-{step}"}
+    cb = [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": best}]
+    if args.seconds:
+        cb.append({"class_path": "mmmat.tasks.callbacks.TimeBudget",
+                   "init_args": {"seconds": args.seconds, "calibrate_steps": args.calibrate_steps}})
+    overlay = workdir / "overlay.yaml"
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    overlay.write_text(json.dumps({"trainer": {"callbacks": cb}}))
+    return [*out, "--config", str(overlay), *args.override]
+
+
+def run_one(args: argparse.Namespace, target: str, setting: str, labels: str, cache: dict) -> dict:
+    """Fit, then test the best checkpoint; returns the test metrics of ``target``."""
+    import torch
+    from pytorch_lightning import LightningModule
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.cli import LightningCLI
+
+    from mmmat.tasks.datamodule import MultimodalDataModule
+
+    workdir = Path(args.workdir) / f"{target}_{setting}_{labels}"
+    run_args = _run_args(args, target, setting, labels, workdir)
+    cli = LightningCLI(LightningModule, MultimodalDataModule, subclass_mode_model=True, run=False,
+                       save_config_kwargs={"overwrite": True}, args=run_args)
+    dm = cli.datamodule
+    h = dm.hparams
+    splits = (h.train_split, h.val_split, h.test_split)
+    if not cache:
+        cache.update({s: dm.records(s) for s in splits})
+    # every run starts from the full decoded splits (setup() narrows the train split for max_train_labels)
+    dm._records = {s: list(cache[s]) for s in splits}
+    t0 = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=dm)
+    fit_s = time.perf_counter() - t0
+    ckpt = next((c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = "best" if ckpt is not None and ckpt.best_model_path else None
+    best_score = ckpt.best_model_score if best else None
+    cli.trainer.test(cli.model, datamodule=dm, ckpt_path=best)
+    doc = json.loads((Path(cli.trainer.log_dir) / "test_metrics.json").read_text())
+    m = doc["metrics"]
+    res = {
+        "test_mae": m[f"{target}_mae"], "test_rmse": m[f"{target}_rmse"], "test_r2": m[f"{target}_r2"],
+        "test_nll": m.get(f"{target}_nll"), "test_within_1std": m.get(f"{target}_within_1std"),
+        "test_materials": int(m[f"{target}_n"]), "train_labels": doc["num_train_labels"],
+        "steps": int(cli.trainer.global_step), "fit_seconds": round(fit_s, 1),
+        "checkpoint": "best val/score" if best else "last",
+        "best_val_score": None if best_score is None else float(best_score),
+        "log_dir": str(cli.trainer.log_dir),
+    }
+    del cli, dm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pretrained", default=None, help="saved MultimodalModel folder")
+    ap.add_argument("--shards", default="shards/mp20p")
+    ap.add_argument("--targets", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--settings", nargs="+", default=["scratch", "frozen", "finetuned"],
+                    choices=list(SETTINGS))
+    ap.add_argument("--labels", nargs="+", default=["all", "1000"], help="'all' or a number of train labels")
+    ap.add_argument("--config", nargs="*", default=[], help="TARGET=PATH: config per target")
+    ap.add_argument("--seconds", type=float, default=100.0, help="training budget per run (0 = none)")
+    ap.add_argument("--calibrate-steps", type=int, default=200)
+    ap.add_argument("--max-steps", type=int, default=None, help="steps per run (default: config)")
+    ap.add_argument("--max-steps-small", type=int, default=None, help="cap for label-limited runs")
+    ap.add_argument("--unfreeze-last", type=int, default=2)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--baselines", action="store_true", help="copy finetune_baselines.json figures in")
+    ap.add_argument("--result", default=None)
+    ap.add_argument("--override", nargs=argparse.REMAINDER, default=[], help="more train.py arguments")
+    args = ap.parse_args()
+    if args.workdir is None:
+        args.workdir = tempfile.mkdtemp(prefix="finetune_bench_")
+    if any(SETTINGS[s]["pretrained"] for s in args.settings) and not args.pretrained:
+        raise SystemExit("--pretrained is needed for the frozen, partial and finetuned settings")
+
+    cache: dict = {}
+    metrics: dict = {}
+    t0 = time.perf_counter()
+    for target in args.targets:
+        for labels in args.labels:
+            for setting in args.settings:
+                res = run_one(args, target, setting, labels, cache)
+                metrics.setdefault(target, {}).setdefault(setting, {})[labels] = res
+                mae, steps = res["test_mae"], res["steps"]
+                print(f"{target} {setting} {labels}: MAE {mae:.4f} ({steps} steps)", flush=True)
+    extra = {
+        "pretrained": args.pretrained,
+        "shards": args.shards,
+        "seconds_per_run": args.seconds,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "units": {"formation_energy_per_atom": "eV/atom", "band_gap": "eV"},
+    }
+    if args.pretrained:
+        from mmmat.heads.property import model_fingerprint
+
+        extra["pretrained_fingerprint"] = model_fingerprint(args.pretrained)
+    base = RESULTS / "finetune_baselines.json"
+    if args.baselines and base.exists():
+        extra["composition_baselines"] = json.loads(base.read_text())["metrics"]
+    write_result("finetune", metrics, extra, out=args.result)
+
+
+if __name__ == "__main__":
+    main()

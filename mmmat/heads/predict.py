@@ -1,0 +1,92 @@
+"""Predict properties of crystals in CIF files with a saved :class:`~mmmat.heads.property.PropertyModel`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmmat.data.schema import MaterialRecord, RecordError, parse_cif
+
+
+def _expand(files: Iterable[str | Path] | str | Path) -> list[Path]:
+    """Files as given, folders replaced by their ``*.cif`` files (sorted); missing paths are errors."""
+    if isinstance(files, str | Path):
+        files = [files]
+    out: list[Path] = []
+    for f in files:
+        p = Path(f)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() == ".cif" and q.is_file())
+            if not found:
+                raise FileNotFoundError(f"{p} holds no .cif file")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p} not found")
+    return out
+
+
+def read_cif_file(path: str | Path) -> MaterialRecord:
+    """Parse and validate one CIF file; a malformed file raises :class:`RecordError` naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise RecordError(str(path), f"cannot read file ({exc})") from None
+    structure = parse_cif(text, str(path))
+    record = MaterialRecord.from_structure(structure, str(path))
+    record.validate()
+    return record
+
+
+def predict_files(
+    model_dir: str | Path,
+    files: Iterable[str | Path] | str | Path,
+    csv: str | Path | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> Any:
+    """Predict every target of the model at ``model_dir`` for the crystals in ``files``.
+
+    Args:
+        model_dir: Folder written by :meth:`PropertyModel.save_pretrained`.
+        files: CIF files, or folders whose ``*.cif`` files are read (first structure of each file).
+        csv: Also write the table to this CSV file.
+        batch_size: Crystals per forward pass.
+        device: Torch device (default: CUDA when available, else CPU).
+
+    Returns:
+        A pandas DataFrame with columns ``file``, ``formula`` (reduced), and per target ``<target>`` and
+        ``<target>_std`` (regression, label units) or ``<target>`` (class index) and ``<target>_prob``
+        (classification), one row per file in input order.
+
+    Raises:
+        RecordError: A file is not a parsable CIF or holds an unusable crystal (the message names it).
+        FileNotFoundError: A path does not exist or a folder holds no CIF.
+
+    """
+    import pandas as pd
+
+    from mmmat.heads.property import PropertyModel
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = PropertyModel.from_pretrained(model_dir, map_location=device)
+    paths = _expand(files)
+    records = [read_cif_file(p) for p in paths]
+    pred = model.predict_records(records, batch_size=batch_size)
+    table: dict[str, Any] = {"file": [str(p) for p in paths], "formula": [r.formula for r in records]}
+    for t in model.targets:
+        table[t.name] = pred[t.name]
+        table[f"{t.name}_std" if t.kind == "regression" else f"{t.name}_prob"] = pred[
+            f"{t.name}_std" if t.kind == "regression" else f"{t.name}_prob"
+        ]
+    df = pd.DataFrame(table)
+    if csv is not None:
+        Path(csv).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(csv, index=False)
+    return df
