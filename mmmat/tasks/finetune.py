@@ -26,6 +26,7 @@ import torch
 from mmmat.data.batch import MultimodalBatch
 from mmmat.heads.property import PropertyModel, parse_targets, select_labelled
 from mmmat.tasks.pretrain import _id_hash, _unique_first
+from mmmat.tasks.schedule import warmup_cosine
 
 
 class PropertyFinetuning(pl.LightningModule):
@@ -348,17 +349,7 @@ class PropertyFinetuning(pl.LightningModule):
             for (part, decay), ps in groups.items()
         ]
         opt = torch.optim.AdamW(params, lr=h.lr, betas=(0.9, 0.999))
-        self.total_steps = h.max_steps or max(1, int(self.trainer.estimated_stepping_batches))
-
-        def schedule(step: int) -> float:
-            # reads self.total_steps on every step: the TimeBudget callback may fit it to a time budget
-            if step < h.warmup_steps:
-                return (step + 1) / h.warmup_steps
-            t = min(1.0, (step - h.warmup_steps) / max(1, self.total_steps - h.warmup_steps))
-            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_cosine(self, opt)
 
     def on_fit_end(self) -> None:
         """Save the model (``config.json`` + ``model.safetensors``) and the last validation's report."""

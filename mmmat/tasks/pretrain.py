@@ -20,6 +20,7 @@ import torch
 from mmmat.data.batch import MultimodalBatch
 from mmmat.latent.losses import MultimodalContrastiveLoss
 from mmmat.latent.model import TEXT_MODALITIES, MultimodalModel
+from mmmat.tasks.schedule import warmup_cosine
 
 
 def _id_hash(material_id: str) -> int:
@@ -202,17 +203,7 @@ class ContrastivePretraining(pl.LightningModule):
             [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=h.lr, betas=(0.9, 0.98), eps=1e-6,
         )
-        self.total_steps = h.max_steps or max(1, int(self.trainer.estimated_stepping_batches))
-
-        def schedule(step: int) -> float:
-            # reads self.total_steps on every step: the TimeBudget callback may fit it to a time budget
-            if step < h.warmup_steps:
-                return (step + 1) / h.warmup_steps
-            t = min(1.0, (step - h.warmup_steps) / max(1, self.total_steps - h.warmup_steps))
-            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_cosine(self, opt)
 
     def on_fit_end(self) -> None:
         """Write the model as ``config.json`` + ``model.safetensors``."""
