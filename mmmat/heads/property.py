@@ -37,8 +37,6 @@ Uncertainty: a mean-variance head.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -51,9 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmmat.encoders.registry import create_encoder
+from mmmat.modelio import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401  (re-exported)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 FORMAT = "mmmat.PropertyModel"
 
 #: Floor of the predicted variance in standardised units.
@@ -165,14 +162,9 @@ def select_labelled(
 
 def model_fingerprint(path: str | Path) -> str:
     """SHA-256 of a saved model's ``config.json`` and ``model.safetensors`` (identifies the exact weights)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        with open(path / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
+    from mmmat.modelio import model_fingerprint as fingerprint
+
+    return fingerprint(path)
 
 
 class TargetHead(nn.Module):
@@ -520,40 +512,24 @@ class PropertyModel(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` (targets, normalisation, encoder config, source fingerprint) and weights."""
-        from safetensors.torch import save_file
+        from mmmat.modelio import write_model_dir
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         config = dict(self.config, format=FORMAT, version=1, normalization=self.normalization,
                       metadata=metadata or {})
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=1, sort_keys=True))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-        return path
+        return write_model_dir(path, config, self)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> PropertyModel:
         """Rebuild a model written by :meth:`save_pretrained` (no pickle is loaded)."""
-        from safetensors.torch import load_file
+        from mmmat.modelio import load_weights, read_model_config
 
-        path = Path(path)
-        cfg_file = path / CONFIG_NAME
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file} not found: is {path} a folder written by save_pretrained?")
-        config = json.loads(cfg_file.read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{cfg_file} is not an mmmat PropertyModel config ({config.get('format')!r})")
+        config = read_model_config(path, FORMAT)
         head, loss = config["head"], config["loss"]
         model = cls(
             config["encoder"], config["targets"], head_hidden=head["hidden"], head_layers=head["layers"],
             dropout=head["dropout"], regression_loss=loss["regression_loss"], beta=loss["beta"],
             cutoff=config["cutoff"], source=config.get("source"),
         )
-        state = load_file(str(path / WEIGHTS_NAME), device="cpu")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
+        load_weights(model, path)
         model.metadata = config.get("metadata", {})
         return model.to(map_location).eval()

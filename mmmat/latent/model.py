@@ -9,7 +9,6 @@ trained tokenizer); :meth:`MultimodalModel.from_pretrained` rebuilds it without 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,8 @@ from torch import nn
 
 from mmmat.data.batch import MODALITIES, Collator, MultimodalBatch
 from mmmat.encoders.registry import create_encoder
+from mmmat.modelio import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401  (re-exported)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TEXT_MODALITIES = ("processing_text", "literature_text")
 
@@ -225,31 +223,22 @@ class MultimodalModel(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (and the tokenizer, if any) to ``path``."""
-        from safetensors.torch import save_file
+        from mmmat.modelio import write_model_dir
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         config = dict(self.config, format="mmmat.MultimodalModel", version=1)
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
             config["tokenizer"] = TOKENIZER_DIR
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=1, sort_keys=True))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-        return path
+        return write_model_dir(path, config, self)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> MultimodalModel:
         """Rebuild a model written by :meth:`save_pretrained` (no pickle is loaded)."""
-        from safetensors.torch import load_file
+        from mmmat.modelio import load_weights, read_model_config
 
         path = Path(path)
-        cfg_file = path / CONFIG_NAME
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file} not found: is {path} a directory written by save_pretrained?")
-        config = json.loads(cfg_file.read_text())
-        if config.get("format") != "mmmat.MultimodalModel":
-            raise ValueError(f"{cfg_file} does not describe an mmmat MultimodalModel")
+        config = read_model_config(path, "mmmat.MultimodalModel")
         model = cls(
             encoders=config["encoders"],
             embed_dim=config["embed_dim"],
@@ -261,12 +250,7 @@ class MultimodalModel(nn.Module):
             from mmmat.data.tokenizer import load_tokenizer
 
             model.tokenizer = load_tokenizer(str(path / config["tokenizer"]))
-        state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: weights do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
+        load_weights(model, path, map_location)
         return model.to(map_location)
 
 

@@ -18,7 +18,6 @@ with a message that names it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -46,18 +45,12 @@ TEXT_MODALITIES = ("literature_text", "processing_text")
 # ---------------------------------------------------------------------- the model
 def model_fingerprint(model_dir: str | Path) -> str:
     """``sha256:<hex>`` of a saved model's ``config.json`` followed by its ``model.safetensors``."""
-    from mmmat.latent.model import CONFIG_NAME, WEIGHTS_NAME
+    from mmmat.modelio import model_fingerprint as fingerprint
 
-    d = Path(model_dir)
-    h = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        f = d / name
-        if not f.is_file():
-            raise RetrievalError(f"{f} not found: is {d} a model folder written by save_pretrained?")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
+    try:
+        return fingerprint(model_dir)
+    except FileNotFoundError as exc:
+        raise RetrievalError(str(exc)) from None
 
 
 def load_model(model_dir: str | Path) -> Any:
