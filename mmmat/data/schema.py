@@ -320,6 +320,21 @@ class MaterialRecord:
         )
 
 
+def as_records(items: Any) -> list[MaterialRecord]:
+    """Records from any mix of MaterialRecord, pymatgen ``Structure`` and ASE ``Atoms`` (ids ``input-<i>``)."""
+    out = []
+    for i, x in enumerate(items):
+        if isinstance(x, MaterialRecord):
+            out.append(x)
+        elif hasattr(x, "lattice") and hasattr(x, "frac_coords"):
+            out.append(MaterialRecord.from_structure(x, f"input-{i}"))
+        elif hasattr(x, "get_scaled_positions"):
+            out.append(MaterialRecord.from_ase(x, f"input-{i}"))
+        else:
+            raise TypeError(f"input {i}: cannot use a {type(x).__name__} as a crystal")
+    return out
+
+
 def parse_cif(cif: str, record_id: str = "?") -> Any:
     """Parse CIF text into a pymatgen ``Structure``; any failure raises :class:`RecordError`."""
     import warnings

@@ -481,18 +481,9 @@ class PropertyModel(nn.Module):
         Returns numpy arrays keyed as in :meth:`postprocess`.
         """
         from mmmat.data.batch import Collator
-        from mmmat.data.schema import MaterialRecord
+        from mmmat.data.schema import as_records
 
-        recs = []
-        for i, x in enumerate(records):
-            if isinstance(x, MaterialRecord):
-                recs.append(x)
-            elif hasattr(x, "lattice") and hasattr(x, "frac_coords"):
-                recs.append(MaterialRecord.from_structure(x, f"input-{i}"))
-            elif hasattr(x, "get_scaled_positions"):
-                recs.append(MaterialRecord.from_ase(x, f"input-{i}"))
-            else:
-                raise TypeError(f"cannot predict for a {type(x).__name__}")
+        recs = as_records(records)
         collate = Collator(cutoff=self.config["cutoff"])
         dev = next(self.parameters()).device
         chunks: dict[str, list[np.ndarray]] = {}

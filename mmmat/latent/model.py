@@ -163,20 +163,11 @@ class MultimodalModel(nn.Module):
             self.train(was_training)
 
     def _raw_batch(self, modality: str, chunk: Any) -> MultimodalBatch:
-        from mmmat.data.schema import MaterialRecord
+        from mmmat.data.schema import as_records
         from mmmat.data.xrd import NUM_POINTS
 
         if modality == "crystal":
-            records = []
-            for i, x in enumerate(chunk):
-                if isinstance(x, MaterialRecord):
-                    records.append(x)
-                elif hasattr(x, "lattice") and hasattr(x, "frac_coords"):
-                    records.append(MaterialRecord.from_structure(x, f"input-{i}"))
-                elif hasattr(x, "get_scaled_positions"):
-                    records.append(MaterialRecord.from_ase(x, f"input-{i}"))
-                else:
-                    raise TypeError(f"cannot embed {type(x).__name__} as a crystal")
+            records = as_records(chunk)
             for r in records:
                 r.validate()
             return self._collator()(records)
