@@ -305,6 +305,135 @@ def predict(
     Console().print(t)
 
 
+@app.command()
+def generate(
+    model: Path = typer.Option(..., help="A generator folder written by train.py fit (configs/generate/)."),
+    n: int = typer.Option(16, "-n", "--n", help="Number of samples."),
+    out: Path = typer.Option(..., help="Output folder: one CIF per sample, samples.extxyz, manifest.json."),
+    composition: str | None = typer.Option(None, help="Cell formula for structure prediction (Na4Cl4 = 8 atoms)."),
+    xrd: Path | None = typer.Option(None, help="Condition on a powder pattern (two-column xy/csv or powder CIF)."),
+    wavelength: float | None = typer.Option(None, help="Wavelength of --xrd in Å when the file does not say."),
+    text: str | None = typer.Option(None, help="Condition on a sentence."),
+    image: Path | None = typer.Option(None, help="Condition on an image (PNG, TIFF, .npy)."),
+    like: Path | None = typer.Option(None, help="Condition on the embedding of a crystal (CIF)."),
+    target: list[str] = typer.Option([], help="Property target NAME=VALUE (repeatable)."),
+    seed: int = typer.Option(0, help="Seed: the same seed, device and batch size give the same samples."),
+    steps: int = typer.Option(100, help="Integration steps."),
+    guidance: float = typer.Option(1.0, help="Classifier-free guidance scale (1: conditional, 0: unconditional)."),
+    coord_anneal: float = typer.Option(0.0, help="Coordinate velocity scaling 1 + a*t."),
+    batch_size: int = typer.Option(1024, help="Samples per batch."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+) -> None:
+    """Generate crystals (de novo or for a composition), optionally conditioned on a pattern, text, image, targets."""
+    from rich.progress import Progress
+
+    from mmmat.generative.api import GenerationError, load_generator, write_samples
+    from mmmat.generative.api import generate as run_generate
+
+    if n < 1:
+        _fail("-n must be at least 1")
+    for name, path in (("--xrd", xrd), ("--image", image), ("--like", like)):
+        if path is not None and not path.exists():
+            _fail(f"{name} file {path} not found")
+    targets: dict[str, float] = {}
+    for t in target:
+        name, sep, value = t.partition("=")
+        try:
+            targets[name.strip()] = float(value)
+        except ValueError:
+            _fail(f"--target {t!r} must be NAME=VALUE with a number")
+        if not sep or not name.strip():
+            _fail(f"--target {t!r} must be NAME=VALUE")
+    try:
+        gen = load_generator(model, device)
+        with Progress(transient=True) as bar:
+            task = bar.add_task("sampling", total=n)
+            structures, info = run_generate(
+                gen, n, composition=composition, xrd=str(xrd) if xrd else None, text=text,
+                image=str(image) if image else None, crystal=str(like) if like else None, targets=targets or None,
+                seed=seed, steps=steps, guidance=guidance, coord_anneal=coord_anneal, batch_size=batch_size,
+                wavelength=wavelength, progress=lambda k: bar.update(task, completed=k),
+            )
+    except (GenerationError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    except Exception as exc:  # inputs the retrieval readers reject (RetrievalError) name the file
+        if type(exc).__name__ == "RetrievalError":
+            _fail(str(exc))
+        raise
+    write_samples(structures, out, info)
+    built = sum(s is not None for s in structures)
+    g = info["generation"]
+    typer.echo(f"{built}/{n} samples ({info['mode']}) in {g['wall_s']:.2f} s on {g['device']} -> {out}")
+
+
+@app.command()
+def evaluate(
+    generated: Path = typer.Option(..., help="Folder of generated samples (CIFs, samples.extxyz, manifest)."),
+    reference: Path = typer.Option(..., help="Shard folder (train: novelty and hull; test: coverage)."),
+    out: Path = typer.Option(..., help="JSON report (report.json); report.md and PNG plots go beside it."),
+    stages: str | None = typer.Option(
+        None,
+        help="Comma-separated stages in order, from validity, uniqueness, novelty, coverage, distribution, "
+        "stability (default: validity,coverage,distribution,uniqueness,novelty,stability).",
+    ),
+    hull: Path | None = typer.Option(None, help="CHGNet hull JSON (default: built from the reference)."),
+    relax: bool = typer.Option(True, help="Relax samples with CHGNet in the stability stage."),
+    relax_steps: int = typer.Option(500, help="Most FIRE steps per relaxation."),
+    workers: int = typer.Option(1, help="Processes for matching and fingerprints."),
+    device: str | None = typer.Option(None, help="CHGNet device: cpu or cuda (default: cuda if any)."),
+    limit_reference: int | None = typer.Option(None, help="Use the first N reference crystals only."),
+    cache_dir: Path | None = typer.Option(None, help="Cache for reference fingerprints and hull."),
+) -> None:
+    """Staged evaluation of generated crystals (validity, uniqueness, novelty, coverage, stability, CSP)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmmat.evaluation.generation import DEFAULT_STAGES
+    from mmmat.evaluation.report import EvaluationInputError, evaluate_folder
+
+    if not generated.is_dir():
+        _fail(f"generated folder {generated} not found")
+    if not reference.is_dir():
+        _fail(f"reference shard folder {reference} not found")
+    if hull is not None and not hull.is_file():
+        _fail(f"hull file {hull} not found")
+    names = [s.strip() for s in stages.split(",") if s.strip()] if stages else list(DEFAULT_STAGES)
+    unknown = [s for s in names if s not in DEFAULT_STAGES]
+    if unknown or not names:
+        _fail(f"unknown stages {', '.join(unknown) or '(none given)'}; known: {', '.join(DEFAULT_STAGES)}")
+    if relax_steps < 0 or workers < 1:
+        _fail("--relax-steps must be >= 0 and --workers >= 1")
+    try:
+        rep = evaluate_folder(
+            generated, reference, out, stages=names, hull=hull, relax=relax, relax_steps=relax_steps,
+            workers=workers, device=device, limit_reference=limit_reference, cache_dir=cache_dir,
+        )
+    except EvaluationInputError as exc:
+        _fail(str(exc))
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    n_bad = rep["n_read_failed"]
+    t = Table(title=f"{generated} ({rep['mode']}, {rep['n_generated']} samples, {n_bad} unreadable)")
+    for col in ("stage", "n_in", "n_out", "wall_s", "s/sample", "GPU-s/sample"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in rep["stages"]:
+        t.add_row(s["stage"], str(s["n_in"]), str(s["n_out"]), fmt(s["wall_s"]), fmt(s["s_per_sample"]),
+                  fmt(s["gpu_s_per_sample"]))
+    c = Console()
+    c.print(t)
+    keys = (
+        "valid", "unique_rate", "novel_rate", "cov_recall", "cov_precision", "wdist_density",
+        "wdist_num_elems", "stable_rate", "metastable_rate", "sun_rate", "csp_match_rate", "csp_rmse",
+        "csp_n",
+    )
+    shown = [f"{k} {fmt(rep['metrics'][k])}" for k in keys if k in rep["metrics"]]
+    if shown:
+        c.print("; ".join(shown))
+    c.print(f"report -> {out} and {out.with_suffix('.md')}")
+
+
 def main() -> None:
     """Entry point."""
     app()

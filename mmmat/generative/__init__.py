@@ -1,0 +1,1 @@
+"""Conditional crystal generation: the flow-matching generator and its sampling API."""

@@ -1,0 +1,276 @@
+"""Training the conditional crystal generator (:class:`~mmmat.generative.flow.CrystalFlow`) with Lightning.
+
+    python train.py fit --config configs/generate/tiny.yaml
+    python train.py fit --config configs/generate/mp20p.yaml
+
+Conditions come from a frozen pretrained :class:`~mmmat.latent.model.MultimodalModel` (``pretrained``): at
+every step each crystal gets the shared-latent embedding of one of its present modalities, picked at random
+(crystal, XRD pattern re-rendered with experimental augmentations, image, texts), so that one generator can
+be steered by any of them.  Property targets (``targets``: any numeric columns of the shards) are a second,
+optional condition.  Each condition is dropped at random during training (``p_drop_latent``,
+``p_drop_property``), which teaches the unconditional model that classifier-free guidance needs.  A share
+``csp_fraction`` of the crystals is trained with given species (crystal structure prediction), the rest de
+novo.  At the end of fit the generator is saved as a model folder (``config.json`` + ``model.safetensors``)
+with the conditioning model inside it (``condition_model/``), so ``mmmat generate`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from mmmat.data.batch import MultimodalBatch
+from mmmat.generative.flow import CrystalFlow
+from mmmat.tasks.schedule import warmup_cosine
+
+CONDITION_DIR = "condition_model"
+DEFAULT_MODALITY_WEIGHTS = {
+    "crystal": 1.0,
+    "xrd": 2.0,
+    "image": 1.0,
+    "processing_text": 1.0,
+    "literature_text": 1.0,
+}
+
+
+class CrystalGeneration(pl.LightningModule):
+    """LightningModule that trains a :class:`CrystalFlow`.
+
+    Args:
+        pretrained: Folder of a saved MultimodalModel whose embeddings condition the generator (None: no
+            latent conditioning).
+        condition_modalities: Modalities whose embeddings serve as conditions (default: every encoder of
+            ``pretrained``).
+        modality_weights: Relative odds of picking each present modality for a crystal's condition.
+        targets: Property columns the generator can be conditioned on (empty: none).
+        hidden: Denoiser width.
+        layers: Denoiser message-passing rounds.
+        fourier: Fourier frequencies of the periodic edge features.
+        max_atoms: Largest cell size for de novo sampling.
+        csp_fraction: Share of crystals trained with given species (the rest de novo).
+        p_drop_latent: Probability that a crystal's latent condition is dropped.
+        p_drop_property: Probability that each property condition is dropped.
+        coord_weight: Loss weight of the coordinate velocities.
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay (not on norms and biases).
+        warmup_steps: Linear warm-up steps.
+        max_steps: Steps of the cosine decay (default: the trainer's estimate).
+        min_lr_ratio: Final learning rate as a fraction of the peak.
+        xrd_augment: Keyword arguments of :class:`mmmat.data.augment.XRDAugment` for XRD conditions (None:
+            patterns as stored).
+        save_dir: Where the generator is saved at the end of fit (default: the logger's folder + ``/model``).
+        seed: Random state is reseeded from (seed, epoch, rank) at every epoch start.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        condition_modalities: list[str] | None = None,
+        modality_weights: dict[str, float] | None = None,
+        targets: list[str] | None = None,
+        hidden: int = 256,
+        layers: int = 6,
+        fourier: int = 8,
+        max_atoms: int = 20,
+        csp_fraction: float = 0.5,
+        p_drop_latent: float = 0.2,
+        p_drop_property: float = 0.5,
+        coord_weight: float = 10.0,
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 200,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.05,
+        xrd_augment: dict[str, Any] | None = None,
+        save_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cond_model: Any = None
+        latent_dim = 0
+        if pretrained is not None:
+            from mmmat.latent.model import MultimodalModel
+
+            self.cond_model = MultimodalModel.from_pretrained(pretrained)
+            self.cond_model.requires_grad_(False).eval()
+            latent_dim = int(self.cond_model.config["embed_dim"])
+            mods = condition_modalities or self.cond_model.modalities
+            missing = sorted(set(mods) - set(self.cond_model.modalities))
+            if missing:
+                raise ValueError(f"condition_modalities {missing} are not encoded by {pretrained}")
+            self.condition_modalities = list(mods)
+        elif condition_modalities:
+            raise ValueError("condition_modalities needs a pretrained model")
+        else:
+            self.condition_modalities = []
+        weights = dict(DEFAULT_MODALITY_WEIGHTS, **(modality_weights or {}))
+        self.modality_weights = [float(weights.get(m, 1.0)) for m in self.condition_modalities]
+        self.flow = CrystalFlow(
+            hidden=hidden,
+            layers=layers,
+            fourier=fourier,
+            latent_dim=latent_dim,
+            properties=targets or [],
+            max_atoms=max_atoms,
+            coord_weight=coord_weight,
+        )
+        self.augment = None
+        if xrd_augment is not None and "xrd" in self.condition_modalities:
+            from mmmat.data.augment import XRDAugment
+
+            self.augment = XRDAugment(**xrd_augment)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        """Check the data against the conditioning model; fit the flow's statistics on the training split."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            raise ValueError("CrystalGeneration needs the MultimodalDataModule (train.py provides it)")
+        missing = sorted(set(self.flow.properties) - set(dm.properties))
+        if missing:
+            raise ValueError(f"properties {missing} are not carried by the data (columns: {dm.properties})")
+        if self.cond_model is not None:
+            self._check_data(dm)
+        if stage == "fit":
+            self._fit_statistics(dm)
+
+    def _check_data(self, dm: Any) -> None:
+        h = dm.hparams
+        if (
+            "crystal" in self.condition_modalities
+            and h.build_graph
+            and h.cutoff < self.cond_model.config["cutoff"]
+        ):
+            raise ValueError(
+                f"data.cutoff {h.cutoff} Å is shorter than the conditioning crystal encoder's "
+                f"{self.cond_model.config['cutoff']} Å"
+            )
+        texts = [m for m in self.condition_modalities if m.endswith("_text")]
+        if texts and self.cond_model.tokenizer is not None:
+            if dm.tokenizer is None or dm.tokenizer.get_vocab() != self.cond_model.tokenizer.get_vocab():
+                raise ValueError(
+                    "the data module's tokenizer differs from the conditioning model's: set data.tokenizer to "
+                    f"{self.hparams.pretrained}/tokenizer"
+                )
+
+    def _fit_statistics(self, dm: Any) -> None:
+        import numpy as np
+
+        recs = dm.records(dm.hparams.train_split)
+        lattice = torch.as_tensor(np.stack([r.lattice for r in recs]), dtype=torch.float32)
+        counts = torch.as_tensor([len(r.numbers) for r in recs])
+        z = torch.as_tensor(np.concatenate([np.asarray(r.numbers) for r in recs]))
+        props = None
+        if self.flow.properties:
+            props = torch.tensor(
+                [[float(r.properties.get(p, float("nan"))) for p in self.flow.properties] for r in recs]
+            )
+        self.flow.fit_statistics(lattice, counts, z, props)
+
+    def on_train_epoch_start(self) -> None:
+        """Reseed from (seed, epoch, rank) so a resumed run draws the same noise."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch)
+        pl.seed_everything(
+            (self.hparams.seed * 1_000_003 + self.current_epoch) * 1009 + self.global_rank, verbose=False
+        )
+
+    # ------------------------------------------------------------------ conditions
+    @torch.no_grad()
+    def conditions(self, batch: MultimodalBatch, train: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Condition vectors of a batch and the CSP-row mask."""
+        h = self.hparams
+        b = len(batch)
+        dev = batch.crystal.z.device
+        latent = latent_mask = props = props_mask = None
+        if self.condition_modalities:
+            avail = torch.stack([batch.present[m] for m in self.condition_modalities], dim=1).float()
+            w = avail * torch.tensor(self.modality_weights, device=dev)
+            has = w.sum(1) > 0
+            pick = torch.multinomial(torch.where(has[:, None], w, torch.ones_like(w)), 1).squeeze(1)
+            if self.augment is not None and train and bool(batch.present["xrd"].any()):
+                prof = self.augment(batch)
+                batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
+            latent = torch.zeros(b, self.flow.latent_dim, device=dev)
+            for k, m in enumerate(self.condition_modalities):
+                rows = (pick == k) & has
+                if bool(rows.any()):
+                    latent[rows] = self.cond_model.encode(m, batch)[rows].float()
+            latent_mask = has.float()
+            if train:
+                latent_mask = latent_mask * (torch.rand(b, device=dev) >= h.p_drop_latent).float()
+        if self.flow.properties:
+            idx = [batch.property_names.index(p) for p in self.flow.properties]
+            props = batch.properties[:, idx].float()
+            props_mask = torch.isfinite(props).float()
+            if train:
+                props_mask = props_mask * (torch.rand(props.shape, device=dev) >= h.p_drop_property).float()
+        cond = self.flow.condition_vector(latent, latent_mask, props, props_mask, b, dev)
+        csp = torch.rand(b, device=dev) < h.csp_fraction
+        return cond, csp
+
+    # ------------------------------------------------------------------ steps
+    def _loss(self, batch: MultimodalBatch, train: bool, generator: torch.Generator | None = None) -> dict:
+        cond, csp = self.conditions(batch, train)
+        c = batch.crystal
+        counts = c.ptr[1:] - c.ptr[:-1]
+        return self.flow.loss(
+            c.lattice.float(), c.frac_coords.float(), c.z, c.batch, counts, csp, cond, generator
+        )
+
+    def training_step(self, batch: MultimodalBatch, batch_idx: int) -> torch.Tensor:
+        """One flow-matching step."""
+        out = self._loss(batch, train=True)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, batch_size=len(batch), prog_bar=False)
+        return out["loss"]
+
+    def validation_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
+        """Flow-matching loss on held-out crystals (fixed noise per batch)."""
+        g = torch.Generator(device=batch.crystal.z.device).manual_seed(1000 + batch_idx)
+        state = torch.get_rng_state()
+        out = self._loss(batch, train=False, generator=g)
+        torch.set_rng_state(state)
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch), sync_dist=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        """AdamW with linear warm-up and cosine decay (the conditioning model stays frozen)."""
+        h = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.flow.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=h.lr,
+            betas=(0.9, 0.99),
+        )
+        return warmup_cosine(self, opt)
+
+    def train(self, mode: bool = True) -> CrystalGeneration:
+        """Keep the conditioning model in eval mode (no dropout or norm updates) whatever the mode."""
+        super().train(mode)
+        if self.cond_model is not None:
+            self.cond_model.eval()
+        return self
+
+    def save_generator(self, out: str | Path) -> Path:
+        """Write the generator (and its conditioning model under ``condition_model/``) to ``out``."""
+        out = Path(out)
+        extra = {"condition_modalities": self.condition_modalities, "condition_model": None}
+        if self.cond_model is not None:
+            from mmmat.modelio import model_fingerprint
+
+            cdir = self.cond_model.save_pretrained(out / CONDITION_DIR)
+            extra["condition_model"] = CONDITION_DIR
+            extra["condition_model_fingerprint"] = model_fingerprint(cdir)
+        return self.flow.save_pretrained(out, extra=extra)
+
+    def on_fit_end(self) -> None:
+        """Write the generator as a model folder."""
+        if self.trainer.is_global_zero:
+            self.save_generator(self.hparams.save_dir or str(Path(self.trainer.log_dir or ".") / "model"))
