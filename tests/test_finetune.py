@@ -188,6 +188,20 @@ def test_partial_unfreezes_only_the_last_blocks(structures):
         model.set_trainable("partial", 4)
 
 
+def test_partial_on_an_encoder_with_a_diffraction_branch(structures):
+    from mmmat.heads.property import PropertyModel
+
+    enc_cfg = {"name": "crystal/schnet_xrd", "hidden": 16, "num_interactions": 2, "cutoff": 4.0, "num_rbf": 8,
+               "xrd": {"out_dim": 16, "num_bins": 128, "widths": [4, 8], "depths": [1, 1], "hidden_dim": 16}}
+    model = PropertyModel(enc_cfg, ["a"], head_hidden=8)
+    model.set_trainable("partial", 1)
+    trainable = {n for n, p in model.encoder.named_parameters() if p.requires_grad}
+    assert any(n.startswith("gnn.blocks.1.") for n in trainable) and any(n.startswith("fuse") for n in trainable)
+    assert not any(n.startswith(("gnn.blocks.0.", "xrd.", "gnn.embedding")) for n in trainable)
+    pred = model(_batch(structures))
+    assert torch.isfinite(next(iter(pred.values()))).all()
+
+
 def test_save_load_gives_identical_predictions(structures, tmp_path):
     torch.manual_seed(1)
     model = PropertyModel(ENC, ["a", {"name": "c", "kind": "classification", "num_classes": 4}],

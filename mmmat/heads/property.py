@@ -343,7 +343,9 @@ class PropertyModel(nn.Module):
 
         ``partial`` trains the heads, the last ``unfreeze_last`` interaction blocks of the encoder and the
         encoder's layers after them (final norm, readout MLP); the atom embedding, radial basis and earlier
-        blocks stay frozen. Frozen parts of the encoder run in eval mode.
+        blocks stay frozen. For an encoder with a graph branch ``gnn`` beside other branches
+        (``crystal/schnet_xrd``), this applies to the graph branch, the fusion layers train and the other
+        branches stay frozen. Frozen parts of the encoder run in eval mode.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -361,6 +363,15 @@ class PropertyModel(nn.Module):
         if mode == "linear_probe":
             self.encoder.eval()
             return
+        fused = not isinstance(getattr(enc, "blocks", None), nn.ModuleList) and isinstance(
+            getattr(enc, "gnn", None), nn.Module
+        )
+        if fused:  # graph branch + other branches (crystal/schnet_xrd): partial applies to the graph branch
+            for name, child in enc.named_children():
+                if name.startswith("fuse"):
+                    for p in child.parameters():
+                        p.requires_grad_(True)
+            enc = enc.gnn
         blocks = getattr(enc, "blocks", None)
         if not isinstance(blocks, nn.ModuleList):
             raise ValueError(f"partial mode needs an encoder with `blocks` ({type(enc).__name__} has none)")
