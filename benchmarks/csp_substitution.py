@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import math
 import random
 import sys
@@ -43,71 +42,7 @@ from common import RESULTS, write_result  # noqa: E402
 
 from mmmat.data.loader import load_records, split_shards  # noqa: E402
 from mmmat.evaluation.generation import csp_match_details, validity  # noqa: E402
-
-
-def element_table(symbols):
-    from pymatgen.core import Element
-
-    chi, rad = {}, {}
-    for s in symbols:
-        el = Element(s)
-        x = el.X
-        r = el.atomic_radius or el.atomic_radius_calculated
-        chi[s] = float(x) if x is not None and not math.isnan(float(x)) else math.nan
-        rad[s] = float(r) if r is not None else math.nan
-    for d in (chi, rad):  # a missing value gets the mean
-        vals = [v for v in d.values() if not math.isnan(v)]
-        m = float(np.mean(vals))
-        for k, v in d.items():
-            if math.isnan(v):
-                d[k] = m
-    return chi, rad
-
-
-def counts_of(struct) -> dict[str, int]:
-    c: dict[str, int] = defaultdict(int)
-    for site in struct:
-        c[site.specie.symbol] += 1
-    return dict(c)
-
-
-def best_assignment(target: dict[str, int], template: dict[str, int], chi, rad, s_chi, s_rad):
-    """Lowest-cost map target element -> template element among those with equal counts in the cell."""
-    by_count_t: dict[int, list[str]] = defaultdict(list)
-    by_count_s: dict[int, list[str]] = defaultdict(list)
-    for e, n in target.items():
-        by_count_t[n].append(e)
-    for e, n in template.items():
-        by_count_s[n].append(e)
-    if sorted((n, len(v)) for n, v in by_count_t.items()) != sorted(
-        (n, len(v)) for n, v in by_count_s.items()
-    ):
-        return math.inf, None
-    total, mapping = 0.0, {}
-    for n, tels in by_count_t.items():
-        sels = by_count_s[n]
-        best, best_map = math.inf, None
-        for perm in itertools.permutations(sels):
-            cost = sum(
-                abs(chi[t] - chi[s]) / s_chi + abs(rad[t] - rad[s]) / s_rad for t, s in zip(tels, perm)
-            )
-            if cost < best - 1e-12:
-                best, best_map = cost, dict(zip(perm, tels))  # template element -> target element
-        total += best
-        mapping.update(best_map)
-    return total, mapping
-
-
-def substitute(template, mapping: dict[str, str], rad, rescale: bool = True):
-    from pymatgen.core import Structure
-
-    species = [mapping[site.specie.symbol] for site in template]
-    s = Structure(template.lattice, species, template.frac_coords)
-    if rescale:
-        old = sum(rad[site.specie.symbol] ** 3 for site in template)
-        new = sum(rad[e] ** 3 for e in species)
-        s.scale_lattice(template.volume * new / old)
-    return s
+from mmmat.generative.templates import best_assignment, counts_of, element_table, substitute  # noqa: E402
 
 
 def main() -> None:
