@@ -104,6 +104,41 @@ def _cosine_ranks(q: torch.Tensor, g: torch.Tensor, true: torch.Tensor, dev: tor
     return retrieval_metrics(q.to(dev), g.to(dev), true.to(dev), ks=(1, 5, 10))
 
 
+def build_queries(shards: str, out: str, threads: int = 8) -> None:
+    """Compute every corrupted query profile of the test split (learned and baseline widths) into ``out``.
+
+    The profiles depend only on the data, so they are built once per machine, in a separate process that runs
+    while the model trains (``--queries``).
+    """
+    from mmmat.data.loader import load_records, split_shards
+
+    torch.set_num_threads(threads)
+    records = load_records(split_shards(shards, "test"))
+    width = max(len(r.xrd_peaks) for r in records)
+    peaks = torch.zeros(len(records), width, 2, dtype=torch.float32)
+    mask = torch.zeros(len(records), width, dtype=torch.bool)
+    for i, r in enumerate(records):
+        p = torch.as_tensor(np.asarray(r.xrd_peaks, dtype=np.float32))
+        peaks[i, : len(p)] = p
+        mask[i, : len(p)] = True
+    doc = {"ids": [r.material_id for r in records]}
+    for name, case in CASES.items():
+        doc[f"q/{name}"] = _profiles(peaks, mask, 0.1, case).float()
+        doc[f"b/{name}"] = _profiles(peaks, mask, 1.0, case).float()
+    tmp = out + ".part"
+    torch.save(doc, tmp)
+    os.replace(tmp, out)
+
+
+def _load_queries(path: str, proc, ids: list[str]) -> dict:
+    if proc is not None:
+        proc.wait()
+    doc = torch.load(path, weights_only=True)
+    if doc["ids"] != ids:
+        raise RuntimeError(f"{path} was built for other test materials")
+    return doc
+
+
 def _measured(path: str) -> list[dict]:
     """Profiles and structures of the measured CIFs (a .tar.xz or a folder)."""
     from mmmat.data.schema import MaterialRecord
@@ -142,7 +177,8 @@ def _measured(path: str) -> list[dict]:
     return out
 
 
-def evaluate(model_dir: str, shards: str, measured: str | None, dev: torch.device) -> tuple[dict, dict]:
+def evaluate(model_dir: str, shards: str, measured: str | None, dev: torch.device, queries: str | None = None,
+             queries_proc=None) -> tuple[dict, dict]:
     """Retrieval figures on the test split (and the measured patterns)."""
     from mmmat.data.batch import Collator
     from mmmat.data.loader import load_records, split_shards
@@ -177,11 +213,12 @@ def evaluate(model_dir: str, shards: str, measured: str | None, dev: torch.devic
     extra: dict = {}
 
     t0 = time.perf_counter()
+    cached = _load_queries(queries, queries_proc, [r.material_id for r in records]) if queries else None
     base_gallery = render_profile_torch(peaks[..., 0], peaks[..., 1], pmask, fwhm=1.0)
     base_gallery = F.normalize(base_gallery.float(), dim=-1)
     clean_learned = None
     for name, case in CASES.items():
-        q = _profiles(peaks, pmask, 0.1, case)
+        q = cached[f"q/{name}"] if cached else _profiles(peaks, pmask, 0.1, case)
         qe = _embed_xrd(model, q, dev)
         if name == "clean":
             clean_learned = qe
@@ -192,7 +229,7 @@ def evaluate(model_dir: str, shards: str, measured: str | None, dev: torch.devic
         r = retrieval_metrics(qe, clean_learned, true.to(dev))
         metrics[f"xrd_to_crystal_via_pattern_R@1_{name}"] = r["R@1"]
         metrics[f"xrd_to_crystal_via_pattern_R@10_{name}"] = r["R@10"]
-        qb = F.normalize(_profiles(peaks, pmask, 1.0, case), dim=-1)
+        qb = F.normalize(cached[f"b/{name}"] if cached else _profiles(peaks, pmask, 1.0, case), dim=-1)
         r = _cosine_ranks(qb, base_gallery, true, dev)
         metrics[f"baseline_cosine_R@1_{name}"] = r["R@1"]
         metrics[f"baseline_cosine_R@10_{name}"] = r["R@10"]
@@ -256,8 +293,19 @@ def main() -> None:
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--no-val", action="store_true")
     ap.add_argument("--result", default=None)
+    ap.add_argument("--queries", default=None, help="cache file of the test query profiles (built while training)")
+    ap.add_argument("--build-queries", default=None, help=argparse.SUPPRESS)
     ap.add_argument("override", nargs="*", help="extra train.py arguments, e.g. --trainer.accelerator=cpu")
     args = ap.parse_args()
+    if args.build_queries:
+        build_queries(args.shards, args.build_queries)
+        return
+    proc = None
+    rank0 = os.environ.get("LOCAL_RANK", "0") == "0"
+    if args.queries and not args.no_eval and not Path(args.queries).exists() and rank0:
+        import subprocess
+
+        proc = subprocess.Popen([sys.executable, __file__, "--shards", args.shards, "--build-queries", args.queries])
     import train
 
     tmp = Path(tempfile.mkdtemp())
@@ -281,7 +329,7 @@ def main() -> None:
     extra = {"val_metrics_last": val, "config": args.config, "workdir": args.workdir}
     if not args.no_eval:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        m, e = evaluate(f"{args.workdir}/model", args.shards, args.measured, dev)
+        m, e = evaluate(f"{args.workdir}/model", args.shards, args.measured, dev, args.queries, proc)
         metrics.update(m)
         extra.update(e)
     name = Path(args.result).stem if args.result else "pretrain"
