@@ -245,3 +245,16 @@ def test_evaluate_generated_stages(nacl, mgo, si, cscl_nacl, tiny_hull):
 def test_evaluate_generated_rejects_unknown_stage(nacl):
     with pytest.raises(ValueError):
         evaluate_generated([nacl], [nacl], stages=("validity", "bogus"))
+
+
+def test_compositions_with_too_many_elements_are_invalid_without_enumeration():
+    import time
+
+    from mmmat.evaluation.generation import MAX_SMACT_ELEMENTS
+
+    many = "LiBeNaMgKCaRbSrCsBaFClBrIOS"  # 16 elements: enumeration would take hours
+    t0 = time.perf_counter()
+    assert not compositional_validity(many)
+    assert time.perf_counter() - t0 < 1.0
+    assert MAX_SMACT_ELEMENTS >= 6  # every MP-20 material stays within the limit
+    assert compositional_validity("Li2NaKMgCaO4")  # 6 elements, charge balanced: still enumerated

@@ -126,6 +126,11 @@ def structural_validity(structure, cutoff: float = MIN_DISTANCE, min_volume: flo
     return True
 
 
+#: Compositions with more distinct elements than this count as compositionally invalid (see
+#: :func:`compositional_validity`).
+MAX_SMACT_ELEMENTS = 8
+
+
 @lru_cache(maxsize=65536)
 def _smact_valid(
     symbols: tuple[str, ...], counts: tuple[int, ...], use_pauling_test: bool, include_alloys: bool
@@ -136,6 +141,8 @@ def _smact_valid(
         return True
     if include_alloys and all(sym in smact.metals for sym in symbols):
         return True
+    if len(set(symbols)) > MAX_SMACT_ELEMENTS:
+        return False
     try:
         space = smact.element_dictionary(symbols)
     except Exception:  # noqa: BLE001 - an element SMACT does not know cannot be charge balanced
@@ -169,7 +176,9 @@ def compositional_validity(composition, use_pauling_test: bool = True, include_a
     Charge neutral for at least one assignment of SMACT's original oxidation states
     (``oxidation_states_smact14``) to the elements of the reduced composition, with cations less
     electronegative (Pauling) than anions; single-element compositions and, with ``include_alloys``,
-    compositions made only of SMACT metals are valid.
+    compositions made only of SMACT metals are valid.  A composition of more than
+    :data:`MAX_SMACT_ELEMENTS` elements (not all metals) is invalid without enumeration: the search over
+    oxidation states grows exponentially with the element count, and no MP-20 material has more than 6.
     """
     from pymatgen.core import Composition
 

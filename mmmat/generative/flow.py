@@ -42,6 +42,9 @@ from torch import Tensor, nn
 FORMAT = "mmmat.CrystalFlow"
 #: Largest atomic number the generator can place (Bi = 83 covers MP-20; 100 leaves room).
 NUM_SPECIES = 100
+#: Smallest cell volume (Å³) of a generated sample; below it the sample counts as failed (structural validity
+#: asks for at least this much).
+MIN_CELL_VOLUME = 0.1
 #: Lattice angles of generated cells are kept inside this range, degrees.
 ANGLE_RANGE = (30.0, 150.0)
 
@@ -511,7 +514,8 @@ def to_structures(out: dict[str, Tensor]) -> list[Any]:
         rows = np.nonzero(batch == i)[0]
         try:
             lat = Lattice.from_parameters(*p.tolist())
-            structs.append(Structure(lat, [int(x) for x in z[rows]], frac[rows]))
+            ok = np.isfinite(lat.matrix).all() and np.isfinite(lat.volume) and lat.volume >= MIN_CELL_VOLUME
+            structs.append(Structure(lat, [int(x) for x in z[rows]], frac[rows]) if ok else None)
         except Exception:  # a degenerate cell: reported as an invalid sample downstream
             structs.append(None)
     return structs

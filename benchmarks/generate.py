@@ -1,0 +1,301 @@
+"""Generator benchmark on mp20p: CSP, template-seeded CSP, XRD- and property-conditioned sampling, de novo.
+
+    python benchmarks/generate.py --model runs/generate_mp20p/model --shards shards/mp20p \
+        --predictor runs/finetune/model --denovo-out runs/generate_mp20p/denovo \
+        --result benchmarks/results/generate.json
+
+Test materials: ``random.Random(seed).sample(sorted(mp20p test ids), n)`` (seed 0, n 1000), the same ones as
+benchmarks/csp_substitution.py.  Matching: StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3), RMSE normalised
+by (V/n)^(1/3); ``*_match_rate`` counts a prediction that fails the structural or SMACT validity check as
+unmatched (CDVAE / DiffCSP convention), ``*_match_rate_no_validity_check`` skips the SMACT (composition) part of
+that check; structurally invalid samples (atoms closer than 0.5 Å, cell under 0.1 Å³) are unmatched in both.
+
+1. ``flow``: one sample per composition from the generator alone (no condition).
+2. ``template``: the best substitution template (the no-learning baseline); ``template_refined``: that template
+   refined by the generator (the flow restarted at ``--t-start`` from the template); ``template_topk_chgnet_raw``:
+   of the ``--k`` best templates, the one of lowest CHGNet energy per atom (a single point per candidate);
+   ``template_topk_chgnet``: the same choice among those templates and their refinements together.  Compositions
+   without a template fall back to the flow sample.
+3. XRD-conditioned CSP on the first ``--n-xrd`` of the materials: the condition is the shared-latent embedding of
+   the material's computed pattern, at each guidance scale, against the unconditioned flow on the same ones.
+4. Property-conditioned de novo sampling: ``--n-prop`` samples with ``--target NAME=VALUE``, against as many
+   unconditioned ones; the share of valid samples whose property predicted by ``--predictor`` lies within
+   ``--tolerance`` of the target.
+5. De novo: ``--n-denovo`` unconditioned samples written to ``--denovo-out`` for ``mmmat evaluate``; sampling
+   throughput (structures/s) is timed on this batch after a warm-up batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import write_result  # noqa: E402
+
+from mmmat.data.loader import load_records, split_shards  # noqa: E402
+from mmmat.evaluation.generation import csp_match_details, validity  # noqa: E402
+from mmmat.generative.api import condition_vectors, load_generator, sample_structures, write_samples  # noqa: E402
+from mmmat.generative.templates import TemplateLibrary  # noqa: E402
+
+
+def _sync(dev: str) -> None:
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def match_metrics(preds: list, truths: list, workers: int, prefix: str) -> tuple[dict, list]:
+    """Match rate (with and without the validity check) and RMSE of predictions against true structures."""
+    ok = [p for p in preds if p is not None]
+    v = validity(ok) if ok else {"valid": np.zeros(0, bool), "struct_valid": np.zeros(0, bool)}
+    flags, sflags = iter(v["valid"].tolist()), iter(v["struct_valid"].tolist())
+    valid, svalid = [], []
+    for p in preds:
+        valid.append(bool(next(flags)) if p is not None else False)
+        svalid.append(bool(next(sflags)) if p is not None else False)
+    # structurally invalid samples (atoms < 0.5 Å apart, cell < 0.1 Å^3) count as unmatched in both rates
+    rms = csp_match_details([p if s else None for p, s in zip(preds, svalid)], truths, check_validity=False,
+                            workers=workers)
+    hits = [r for r, v in zip(rms, valid) if r is not None and v]
+    hits_nv = [r for r in rms if r is not None]
+    n = max(len(preds), 1)
+    return {
+        f"{prefix}_match_rate": len(hits) / n,
+        f"{prefix}_rmse": float(np.mean(hits)) if hits else math.nan,
+        f"{prefix}_match_rate_no_validity_check": len(hits_nv) / n,
+        f"{prefix}_rmse_no_validity_check": float(np.mean(hits_nv)) if hits_nv else math.nan,
+    }, [r is not None and v for r, v in zip(rms, valid)]
+
+
+def species_order(structs: list) -> tuple[list[int], list[int]]:
+    """Atom counts and flat atomic numbers of structures, in site order."""
+    return [len(s) for s in structs], [int(z) for s in structs for z in s.atomic_numbers]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--coord-anneal", type=float, default=0.0)
+    ap.add_argument("--k", type=int, default=5, help="templates refined and ranked per composition")
+    ap.add_argument("--t-start", type=float, default=0.8, help="flow time at which a template enters")
+    ap.add_argument("--n-xrd", type=int, default=200)
+    ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
+    ap.add_argument("--n-prop", type=int, default=500)
+    ap.add_argument("--target", default="formation_energy_per_atom=-2.5")
+    ap.add_argument("--tolerance", type=float, default=0.25)
+    ap.add_argument("--predictor", default=None, help="fine-tuned property model folder for the target")
+    ap.add_argument("--n-denovo", type=int, default=1000)
+    ap.add_argument("--denovo-out", default=None)
+    ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: templates xrd property denovo")
+    ap.add_argument("--result", default=None)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    t_all = time.perf_counter()
+    gen = load_generator(args.model, args.device)
+    dev = gen.device
+    flow = gen.flow
+    sample_kw = {"steps": args.steps, "coord_anneal": args.coord_anneal, "batch_size": args.batch_size}
+
+    train = load_records(split_shards(args.shards, "train"))
+    test = load_records(split_shards(args.shards, "test"))
+    by_id = {r.material_id: r for r in test}
+    ids = random.Random(args.seed).sample(sorted(by_id), min(args.n, len(by_id)))
+    truths = [by_id[i].to_structure() for i in ids]
+    counts, z = species_order(truths)
+    metrics: dict = {"n_materials": len(ids), "n_train": len(train)}
+    timing: dict = {}
+
+    # 1. the generator alone
+    _sync(dev)
+    t0 = time.perf_counter()
+    flow_preds = sample_structures(flow, counts, z, None, seed=args.seed, **sample_kw)
+    _sync(dev)
+    timing["csp_flow_sampling_s"] = time.perf_counter() - t0
+    m, flow_hit = match_metrics(flow_preds, truths, args.workers, "csp_flow")
+    metrics.update(m)
+    metrics["csp_match_rate"] = m["csp_flow_match_rate"]
+    metrics["csp_rmse"] = m["csp_flow_rmse"]
+    print({k: v for k, v in metrics.items() if "flow" in k}, flush=True)
+
+    # 2. templates
+    if "templates" not in args.skip:
+        from mmmat.evaluation.generation_stability import chgnet_energies
+
+        t0 = time.perf_counter()
+        lib = TemplateLibrary.from_records(train)
+        cands = [lib.candidates(t, args.k) for t in truths]
+        timing["template_search_s"] = time.perf_counter() - t0
+        has = [bool(c) for c in cands]
+        top1 = [c[0].structure if c else None for c in cands]
+        m, top1_hit = match_metrics(top1, truths, args.workers, "template")
+        metrics.update(m)
+        metrics["n_with_template"] = int(sum(has))
+        flat = [t.structure for c in cands for t in c]
+        owner = [i for i, c in enumerate(cands) for _ in c]
+        fc, fz = species_order(flat)
+        _sync(dev)
+        t0 = time.perf_counter()
+        refined = sample_structures(
+            flow, fc, fz, None, seed=args.seed + 1, start=flat, t_start=args.t_start, **sample_kw
+        )
+        _sync(dev)
+        timing["template_refine_s"] = time.perf_counter() - t0
+        first = {}
+        for j, i in enumerate(owner):
+            first.setdefault(i, j)
+        ref_top1 = [refined[first[i]] if i in first else flow_preds[i] for i in range(len(ids))]
+        m, _ = match_metrics(ref_top1, truths, args.workers, "template_refined")
+        metrics.update(m)
+        # CHGNet single points of every candidate: the raw templates and their refinements
+        t0 = time.perf_counter()
+        pool = flat + refined
+        ok = [s for s in pool if s is not None]
+        e_ok, _ = chgnet_energies(ok, relax=False, device=dev)
+        it = iter(e_ok.tolist())
+        energies = [next(it) if s is not None else math.inf for s in pool]
+        timing["chgnet_rank_s"] = time.perf_counter() - t0
+
+        def lowest(offsets: list[int]) -> list:
+            best: dict[int, tuple[float, int]] = {}
+            for off in offsets:
+                for j, i in enumerate(owner):
+                    e = energies[off + j] if np.isfinite(energies[off + j]) else math.inf
+                    if i not in best or e < best[i][0]:
+                        best[i] = (e, off + j)
+            return [pool[best[i][1]] if i in best else flow_preds[i] for i in range(len(ids))]
+
+        m, _ = match_metrics(lowest([0]), truths, args.workers, "template_topk_chgnet_raw")
+        metrics.update(m)
+        m, chosen_hit = match_metrics(lowest([0, len(flat)]), truths, args.workers, "template_topk_chgnet")
+        metrics.update(m)
+        fails = [i for i in range(len(ids)) if has[i] and not top1_hit[i]]
+        no_tpl = [i for i in range(len(ids)) if not has[i]]
+        metrics["n_best_template_fails"] = len(fails)
+        for name, hit in (("flow", flow_hit), ("template_topk_chgnet", chosen_hit)):
+            metrics[f"{name}_rate_on_template_failures"] = (
+                float(np.mean([hit[i] for i in fails])) if fails else math.nan
+            )
+            metrics[f"{name}_rate_without_template"] = (
+                float(np.mean([hit[i] for i in no_tpl])) if no_tpl else math.nan
+            )
+        print({k: v for k, v in metrics.items() if "template" in k}, flush=True)
+
+    # 3. XRD-conditioned CSP
+    if "xrd" not in args.skip and gen.condition_model is not None and "xrd" in gen.condition_modalities:
+        sub = list(range(min(args.n_xrd, len(ids))))
+        prof = np.stack([by_id[ids[i]].xrd for i in sub]).astype(np.float32)
+        emb = gen.condition_model.embed("xrd", prof).float()
+        cond = condition_vectors(gen, len(sub), emb)
+        sc, sz = species_order([truths[i] for i in sub])
+        m, _ = match_metrics(
+            [flow_preds[i] for i in sub], [truths[i] for i in sub], args.workers, "xrd_uncond"
+        )
+        metrics.update(m)
+        for g in args.guidance:
+            preds = sample_structures(flow, sc, sz, cond, seed=args.seed + 2, guidance=g, **sample_kw)
+            m, _ = match_metrics(preds, [truths[i] for i in sub], args.workers, f"xrd_cond_g{g:g}")
+            metrics.update(m)
+        metrics["n_xrd_queries"] = len(sub)
+        print({k: v for k, v in metrics.items() if k.startswith("xrd")}, flush=True)
+
+    # 4. property-conditioned de novo
+    if "property" not in args.skip and args.predictor and flow.properties:
+        from mmmat.data.schema import as_records
+        from mmmat.heads.property import PropertyModel
+
+        name, value = args.target.split("=")
+        value = float(value)
+        pm = PropertyModel.from_pretrained(args.predictor).to(dev).eval()
+        g = torch.Generator().manual_seed(args.seed + 3)
+        pc = flow.sample_atom_counts(args.n_prop, generator=g).tolist()
+        out = {}
+        for label, cond in (
+            ("uncond", None),
+            ("cond", condition_vectors(gen, args.n_prop, None, {name: value})),
+        ):
+            structs = sample_structures(flow, pc, None, cond, seed=args.seed + 4, **sample_kw)
+            ok = [s for s in structs if s is not None]
+            val = validity(ok)["valid"] if ok else np.zeros(0, bool)
+            good = [s for s, v in zip(ok, val) if v]
+            pred = pm.predict_records(as_records(good))[name] if good else np.zeros(0)
+            pred = np.asarray(pred, dtype=float)
+            within = float(np.mean(np.abs(pred - value) <= args.tolerance)) if len(pred) else math.nan
+            out[label] = {
+                "n_valid": len(good),
+                "share_within": within,
+                "pred_mean": float(np.mean(pred)) if len(pred) else math.nan,
+            }
+            metrics[f"property_{label}_share_within_tolerance"] = within
+            metrics[f"property_{label}_n_valid"] = len(good)
+            metrics[f"property_{label}_pred_mean"] = out[label]["pred_mean"]
+        metrics["property_target"] = f"{name}={value}"
+        metrics["property_tolerance"] = args.tolerance
+        print(out, flush=True)
+
+    # 5. de novo samples and throughput
+    if "denovo" not in args.skip:
+        g = torch.Generator().manual_seed(args.seed + 5)
+        dc = flow.sample_atom_counts(args.n_denovo, generator=g).tolist()
+        sample_structures(flow, dc[: min(len(dc), 256)], None, None, seed=99, **sample_kw)  # warm-up
+        _sync(dev)
+        t0 = time.perf_counter()
+        structs = sample_structures(flow, dc, None, None, seed=args.seed + 6, **sample_kw)
+        _sync(dev)
+        wall = time.perf_counter() - t0
+        metrics["structures_per_s"] = args.n_denovo / wall
+        metrics["denovo_sampling_s"] = wall
+        if args.denovo_out:
+            info = {
+                "mode": "de_novo",
+                "model": args.model,
+                "seed": args.seed + 6,
+                "steps": args.steps,
+                "guidance": 1.0,
+                "coord_anneal": args.coord_anneal,
+                "composition": None,
+                "condition": {},
+                "generation": {
+                    "wall_s": wall,
+                    "gpu_s": wall if dev.startswith("cuda") else 0.0,
+                    "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
+                    "structures_per_s": args.n_denovo / wall,
+                },
+            }
+            write_samples(structs, args.denovo_out, info)
+    metrics.update({f"time_{k}": v for k, v in timing.items()})
+    metrics["wall_s"] = time.perf_counter() - t_all
+    extra = {
+        "sample": f"random.Random({args.seed}).sample(sorted(mp20p test ids), {args.n})",
+        "matcher": {"stol": 0.5, "angle_tol": 10, "ltol": 0.3},
+        "sampling": {
+            "steps": args.steps,
+            "coord_anneal": args.coord_anneal,
+            "k": args.k,
+            "t_start": args.t_start,
+            "guidance": args.guidance,
+            "batch_size": args.batch_size,
+        },
+        "model": args.model,
+        "note": "mp20p split: comparable to published MP-20 numbers only as a trend",
+    }
+    write_result("generate", metrics, extra, args.result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU benchmarks on a node without network, one phase per call (files under /tmp persist while the machine
+# stays warm, so later phases reuse the shards, the pretrained model and the fine-tuned predictor):
+#   OUT=DIR bash benchmarks/gpu_all.sh pretrain SECONDS      1 GPU: pretrain_1gpu.json, model in /tmp/run1/model
+#   OUT=DIR bash benchmarks/gpu_all.sh finetune SECONDS      finetune.json (12 runs of SECONDS each)
+#   OUT=DIR bash benchmarks/gpu_all.sh generate SECONDS      generator training + generate.json + de novo samples
+#   OUT=DIR bash benchmarks/gpu_all.sh ddp SAMPLES           2 GPUs: 1-GPU throughput on the same card, then DDP
+# Needs .whl/ (CPython 3.12 wheels, see ../shared/docs/GPU.md) and .gpu/data/ (mp_20, text corpora, xrd_measured).
+set -euo pipefail
+PHASE=$1
+ARG=${2:-}
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if [ ! -d /tmp/site/pymatgen ] || [ ! -d /tmp/site/chgnet ] || [ ! -d /tmp/site/jsonargparse ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+SHARDS=/tmp/shards/mp20p
+if [ ! -f $SHARDS/manifest.json ]; then
+  python3 benchmarks/data_build.py --root .gpu/data/mp_20 --out $SHARDS --workers 16 \
+      --result "$OUT/data_build_gpu_node.json" > "$OUT/build.log" 2>&1
+fi
+MEASURED=.gpu/data/xrd_measured/iucr_rietveld_cifs_cdvae_xrd/cif_files.tar.xz
+case $PHASE in
+  pretrain)
+    python3 benchmarks/pretrain.py --shards $SHARDS --measured $MEASURED --queries /tmp/queries.pt \
+        --config configs/pretrain/mp20p.yaml --workdir /tmp/run1 --seconds "${ARG:-240}" \
+        --result "$OUT/pretrain_1gpu.json" 2>&1 | grep -v Warning | tail -n 40
+    ;;
+  finetune)
+    python3 benchmarks/finetune.py --pretrained /tmp/run1/model --shards $SHARDS --seconds "${ARG:-20}" \
+        --workdir /tmp/ft --baselines --result "$OUT/finetune.json" 2>&1 | grep -E "MAE|Error|error" | tail -n 40
+    ;;
+  generate)
+    cat > /tmp/gen_overlay.yaml <<EOF
+trainer:
+  callbacks:
+    - class_path: mmmat.tasks.callbacks.TimeBudget
+      init_args: {seconds: ${ARG:-240}, calibrate_steps: 200}
+    - class_path: mmmat.tasks.callbacks.Throughput
+EOF
+    python3 train.py fit --config configs/generate/mp20p.yaml --config /tmp/gen_overlay.yaml \
+        --data.shards=$SHARDS --model.init_args.pretrained=/tmp/run1/model --data.tokenizer=/tmp/run1/model/tokenizer \
+        --model.init_args.save_dir=/tmp/gen/model --trainer.default_root_dir=/tmp/gen \
+        --trainer.logger.init_args.save_dir=/tmp/gen 2>&1 | grep -v Warning | tail -n 5
+    cp "$(ls -d /tmp/gen/generate/version_* | tail -n 1)/metrics.csv" "$OUT/generate_train_metrics.csv"
+    PRED=/tmp/ft/formation_energy_per_atom_finetuned_all/model
+    python3 benchmarks/generate.py --model /tmp/gen/model --shards $SHARDS --workers 16 \
+        $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out "$OUT/denovo" \
+        --result "$OUT/generate.json" 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 30
+    ;;
+  ddp)
+    python3 benchmarks/pretrain.py --shards $SHARDS --config configs/pretrain/mp20p.yaml --devices 1 \
+        --seconds 60 --no-eval --no-val --workdir /tmp/d1 --result "$OUT/pretrain_1gpu_same_card.json" 2>&1 | tail -n 3
+    python3 benchmarks/pretrain.py --shards $SHARDS --measured $MEASURED --queries /tmp/queries.pt \
+        --config configs/pretrain/mp20p_ddp.yaml --samples "$ARG" --workdir /tmp/d2 \
+        --result "$OUT/pretrain_2gpu.json" 2>&1 | grep -v Warning | tail -n 20
+    python3 - "$OUT" <<'EOF'
+import json, sys
+out = sys.argv[1]
+one = json.load(open(f"{out}/pretrain_1gpu_same_card.json"))
+two = json.load(open(f"{out}/pretrain_2gpu.json"))
+two["metrics"]["ddp_speedup"] = two["metrics"]["crystals_per_s"] / one["metrics"]["crystals_per_s"]
+two["metrics"]["one_gpu_crystals_per_s_same_card"] = one["metrics"]["crystals_per_s"]
+json.dump(two, open(f"{out}/pretrain_2gpu.json", "w"), indent=1)
+print("ddp_speedup", two["metrics"]["ddp_speedup"])
+EOF
+    ;;
+  *) echo "unknown phase $PHASE"; exit 2 ;;
+esac
