@@ -274,3 +274,20 @@ def test_cli_evaluate_stability_small(shards, tmp_path):
     assert rep["metrics"]["stable_rate"] == 1.0 and rep["settings"]["relax_steps"] == 3
     assert "e_hull" in rep["plots"] and (out.parent / rep["plots"]["e_hull"]).exists()
     assert any(r["step"] == "hull reference" for r in rep["cost"])
+
+
+def test_a_sample_without_structure_stays_a_failure(tmp_path):
+    from pymatgen.core import Lattice, Structure
+
+    from mmmat.evaluation.report import read_generated
+    from mmmat.generative.api import write_samples
+
+    nacl = Structure(Lattice.cubic(5.6), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    cu = Structure(Lattice.cubic(3.6), ["Cu"], [[0, 0, 0]])
+    kbr = Structure(Lattice.cubic(6.6), ["K", "Br"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    d = write_samples([nacl, None, cu, kbr], tmp_path / "g", {"mode": "de_novo"})
+    for cif in d.glob("*.cif"):  # force the extxyz path
+        cif.unlink()
+    structs, manifest = read_generated(d)
+    assert [None if s is None else s.composition.reduced_formula for s in structs] == ["NaCl", None, "Cu", "KBr"]
+    assert [f["index"] for f in manifest["read_failures"]] == [1]

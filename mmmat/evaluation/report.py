@@ -89,7 +89,9 @@ def read_generated(generated_dir: str | Path) -> tuple[list[Any], dict[str, Any]
     """Read the samples of a generated folder.
 
     With ``manifest.json`` the samples are its ``"samples"`` entries in order: each one's ``"file"`` (a CIF
-    beside the manifest) or, when that file is absent, frame ``"index"`` of ``samples.extxyz``. Without a
+    beside the manifest) or, when that file is absent, the ``samples.extxyz`` frame of sample ``"index"`` (the
+    frame tagged ``sample=index`` when frames carry that tag, as ``write_samples`` writes them, else the
+    frame at that position; a sample without a frame is a failure). Without a
     manifest: every ``*.cif`` sorted by name, else every frame of ``samples.extxyz``. A sample that cannot be
     read becomes None (an invalid sample); reading never stops at one.
 
@@ -128,6 +130,11 @@ def read_generated(generated_dir: str | Path) -> tuple[list[Any], dict[str, Any]
             frames, xyz_error = _read_extxyz(xyz_path)
         if xyz_error:
             return None, xyz_error
+        tagged = {int(a.info["sample"]): a for a in frames if "sample" in getattr(a, "info", {})}
+        if tagged:  # frames written by mmmat.generative.api.write_samples name their sample
+            if i not in tagged:
+                return None, f"no frame for sample {i} in {EXTXYZ_NAME} (the sample has no structure)"
+            return _atoms_to_structure(tagged[i])
         if not 0 <= i < len(frames):
             return None, f"no frame {i} in {EXTXYZ_NAME} ({len(frames)} frames)"
         return _atoms_to_structure(frames[i])
