@@ -26,7 +26,7 @@ import torch
 from mmmat.data.batch import MultimodalBatch
 from mmmat.heads.property import PropertyModel, parse_targets, select_labelled
 from mmmat.tasks.pretrain import _id_hash, _unique_first
-from mmmat.tasks.schedule import warmup_cosine
+from mmmat.tasks.schedule import start_epoch, warmup_cosine
 
 
 class PropertyFinetuning(pl.LightningModule):
@@ -166,12 +166,7 @@ class PropertyFinetuning(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         """Let streaming loaders know the epoch; reseed from (seed, epoch, rank)."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch)
-        pl.seed_everything(
-            (self.hparams.seed * 1_000_003 + self.current_epoch) * 1009 + self.global_rank, verbose=False
-        )
+        start_epoch(self)
 
     # ------------------------------------------------------------------ steps
     def _labels(self, batch: MultimodalBatch) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from mmmat.data.batch import MultimodalBatch
 from mmmat.generative.flow import CrystalFlow
-from mmmat.tasks.schedule import warmup_cosine
+from mmmat.tasks.schedule import start_epoch, warmup_cosine
 
 CONDITION_DIR = "condition_model"
 DEFAULT_MODALITY_WEIGHTS = {
@@ -173,12 +173,7 @@ class CrystalGeneration(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         """Reseed from (seed, epoch, rank) so a resumed run draws the same noise."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch)
-        pl.seed_everything(
-            (self.hparams.seed * 1_000_003 + self.current_epoch) * 1009 + self.global_rank, verbose=False
-        )
+        start_epoch(self)
 
     # ------------------------------------------------------------------ conditions
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from mmmat.data.batch import MultimodalBatch
 from mmmat.latent.losses import MultimodalContrastiveLoss
 from mmmat.latent.model import TEXT_MODALITIES, MultimodalModel
-from mmmat.tasks.schedule import warmup_cosine
+from mmmat.tasks.schedule import start_epoch, warmup_cosine
 
 
 def _id_hash(material_id: str) -> int:
@@ -112,12 +112,7 @@ class ContrastivePretraining(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         """Let streaming loaders know the epoch (their shard order depends on it)."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch)
-        pl.seed_everything(
-            (self.hparams.seed * 1_000_003 + self.current_epoch) * 1009 + self.global_rank, verbose=False
-        )
+        start_epoch(self)
 
     # ------------------------------------------------------------------ steps
     def _augmented(self, batch: MultimodalBatch) -> MultimodalBatch:

@@ -27,3 +27,16 @@ def warmup_cosine(module: pl.LightningModule, opt: torch.optim.Optimizer) -> dic
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def start_epoch(module: pl.LightningModule) -> None:
+    """Tell the data module which epoch starts (streaming shard order) and reseed from (seed, epoch, rank).
+
+    Called from ``on_train_epoch_start`` of every training task, so a run resumed from a checkpoint draws the
+    same random numbers as an uninterrupted one.
+    """
+    dm = getattr(module.trainer, "datamodule", None)
+    if dm is not None and hasattr(dm, "set_epoch"):
+        dm.set_epoch(module.current_epoch)
+    pl.seed_everything((module.hparams.seed * 1_000_003 + module.current_epoch) * 1009 + module.global_rank,
+                       verbose=False)
