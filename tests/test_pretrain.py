@@ -165,3 +165,20 @@ def test_model_records_the_crystal_encoders_cutoff():
     assert MultimodalModel(enc, embed_dim=8, cutoff=7.0).config["cutoff"] == 7.0
     with pytest.raises(ValueError, match="shorter than the crystal encoder"):
         MultimodalModel(enc, embed_dim=8, cutoff=5.0)
+
+
+def test_lr_scale_sets_a_learning_rate_per_modality():
+    from mmmat.tasks.pretrain import ContrastivePretraining
+
+    enc = {"crystal": {"name": "crystal/schnet", "hidden": 16, "num_interactions": 1, "cutoff": 4.0, "num_rbf": 8},
+           "xrd": {"name": "xrd/cnn", "out_dim": 16, "num_bins": 64, "widths": [4], "depths": [1], "hidden_dim": 16}}
+    module = ContrastivePretraining(enc, embed_dim=8, lr=0.01, max_steps=10, lr_scale={"xrd": 0.1})
+    opt = module.configure_optimizers()["optimizer"]
+    lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # before warm-up
+    xrd = [p for n, p in module.named_parameters() if n.startswith(("model.encoders.xrd.", "model.projections.xrd."))]
+    rest = [p for n, p in module.named_parameters() if not n.startswith(("model.encoders.xrd.", "model.projections.xrd."))]
+    assert xrd and all(lr_of[id(p)] == pytest.approx(0.001) for p in xrd)
+    assert rest and all(lr_of[id(p)] == pytest.approx(0.01) for p in rest)
+    assert len(lr_of) == sum(1 for p in module.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="lr_scale names modalities without an encoder"):
+        ContrastivePretraining(enc, embed_dim=8, lr_scale={"image": 0.5})

@@ -43,6 +43,8 @@ class ContrastivePretraining(pl.LightningModule):
         warmup_steps: Linear warm-up steps.
         max_steps: Steps of the cosine decay (default: the trainer's estimate).
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        lr_scale: Optional learning-rate multiplier per modality (``{"literature_text": 0.1}``): the modality's
+            encoder and projection train at ``lr`` times it; the rest at ``lr``.
         xrd_augment: Keyword arguments of :class:`mmmat.data.augment.XRDAugment`, or None for no augmentation.
         crystal_augment: Optional training-time perturbation of the crystals: ``{"displacement": σ in Å
             (Gaussian noise on every atom), "strain": largest |ε| of a random symmetric strain of the cell}``.
@@ -68,6 +70,7 @@ class ContrastivePretraining(pl.LightningModule):
         warmup_steps: int = 200,
         max_steps: int | None = None,
         min_lr_ratio: float = 0.05,
+        lr_scale: dict[str, float] | None = None,
         xrd_augment: dict[str, Any] | None = None,
         crystal_augment: dict[str, float] | None = None,
         save_dir: str | None = None,
@@ -77,6 +80,9 @@ class ContrastivePretraining(pl.LightningModule):
         self.save_hyperparameters()
         self.model = MultimodalModel(encoders, embed_dim=embed_dim, projection=projection)
         self.loss = MultimodalContrastiveLoss(anchor=anchor, mode=loss_mode, kind=loss_kind, weights=loss_weights)
+        unknown_scale = sorted(set(lr_scale or {}) - set(encoders))
+        if unknown_scale:
+            raise ValueError(f"lr_scale names modalities without an encoder: {unknown_scale} (have {list(encoders)})")
         self.augment = None
         if xrd_augment is not None and "xrd" in self.model.modalities:
             from mmmat.data.augment import XRDAugment
@@ -187,17 +193,22 @@ class ContrastivePretraining(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        """AdamW with linear warm-up and cosine decay."""
+        """AdamW with linear warm-up and cosine decay (per-modality learning rates from ``lr_scale``)."""
         h = self.hparams
-        decay, no_decay = [], []
+        scales = dict(h.get("lr_scale") or {})
+        groups: dict[tuple[float, bool], list] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "logit" in name or "norm" in name.lower() else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=h.lr, betas=(0.9, 0.98), eps=1e-6,
-        )
+            parts = name.split(".")
+            modality = parts[2] if len(parts) > 2 and parts[1] in ("encoders", "projections") else None
+            no_decay = p.ndim < 2 or "logit" in name or "norm" in name.lower()
+            groups.setdefault((float(scales.get(modality, 1.0)), no_decay), []).append(p)
+        param_groups = [
+            {"params": ps, "lr": h.lr * scale, "weight_decay": 0.0 if nd else h.weight_decay}
+            for (scale, nd), ps in sorted(groups.items())
+        ]
+        opt = torch.optim.AdamW(param_groups, lr=h.lr, betas=(0.9, 0.98), eps=1e-6)
         return warmup_cosine(self, opt)
 
     def on_fit_end(self) -> None:
