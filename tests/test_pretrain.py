@@ -175,8 +175,9 @@ def test_lr_scale_sets_a_learning_rate_per_modality():
     module = ContrastivePretraining(enc, embed_dim=8, lr=0.01, max_steps=10, lr_scale={"xrd": 0.1})
     opt = module.configure_optimizers()["optimizer"]
     lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # before warm-up
-    xrd = [p for n, p in module.named_parameters() if n.startswith(("model.encoders.xrd.", "model.projections.xrd."))]
-    rest = [p for n, p in module.named_parameters() if not n.startswith(("model.encoders.xrd.", "model.projections.xrd."))]
+    prefixes = ("model.encoders.xrd.", "model.projections.xrd.")
+    xrd = [p for n, p in module.named_parameters() if n.startswith(prefixes)]
+    rest = [p for n, p in module.named_parameters() if not n.startswith(prefixes)]
     assert xrd and all(lr_of[id(p)] == pytest.approx(0.001) for p in xrd)
     assert rest and all(lr_of[id(p)] == pytest.approx(0.01) for p in rest)
     assert len(lr_of) == sum(1 for p in module.parameters() if p.requires_grad)
