@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--baselines", action="store_true", help="copy finetune_baselines.json figures in")
     ap.add_argument("--result", default=None)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the targets of an existing --result file that this run does not redo")
     ap.add_argument("--override", nargs=argparse.REMAINDER, default=[], help="more train.py arguments")
     args = ap.parse_args()
     if args.workdir is None:
@@ -167,10 +169,35 @@ def main() -> None:
         from mmmat.heads.property import model_fingerprint
 
         extra["pretrained_fingerprint"] = model_fingerprint(args.pretrained)
+    if args.merge and args.result and Path(args.result).exists():
+        prev = json.loads(Path(args.result).read_text())
+        for target, runs in prev.get("metrics", {}).items():
+            if target not in metrics and target in CONFIGS:
+                metrics[target] = runs
+        if prev.get("pretrained_fingerprint") != extra.get("pretrained_fingerprint"):
+            raise SystemExit(f"--merge: {args.result} was measured with another pretrained model")
+        extra["earlier_commands"] = prev.get("earlier_commands", []) + [prev.get("command")]
+        extra["total_seconds"] = round(extra["total_seconds"] + prev.get("total_seconds", 0.0), 1)
+    extra["summary"] = summary(metrics)
     base = RESULTS / "finetune_baselines.json"
     if args.baselines and base.exists():
         extra["composition_baselines"] = json.loads(base.read_text())["metrics"]
     write_result("finetune", metrics, extra, out=args.result)
+
+
+def summary(metrics: dict) -> dict:
+    """The headline figures: fine-tuned test MAE with all labels, and the pretraining gain at 1,000 labels."""
+    out: dict = {}
+    for target, key in (("formation_energy_per_atom", "formation_energy_mae"), ("band_gap", "band_gap_mae")):
+        runs = metrics.get(target, {})
+        ft = runs.get("finetuned", {})
+        if "all" in ft:
+            out[key] = ft["all"]["test_mae"]
+        scratch_1k, ft_1k = runs.get("scratch", {}).get("1000"), ft.get("1000")
+        if scratch_1k and ft_1k:
+            gain = (scratch_1k["test_mae"] - ft_1k["test_mae"]) / scratch_1k["test_mae"]
+            out["pretrain_gain_1k" if target == "formation_energy_per_atom" else f"pretrain_gain_1k_{target}"] = gain
+    return out
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 # GPU benchmarks on a node without network, one phase per call (files under /tmp persist while the machine
 # stays warm, so later phases reuse the shards, the pretrained model and the fine-tuned predictor):
 #   OUT=DIR bash benchmarks/gpu_all.sh pretrain SECONDS      1 GPU: pretrain_1gpu.json, model in /tmp/run1/model
+#   OUT=DIR bash benchmarks/gpu_all.sh pretrain_fit SECONDS  the same, training only (no retrieval evaluation)
+#   OUT=DIR bash benchmarks/gpu_all.sh pretrain_eval         then its evaluation: pretrain_1gpu.json
 #   OUT=DIR bash benchmarks/gpu_all.sh finetune SECONDS      finetune.json (12 runs of SECONDS each)
 #   OUT=DIR bash benchmarks/gpu_all.sh generate SECONDS      generator training + generate.json + de novo samples
 #   OUT=DIR bash benchmarks/gpu_all.sh ddp SAMPLES           2 GPUs: 1-GPU throughput on the same card, then DDP
+#   OUT=DIR bash benchmarks/gpu_all.sh profile [OVERRIDES]    step profiles, 1 GPU then DDP: $OUT/p1, $OUT/p2
 # Needs .whl/ (CPython 3.12 wheels, see ../shared/docs/GPU.md) and .gpu/data/ (mp_20, text corpora, xrd_measured).
 set -euo pipefail
 PHASE=$1
@@ -28,9 +31,28 @@ case $PHASE in
         --config configs/pretrain/mp20p.yaml --workdir /tmp/run1 --seconds "${ARG:-240}" \
         --result "$OUT/pretrain_1gpu.json" 2>&1 | grep -v Warning | tail -n 40
     ;;
+  pretrain_fit)
+    # training only (the retrieval evaluation is the next call's pretrain_eval); the test query profiles are
+    # built meanwhile by a detached process, so they outlive this call
+    [ -f /tmp/queries.pt ] || setsid nohup python3 benchmarks/pretrain.py --shards $SHARDS \
+        --build-queries /tmp/queries.pt > /tmp/queries.log 2>&1 < /dev/null &
+    python3 benchmarks/pretrain.py --shards $SHARDS --config configs/pretrain/mp20p.yaml --workdir /tmp/run1 \
+        --seconds "${ARG:-240}" --no-eval --result "$OUT/pretrain_1gpu.json" 2>&1 | grep -v Warning | tail -n 12
+    cp "$OUT/pretrain_1gpu.json" /tmp/pretrain_1gpu_fit.json
+    ;;
+  pretrain_eval)
+    cp /tmp/pretrain_1gpu_fit.json "$OUT/pretrain_1gpu.json"
+    python3 benchmarks/pretrain.py --shards $SHARDS --measured $MEASURED --queries /tmp/queries.pt \
+        --wait-queries 300 --workdir /tmp/run1 --eval-only --result "$OUT/pretrain_1gpu.json" 2>&1 \
+        | grep -E "R@1_|crystal_R@|median" | tail -n 30
+    ;;
   finetune)
+    # TARGETS="formation_energy_per_atom" ... runs those only; a later call with the others merges them in
+    [ -f /tmp/finetune.json ] && cp /tmp/finetune.json "$OUT/finetune.json"
     python3 benchmarks/finetune.py --pretrained /tmp/run1/model --shards $SHARDS --seconds "${ARG:-20}" \
-        --workdir /tmp/ft --baselines --result "$OUT/finetune.json" 2>&1 | grep -E "MAE|Error|error" | tail -n 40
+        ${TARGETS:+--targets $TARGETS} --merge --workdir /tmp/ft --baselines --result "$OUT/finetune.json" 2>&1 \
+        | grep -E "MAE|Error|error|gain" | tail -n 40
+    cp "$OUT/finetune.json" /tmp/finetune.json
     ;;
   generate)
     cat > /tmp/gen_overlay.yaml <<EOF
@@ -66,6 +88,14 @@ two["metrics"]["one_gpu_crystals_per_s_same_card"] = one["metrics"]["crystals_pe
 json.dump(two, open(f"{out}/pretrain_2gpu.json", "w"), indent=1)
 print("ddp_speedup", two["metrics"]["ddp_speedup"])
 EOF
+    ;;
+  profile)
+    # step profile and host-sync count, one GPU then DDP over every GPU of the host: $OUT/p1, $OUT/p2
+    python3 benchmarks/pretrain.py --shards $SHARDS --config configs/pretrain/mp20p.yaml --devices 1 --samples 100000000 \
+        --no-eval --no-val --workdir /tmp/p1 --profile "$OUT/p1" $ARG 2>&1 | grep -v Warning | tail -n 3
+    python3 benchmarks/pretrain.py --shards $SHARDS --config configs/pretrain/mp20p_ddp.yaml --samples 100000000 \
+        --no-eval --no-val --workdir /tmp/p2 --profile "$OUT/p2" $ARG 2>&1 | grep -v Warning | tail -n 3
+    head -n 4 "$OUT"/p*/profile_rank*.txt
     ;;
   *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

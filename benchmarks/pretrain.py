@@ -53,17 +53,22 @@ def _overlay(args: argparse.Namespace, tmp: Path) -> list[str]:
         f"--trainer.default_root_dir={args.workdir}", f"--trainer.logger.init_args.save_dir={args.workdir}",
         f"--model.init_args.save_dir={args.workdir}/model", f"--data.tokenizer={args.workdir}/tokenizer",
     ]
-    cb = [{"class_path": "mmmat.tasks.callbacks.Throughput"}]
-    if args.samples:
-        import yaml
+    import yaml
 
-        cfg = yaml.safe_load(open(args.config))
+    cfg = yaml.safe_load(open(args.config))
+    # the config's own callbacks stay, except the budget and throughput ones this script sets itself
+    cb = [c for c in (cfg.get("trainer") or {}).get("callbacks") or []
+          if c.get("class_path", "").rsplit(".", 1)[-1] not in ("TimeBudget", "Throughput")]
+    cb.append({"class_path": "mmmat.tasks.callbacks.Throughput"})
+    if args.samples:
         per_step = cfg["data"]["batch_size"] * (args.devices or cfg["trainer"].get("devices", 1))
         steps = max(1, args.samples // per_step)
         out += [f"--trainer.max_steps={steps}", f"--model.init_args.max_steps={steps}"]
     else:
-        cb.insert(0, {"class_path": "mmmat.tasks.callbacks.TimeBudget",
-                      "init_args": {"seconds": args.seconds, "calibrate_steps": 200}})
+        cb.append({"class_path": "mmmat.tasks.callbacks.TimeBudget",
+                   "init_args": {"seconds": args.seconds, "calibrate_steps": 200}})
+    if args.profile:
+        cb.append({"class_path": "mmmat.tasks.callbacks.StepProfiler", "init_args": {"out_dir": args.profile}})
     extra = tmp / "overlay.yaml"
     extra.write_text(json.dumps({"trainer": {"callbacks": cb}}))
     out += ["--config", str(extra)]
@@ -291,14 +296,22 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=0)
     ap.add_argument("--measured", default=None)
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="evaluate WORKDIR/model of an earlier run; its training figures in --result are kept")
+    ap.add_argument("--wait-queries", type=float, default=0.0,
+                    help="seconds to wait for --queries written by a builder started earlier")
     ap.add_argument("--no-val", action="store_true")
     ap.add_argument("--result", default=None)
+    ap.add_argument("--profile", default=None, help="folder: profile steps 100-120 and count host syncs, then stop")
     ap.add_argument("--queries", default=None, help="cache file of the test query profiles (built while training)")
     ap.add_argument("--build-queries", default=None, help=argparse.SUPPRESS)
     ap.add_argument("override", nargs="*", help="extra train.py arguments, e.g. --trainer.accelerator=cpu")
     args = ap.parse_args()
     if args.build_queries:
         build_queries(args.shards, args.build_queries)
+        return
+    if args.eval_only:
+        eval_only(args)
         return
     proc = None
     rank0 = os.environ.get("LOCAL_RANK", "0") == "0"
@@ -335,6 +348,27 @@ def main() -> None:
     name = Path(args.result).stem if args.result else "pretrain"
     write_result(name, metrics, extra, args.result)
     os._exit(0)  # leave no DDP or loader processes behind
+
+
+def eval_only(args: argparse.Namespace) -> None:
+    """Retrieval figures of ``WORKDIR/model``, merged into the training run's result file."""
+    if args.queries and not Path(args.queries).exists():
+        deadline = time.time() + args.wait_queries
+        while time.time() < deadline and not Path(args.queries).exists():
+            time.sleep(2)
+    queries = args.queries if args.queries and Path(args.queries).exists() else None
+    prev = json.loads(Path(args.result).read_text()) if args.result and Path(args.result).exists() else {}
+    metrics = dict(prev.get("metrics", {}))
+    extra = {k: v for k, v in prev.items() if k not in ("card", "date", "command", "metrics")}
+    if prev:
+        extra["train_command"] = prev.get("command")
+        extra["train_card"] = prev.get("card")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m, e = evaluate(f"{args.workdir}/model", args.shards, args.measured, dev, queries)
+    metrics.update(m)
+    extra.update(e)
+    name = Path(args.result).stem if args.result else "pretrain"
+    write_result(name, metrics, extra, args.result)
 
 
 if __name__ == "__main__":

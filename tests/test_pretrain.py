@@ -72,14 +72,16 @@ def test_ddp_two_cpu_processes_through_train_py(tmp_path, tiny_shards):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    args = _args(tmp_path, tiny_shards, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=1")
+    args = _args(tmp_path, tiny_shards, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=2",
+                 "--trainer.callbacks+=mmmat.tasks.callbacks.SigtermCheck", "--trainer.callbacks.every_n_steps=2")
     env = {**__import__("os").environ, "PYTHONPATH": str(root)}
     r = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = (next(tmp_path.rglob("metrics.csv"))).read_text()
     assert "val/xrd_to_crystal_R@1" in metrics
-    # 48 train materials over 2 ranks x 16 per batch: 1 step per epoch, every rank the same count
+    # 48 train materials over 2 ranks x 16 per batch: 1 step per epoch, every rank the same count; the
+    # SIGTERM check every 2 steps keeps the ranks in step
     assert ",0," in metrics or "\n0," in metrics
     assert (tmp_path / "model" / "model.safetensors").exists()
 

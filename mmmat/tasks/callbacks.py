@@ -134,3 +134,153 @@ class Throughput(pl.Callback):
         if trainer.is_global_zero and trainer.log_dir:
             Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
             (Path(trainer.log_dir) / "throughput.json").write_text(json.dumps(self.result, indent=1))
+
+
+class SigtermCheck(pl.Callback):
+    """Agree on a received SIGTERM across ranks every ``every_n_steps`` steps instead of every step.
+
+    Lightning (2.5 and later) broadcasts a SIGTERM flag from rank 0 and reads it back on the host at the start
+    of every training step of a multi-process run, so that all ranks stop together. That read is a barrier
+    between the ranks and a wait for the whole previous step on the GPU: the host can no longer prepare the
+    next step while the GPU finishes the last one, which costs a third of the step time on a short,
+    launch-bound step (the ``profile`` phase of benchmarks/gpu_all.sh shows it). This callback keeps the
+    check, on every rank at the same steps, but only every n-th step; a SIGTERM is then acted on at most
+    ``every_n_steps - 1`` steps later, well inside the grace period schedulers give. A Lightning without the
+    per-step check is left untouched.
+
+    Args:
+        every_n_steps: Steps between two checks (1 restores Lightning's behaviour).
+    """
+
+    def __init__(self, every_n_steps: int = 50):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = int(every_n_steps)
+        self.checks = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Wrap the epoch loop's per-step check."""
+        loop = trainer.fit_loop.epoch_loop
+        check = getattr(loop, "_broadcast_sigterm_tensor", None)
+        if check is None or trainer.world_size == 1 or getattr(check, "_mmmat_every_n", False):
+            return
+        calls = 0
+
+        def every_n() -> None:
+            nonlocal calls
+            if calls % self.every_n_steps == 0:
+                self.checks += 1
+                check()
+            calls += 1
+
+        every_n._mmmat_every_n = True  # type: ignore[attr-defined]
+        loop._broadcast_sigterm_tensor = every_n
+
+
+class StepProfiler(pl.Callback):
+    """Profile a window of training steps and find the host synchronisations in the step.
+
+    Steps ``[start, start + steps)`` run under :mod:`torch.profiler` (CPU and CUDA activity); the next
+    ``sync_steps`` steps run with ``torch.cuda.set_sync_debug_mode("warn")`` and every synchronising call is
+    counted by its source line. Each rank writes ``<out_dir>/profile_rank<r>.txt``: the wall time per step
+    (synchronised, without the profiler), the GPU busy share, the operators by CUDA and by CPU time, and the
+    synchronising lines per step.
+
+    Args:
+        out_dir: Folder for the reports.
+        start: First profiled step (after warm-up).
+        steps: Steps under the profiler.
+        sync_steps: Steps with the synchronisation check (0: none; CUDA only).
+        stop: Stop training once the report is written.
+        rows: Operators listed per table.
+    """
+
+    def __init__(
+        self, out_dir: str, start: int = 100, steps: int = 20, sync_steps: int = 5, stop: bool = True, rows: int = 40
+    ):
+        self.out_dir, self.start, self.steps, self.sync_steps = Path(out_dir), start, steps, sync_steps
+        self.stop, self.rows = stop, rows
+        self._prof: Any = None
+        self._t: dict[str, float] = {}
+        self._syncs: dict[str, int] = {}
+        self._warn: Any = None
+        self._lines: list[str] = []
+
+    def _phase(self, step: int) -> str:
+        a = self.start
+        b = a + self.steps
+        if a - self.steps <= step < a:
+            return "timed"
+        if a <= step < b:
+            return "profiled"
+        if b <= step < b + self.sync_steps:
+            return "sync"
+        return ""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        """Open the window that starts at this step."""
+        step = trainer.global_step
+        cuda = pl_module.device.type == "cuda"
+        if step == self.start - self.steps:
+            _sync(pl_module)
+            self._t["timed"] = time.perf_counter()
+        if step == self.start:
+            _sync(pl_module)
+            self._t["timed"] = (time.perf_counter() - self._t.get("timed", time.perf_counter())) / self.steps
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
+            self._t["profiled"] = time.perf_counter()
+        if step == self.start + self.steps and self.sync_steps and cuda:
+            import warnings
+
+            self._warn = warnings.catch_warnings(record=True)
+            self._records = self._warn.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        """Close the window that ends at this step; write the report after the last one."""
+        step = trainer.global_step  # already advanced by the optimizer step
+        if step == self.start + self.steps and self._prof is not None:
+            _sync(pl_module)
+            wall = time.perf_counter() - self._t["profiled"]
+            self._prof.__exit__(None, None, None)
+            self._report_profile(wall)
+            self._prof = None
+            if not self.sync_steps or pl_module.device.type != "cuda":
+                self._finish(trainer)
+        if step == self.start + self.steps + self.sync_steps and self._warn is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            for w in self._records:
+                if "synchroniz" in str(w.message):
+                    key = f"{w.filename}:{w.lineno}"
+                    self._syncs[key] = self._syncs.get(key, 0) + 1
+            self._warn.__exit__(None, None, None)
+            self._warn = None
+            self._lines.append(f"\nsynchronising calls per step ({self.sync_steps} steps), by source line:")
+            for key, n in sorted(self._syncs.items(), key=lambda kv: -kv[1]):
+                self._lines.append(f"{n / self.sync_steps:8.1f}  {key}")
+            self._finish(trainer)
+
+    def _report_profile(self, wall: float) -> None:
+        ka = self._prof.key_averages()
+        busy = sum(e.self_device_time_total for e in ka) / 1e6 if hasattr(ka[0], "self_device_time_total") else 0.0
+        self._lines += [
+            f"wall per step without profiler: {self._t.get('timed', float('nan')) * 1e3:.1f} ms",
+            f"wall per step under profiler: {wall / self.steps * 1e3:.1f} ms",
+            f"GPU kernel time per step: {busy / self.steps * 1e3:.1f} ms (busy share {busy / wall:.2f})",
+            "",
+            "by self CUDA time:",
+            ka.table(sort_by="self_cuda_time_total", row_limit=self.rows),
+            "by self CPU time:",
+            ka.table(sort_by="self_cpu_time_total", row_limit=self.rows),
+        ]
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"profile_rank{trainer.global_rank}.txt").write_text("\n".join(self._lines) + "\n")
+        if self.stop:
+            trainer.should_stop = True

@@ -1,0 +1,63 @@
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from mmmat.tasks.callbacks import SigtermCheck, StepProfiler
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    from data_pipelines.base import get_source
+    from data_pipelines.build import build_shards
+
+    out = tmp_path_factory.mktemp("tiny_shards")
+    build_shards(get_source("builtin")(None, limit=48), out, progress=False)
+    return out
+
+
+def _trainer(world_size: int) -> tuple[SimpleNamespace, list[int]]:
+    calls: list[int] = []
+    loop = SimpleNamespace(_broadcast_sigterm_tensor=lambda: calls.append(1))
+    return SimpleNamespace(world_size=world_size, fit_loop=SimpleNamespace(epoch_loop=loop)), calls
+
+
+def test_sigterm_check_runs_every_n_steps_on_several_ranks():
+    trainer, calls = _trainer(world_size=2)
+    cb = SigtermCheck(every_n_steps=4)
+    cb.on_train_start(trainer, None)
+    cb.on_train_start(trainer, None)  # a second fit does not wrap twice
+    for _ in range(10):
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor()
+    assert len(calls) == 3 and cb.checks == 3  # steps 0, 4 and 8
+
+
+def test_sigterm_check_leaves_one_process_and_other_lightning_versions_alone():
+    trainer, calls = _trainer(world_size=1)
+    original = trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor
+    SigtermCheck(every_n_steps=4).on_train_start(trainer, None)
+    assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor is original
+    bare = SimpleNamespace(world_size=2, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace()))
+    SigtermCheck().on_train_start(bare, None)  # no per-step check to wrap: nothing happens
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SigtermCheck(every_n_steps=0)
+
+
+def test_step_profiler_writes_a_report_and_stops(tmp_path, tiny_shards):
+    import train
+
+    out = tmp_path / "prof"
+    cli = train.main([
+        "fit", "--config", TINY, f"--data.shards={tiny_shards}", f"--data.tokenizer={tmp_path}/tok",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.save_dir={tmp_path}/model", "--trainer.max_epochs=5", "--trainer.limit_val_batches=0",
+        "--trainer.callbacks+=mmmat.tasks.callbacks.StepProfiler", f"--trainer.callbacks.out_dir={out}",
+        "--trainer.callbacks.start=4", "--trainer.callbacks.steps=2",
+    ])
+    report = (out / "profile_rank0.txt").read_text()
+    assert "wall per step without profiler" in report and "by self CPU time" in report
+    assert "aten::" in report  # operators were recorded
+    assert cli.trainer.global_step == 6  # stopped after the profiled window (steps 4 and 5)
+    assert isinstance(next(c for c in cli.trainer.callbacks if isinstance(c, StepProfiler)), StepProfiler)
