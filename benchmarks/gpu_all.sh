@@ -2,6 +2,7 @@
 # GPU benchmarks on a node without network, one phase per call (files under /tmp persist while the machine
 # stays warm, so later phases reuse the shards, the pretrained model and the fine-tuned predictor):
 #   OUT=DIR bash benchmarks/gpu_all.sh pretrain SECONDS      1 GPU: pretrain_1gpu.json, model in /tmp/run1/model
+#                                                            (RESULT=name, EXTRA="train.py overrides")
 #   OUT=DIR bash benchmarks/gpu_all.sh pretrain_fit SECONDS  the same, training only (no retrieval evaluation)
 #   OUT=DIR bash benchmarks/gpu_all.sh pretrain_eval         then its evaluation: pretrain_1gpu.json
 #   OUT=DIR bash benchmarks/gpu_all.sh finetune SECONDS      finetune.json (12 runs of SECONDS each)
@@ -29,7 +30,7 @@ case $PHASE in
   pretrain)
     python3 benchmarks/pretrain.py --shards $SHARDS --measured $MEASURED --queries /tmp/queries.pt \
         --config configs/pretrain/mp20p.yaml --workdir /tmp/run1 --seconds "${ARG:-240}" \
-        --result "$OUT/pretrain_1gpu.json" 2>&1 | grep -v Warning | tail -n 40
+        --result "$OUT/${RESULT:-pretrain_1gpu}.json" ${EXTRA:-} 2>&1 | grep -v Warning | tail -n 40
     ;;
   pretrain_fit)
     # training only (the retrieval evaluation is the next call's pretrain_eval); the test query profiles are

@@ -137,10 +137,23 @@ class TemplateLibrary:
             self.chi.update(chi)
             self.rad.update(rad)
 
-    def candidates(self, composition: Any, k: int = 1, num_atoms: int | None = None) -> list[Template]:
+    def count(self, composition: Any, exclude: Sequence[str] = ()) -> int:
+        """How many library crystals share the composition's anonymized formula and atom count."""
+        from pymatgen.core import Composition
+
+        target = counts_of(composition) if hasattr(composition, "lattice") else {
+            el.symbol: int(round(v)) for el, v in Composition(composition).items()}
+        key = (Composition(target).anonymized_formula, sum(target.values()))
+        skip = set(exclude)
+        return sum(self.ids[j] not in skip for j in self.index.get(key, []))
+
+    def candidates(
+        self, composition: Any, k: int = 1, num_atoms: int | None = None, exclude: Sequence[str] = ()
+    ) -> list[Template]:
         """The ``k`` best templates for a composition (a Structure, pymatgen Composition or formula string).
 
         A formula is taken as the cell's content (``Na4Cl4`` is 8 atoms) unless ``num_atoms`` scales it.
+        Templates whose id is in ``exclude`` are skipped (leave-one-out over the library's own materials).
         """
         from pymatgen.core import Composition
 
@@ -155,7 +168,10 @@ class TemplateLibrary:
         anon = Composition(target).anonymized_formula
         self._tables(target)
         scored = []
+        skip = set(exclude)
         for j in self.index.get((anon, n), []):
+            if self.ids[j] in skip:
+                continue
             cost, mapping = best_assignment(target, self.counts[j], self.chi, self.rad, self.s_chi, self.s_rad)
             if mapping is not None:
                 scored.append((round(cost, 9), self.e_hull[j], self.ids[j], j, mapping))
@@ -164,3 +180,59 @@ class TemplateLibrary:
             Template(c, tid, eh, substitute(self.structures[j], m, self.rad, self.rescale))
             for c, eh, tid, j, m in scored[:k]
         ]
+
+
+def group_candidates(
+    structures: Sequence[Any], stol: float = 0.5, ltol: float = 0.3, angle_tol: float = 10.0
+) -> list[int]:
+    """Group structures that match each other: the group index of each, groups numbered in input order.
+
+    Greedy: each structure joins the first group whose first member it matches (pymatgen StructureMatcher with
+    the given tolerances), else starts a group. Given candidates in order of cost, every group's first member
+    is its cheapest.
+    """
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    sm = StructureMatcher(stol=stol, ltol=ltol, angle_tol=angle_tol)
+    heads: list[int] = []
+    out: list[int] = []
+    for i, s in enumerate(structures):
+        for g, h in enumerate(heads):
+            try:
+                same = sm.fit(structures[h], s)
+            except Exception:  # noqa: BLE001 - a comparison pymatgen cannot make is no match
+                same = False
+            if same:
+                out.append(g)
+                break
+        else:
+            heads.append(i)
+            out.append(len(heads) - 1)
+    return out
+
+
+def consensus_rank(costs: Sequence[float], groups: Sequence[int], tau: float) -> list[int]:
+    """Candidate indices ranked by template consensus.
+
+    Each candidate weighs ``exp(-(cost - lowest cost) / tau)``; a group of matching candidates scores the sum
+    of its weights. Groups rank by score (ties: lower cost), candidates within a group by cost. ``tau = 0``
+    keeps the plain cost order (the substitution baseline); a large ``tau`` is a majority vote among the
+    candidates.
+
+    Args:
+        costs: Substitution cost of each candidate.
+        groups: Group index of each candidate (:func:`group_candidates`).
+        tau: Temperature of the weights, in units of cost.
+    """
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], i))
+    if tau <= 0 or not costs:
+        return order
+    c0 = min(costs)
+    score: dict[int, float] = defaultdict(float)
+    first: dict[int, float] = {}
+    for i in order:
+        score[groups[i]] += math.exp(-(costs[i] - c0) / tau)
+        first.setdefault(groups[i], costs[i])
+    ranked = sorted(score, key=lambda g: (-score[g], first[g]))
+    pos = {g: r for r, g in enumerate(ranked)}
+    return sorted(order, key=lambda i: (pos[groups[i]], costs[i], i))
