@@ -95,13 +95,24 @@ def collect(lib: TemplateLibrary, truths: list, k: int, workers: int, own_ids: l
         return pool.map(_one, jobs, chunksize=8)
 
 
-def add_energies(rows: list[dict]) -> None:
-    """CHGNet single-point energy per atom of every candidate, in place (NaN where CHGNet fails)."""
+def _energies(structures: list) -> list[float]:
     from mmmat.evaluation.generation_stability import chgnet_energies
 
+    e, _ = chgnet_energies(structures, device="cpu", batch_size=32, threads=1)
+    return np.asarray(e, dtype=float).tolist()
+
+
+def add_energies(rows: list[dict], workers: int, chunk: int = 500) -> None:
+    """CHGNet single-point energy per atom of every candidate, in place (NaN where CHGNet fails).
+
+    Each chunk runs in a fresh worker process: memory held by CHGNet in one process grows with the number of
+    structures it has seen, and tens of thousands of them outgrow 24 GB.
+    """
     flat = [s for r in rows for s in r["structures"]]
-    e, _ = chgnet_energies(flat, device="cpu", batch_size=32) if flat else (np.zeros(0), [])
-    it = iter(np.asarray(e, dtype=float).tolist())
+    parts = [flat[i : i + chunk] for i in range(0, len(flat), chunk)]
+    with get_context("fork").Pool(max(1, workers), maxtasksperchild=1) as pool:
+        e = [x for part in pool.map(_energies, parts, chunksize=1) for x in part]
+    it = iter(e)
     for r in rows:
         r["energy"] = [next(it) for _ in r["structures"]]
         r.pop("structures")
@@ -202,11 +213,11 @@ def main() -> None:
     sub = random.Random(args.seed + 1).sample(range(len(train)), min(args.n_train, len(train)))
     train_rows = collect(lib, [train[i].to_structure() for i in sub], args.k, args.workers,
                          [train[i].material_id for i in sub])
-    add_energies(train_rows)
+    add_energies(train_rows, args.workers)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     val_rows = collect(lib, [r.to_structure() for r in val], args.k, args.workers)
-    add_energies(val_rows)
+    add_energies(val_rows, args.workers)
     t_val = time.perf_counter() - t0
     per_tau = {f"{t:g}": rates(val_rows, t)["match_rate_no_validity_check"] for t in args.taus}
     best = max(args.taus, key=lambda t: (per_tau[f"{t:g}"], -t))
@@ -220,7 +231,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     rows = collect(lib, [by_id[i].to_structure() for i in ids], args.k, args.workers)
-    add_energies(rows)
+    add_energies(rows, args.workers)
     t_test = time.perf_counter() - t0
     base = rates(rows, 0.0)
     chosen = rates(rows, best)

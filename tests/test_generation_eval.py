@@ -258,3 +258,13 @@ def test_compositions_with_too_many_elements_are_invalid_without_enumeration():
     assert time.perf_counter() - t0 < 1.0
     assert MAX_SMACT_ELEMENTS >= 6  # every MP-20 material stays within the limit
     assert compositional_validity("Li2NaKMgCaO4")  # 6 elements, charge balanced: still enumerated
+
+
+def test_chgnet_energies_skip_unphysically_dense_cells(nacl):
+    # 0.5 Å³ per atom: far denser than any solid; CHGNet is not asked (its graphs would take gigabytes)
+    crushed = Structure(Lattice.cubic(1.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    e, finals = chgnet_energies([crushed, nacl, crushed], threads=1)
+    assert np.isnan(e[0]) and np.isnan(e[2]) and np.isfinite(e[1])
+    assert finals[0] is crushed and len(finals) == 3
+    e_all, _ = chgnet_energies([crushed, nacl], threads=1, min_volume_per_atom=0.0)
+    assert np.isfinite(e_all[1])

@@ -75,6 +75,7 @@ def chgnet_energies(
     device: str | None = None,
     batch_size: int = 16,
     threads: int | None = None,
+    min_volume_per_atom: float = 2.0,
 ) -> tuple[np.ndarray, list]:
     """CHGNet energies (eV/atom), optionally after a FIRE relaxation of positions and cell.
 
@@ -87,16 +88,32 @@ def chgnet_energies(
         device: Torch device (default: CUDA if available).
         batch_size: Structures per CHGNet batch for the single-point energies.
         threads: Torch CPU threads while this runs (None: unchanged); 1 avoids oversubscribed cores.
+        min_volume_per_atom: Cells denser than this (Å³ per atom) get ``NaN`` without being passed to CHGNet.
+            No known solid is that dense (diamond has 5.7 Å³ per atom), and CHGNet's bond-angle graph grows with
+            the square of the neighbours within 3 Å: a cell at 0.5 Å³ per atom takes gigabytes.
 
     Returns:
-        ``(energy_per_atom (N,), final_structures)``; a structure CHGNet fails on gets ``NaN`` and is returned
-        unchanged.
+        ``(energy_per_atom (N,), final_structures)``; a structure CHGNet fails on (or too dense a cell) gets
+        ``NaN`` and is returned unchanged.
 
     """
+    structures = list(structures)
+    dense = [len(s) > 0 and s.volume / len(s) < min_volume_per_atom for s in structures]
+    keep = [s for s, d in zip(structures, dense) if not d]
     with torch_threads(threads):
-        return _chgnet_energies(
-            structures, relax, steps, fmax, relax_cell, resolve_device(device), batch_size
+        e_keep, f_keep = _chgnet_energies(
+            keep, relax, steps, fmax, relax_cell, resolve_device(device), batch_size
         )
+    if not any(dense):
+        return e_keep, f_keep
+    energies = np.full(len(structures), np.nan)
+    finals = list(structures)
+    it = iter(range(len(keep)))
+    for i, d in enumerate(dense):
+        if not d:
+            j = next(it)
+            energies[i], finals[i] = e_keep[j], f_keep[j]
+    return energies, finals
 
 
 def _chgnet_energies(
