@@ -7,6 +7,8 @@
 #   OUT=DIR bash benchmarks/gpu_all.sh pretrain_eval         then its evaluation: pretrain_1gpu.json
 #   OUT=DIR bash benchmarks/gpu_all.sh finetune SECONDS      finetune.json (12 runs of SECONDS each)
 #   OUT=DIR bash benchmarks/gpu_all.sh generate SECONDS      generator training + generate.json + de novo samples
+#   OUT=DIR bash benchmarks/gpu_all.sh generate_fit STEPS    the same training over several calls (CALL_SECONDS each),
+#                                                            resumed from /tmp/gen/sitting.ckpt; then generate_eval
 #   OUT=DIR bash benchmarks/gpu_all.sh ddp SAMPLES           2 GPUs: 1-GPU throughput on the same card, then DDP
 #   OUT=DIR bash benchmarks/gpu_all.sh profile [OVERRIDES]    step profiles, 1 GPU then DDP: $OUT/p1, $OUT/p2
 # Needs .whl/ (CPython 3.12 wheels, see ../shared/docs/GPU.md) and .gpu/data/ (mp_20, text corpora, xrd_measured).
@@ -68,6 +70,29 @@ EOF
         --model.init_args.save_dir=/tmp/gen/model --trainer.default_root_dir=/tmp/gen \
         --trainer.logger.init_args.save_dir=/tmp/gen 2>&1 | grep -v Warning | tail -n 5
     cp "$(ls -d /tmp/gen/generate/version_* | tail -n 1)/metrics.csv" "$OUT/generate_train_metrics.csv"
+    PRED=/tmp/ft/formation_energy_per_atom_finetuned_all/model
+    python3 benchmarks/generate.py --model /tmp/gen/model --shards $SHARDS --workers 16 \
+        $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out "$OUT/denovo" \
+        --result "$OUT/generate.json" 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 30
+    ;;
+  generate_fit)
+    # a fixed schedule of ARG steps over several calls: each call trains CALL_SECONDS (default 480) and stops at
+    # an epoch end with a checkpoint; the next call resumes from it. The model folder is rewritten each call.
+    STEPS=${ARG:?total steps}
+    printf '%s\n' "trainer:" "  max_steps: $STEPS" "  callbacks:" \
+        "    - class_path: mmmat.tasks.callbacks.StopAfter" \
+        "      init_args: {seconds: ${CALL_SECONDS:-480}, checkpoint: /tmp/gen/sitting.ckpt}" \
+        "    - class_path: mmmat.tasks.callbacks.Throughput" \
+        "model:" "  init_args: {max_steps: $STEPS}" > /tmp/gen_fit.yaml
+    RESUME=$( [ -f /tmp/gen/sitting.ckpt ] && echo --ckpt_path=/tmp/gen/sitting.ckpt || true )
+    python3 train.py fit --config configs/generate/mp20p.yaml --config /tmp/gen_fit.yaml \
+        --data.shards=$SHARDS --model.init_args.pretrained=/tmp/run1/model --data.tokenizer=/tmp/run1/model/tokenizer \
+        --model.init_args.save_dir=/tmp/gen/model --trainer.default_root_dir=/tmp/gen \
+        --trainer.logger.init_args.save_dir=/tmp/gen $RESUME 2>&1 | grep -v Warning | tail -n 5
+    python3 -c "import torch; print('step', torch.load('/tmp/gen/sitting.ckpt', weights_only=False)['global_step'])"
+    ;;
+  generate_eval)
+    cat /tmp/gen/generate/version_*/metrics.csv > "$OUT/generate_train_metrics.csv"
     PRED=/tmp/ft/formation_energy_per_atom_finetuned_all/model
     python3 benchmarks/generate.py --model /tmp/gen/model --shards $SHARDS --workers 16 \
         $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out "$OUT/denovo" \

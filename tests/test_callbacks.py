@@ -61,3 +61,29 @@ def test_step_profiler_writes_a_report_and_stops(tmp_path, tiny_shards):
     assert "aten::" in report  # operators were recorded
     assert cli.trainer.global_step == 6  # stopped after the profiled window (steps 4 and 5)
     assert isinstance(next(c for c in cli.trainer.callbacks if isinstance(c, StepProfiler)), StepProfiler)
+
+
+def test_stop_after_ends_a_sitting_and_the_next_one_resumes(tmp_path, tiny_shards):
+    import torch
+
+    import train
+
+    def run(root, *extra):
+        return train.main([
+            "fit", "--config", TINY, f"--data.shards={tiny_shards}", f"--data.tokenizer={tmp_path}/tok",
+            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+            f"--model.init_args.save_dir={root}/model", "--trainer.limit_val_batches=0",
+            "--model.init_args.max_steps=12", "--trainer.max_epochs=4", *extra,
+        ])
+
+    ckpt = tmp_path / "sit" / "last.ckpt"
+    stop = ["--trainer.callbacks+=mmmat.tasks.callbacks.StopAfter", "--trainer.callbacks.seconds=0",
+            f"--trainer.callbacks.checkpoint={ckpt}"]
+    first = run(tmp_path / "a", *stop)  # a zero budget: stops at the end of the first epoch
+    assert first.trainer.global_step == 3 and ckpt.exists()
+    second = run(tmp_path / "b", f"--ckpt_path={ckpt}")
+    whole = run(tmp_path / "c")
+    assert second.trainer.global_step == whole.trainer.global_step == 12
+    sb, sw = second.model.state_dict(), whole.model.state_dict()
+    for k in sb:
+        assert torch.allclose(sb[k].float(), sw[k].float(), atol=1e-5), k

@@ -136,6 +136,42 @@ class Throughput(pl.Callback):
             (Path(trainer.log_dir) / "throughput.json").write_text(json.dumps(self.result, indent=1))
 
 
+class StopAfter(pl.Callback):
+    """Stop at the first epoch end after ``seconds`` of this process and write a checkpoint to resume from.
+
+    For runs longer than one sitting (a job limit, a preemptible slot): every sitting passes the same
+    ``trainer.max_steps`` and schedule, this callback ends the sitting cleanly at an epoch boundary, and the
+    next one continues with ``--ckpt_path`` pointing at ``checkpoint`` (same step, optimizer state and data
+    position). Unlike ``trainer.max_time``, whose clock is saved in the checkpoint and keeps running across
+    sittings, the clock here is this process's.
+
+    Args:
+        seconds: Wall time of this sitting, from its first training step.
+        checkpoint: Where to write the checkpoint when the sitting ends early (also written when the run ends).
+    """
+
+    def __init__(self, seconds: float, checkpoint: str):
+        self.seconds, self.checkpoint = float(seconds), checkpoint
+        self._t0: float | None = None
+        self.stopped_early = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        """Start the clock."""
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stop once the sitting's time is spent."""
+        if self._t0 is not None and time.perf_counter() - self._t0 > self.seconds:
+            self.stopped_early = True
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the checkpoint (every rank takes part; rank 0 writes)."""
+        Path(self.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(self.checkpoint)
+
+
 class SigtermCheck(pl.Callback):
     """Agree on a received SIGTERM across ranks every ``every_n_steps`` steps instead of every step.
 
