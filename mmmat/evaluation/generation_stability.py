@@ -98,21 +98,16 @@ def chgnet_energies(
 
     """
     structures = list(structures)
-    dense = [len(s) > 0 and s.volume / len(s) < min_volume_per_atom for s in structures]
-    keep = [s for s, d in zip(structures, dense) if not d]
+    ok = [i for i, s in enumerate(structures) if len(s) == 0 or s.volume / len(s) >= min_volume_per_atom]
     with torch_threads(threads):
-        e_keep, f_keep = _chgnet_energies(
-            keep, relax, steps, fmax, relax_cell, resolve_device(device), batch_size
+        e_ok, f_ok = _chgnet_energies(
+            [structures[i] for i in ok], relax, steps, fmax, relax_cell, resolve_device(device), batch_size
         )
-    if not any(dense):
-        return e_keep, f_keep
     energies = np.full(len(structures), np.nan)
+    energies[ok] = e_ok
     finals = list(structures)
-    it = iter(range(len(keep)))
-    for i, d in enumerate(dense):
-        if not d:
-            j = next(it)
-            energies[i], finals[i] = e_keep[j], f_keep[j]
+    for i, f in zip(ok, f_ok):
+        finals[i] = f
     return energies, finals
 
 

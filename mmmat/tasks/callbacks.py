@@ -303,7 +303,12 @@ class StepProfiler(pl.Callback):
 
     def _report_profile(self, wall: float) -> None:
         ka = self._prof.key_averages()
-        busy = sum(e.self_device_time_total for e in ka) / 1e6 if hasattr(ka[0], "self_device_time_total") else 0.0
+        # device time as torch's own table totals it: kernels and copies, not the annotated ranges around them
+        # (an optimizer-step range alone would count the whole step again)
+        busy = sum(
+            e.self_device_time_total for e in ka
+            if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
+        ) / 1e6
         self._lines += [
             f"wall per step without profiler: {self._t.get('timed', float('nan')) * 1e3:.1f} ms",
             f"wall per step under profiler: {wall / self.steps * 1e3:.1f} ms",
