@@ -140,7 +140,10 @@ def main() -> None:
     ap.add_argument("--baselines", action="store_true", help="copy finetune_baselines.json figures in")
     ap.add_argument("--result", default=None)
     ap.add_argument("--merge", action="store_true",
-                    help="keep the targets of an existing --result file that this run does not redo")
+                    help="keep the runs of an existing --result file that this call does not redo")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each in its own process (they share the GPU; one GPU step is mostly "
+                         "kernel-launch time, so a few processes fit side by side)")
     ap.add_argument("--override", nargs=argparse.REMAINDER, default=[], help="more train.py arguments")
     args = ap.parse_args()
     if args.workdir is None:
@@ -148,16 +151,19 @@ def main() -> None:
     if any(SETTINGS[s]["pretrained"] for s in args.settings) and not args.pretrained:
         raise SystemExit("--pretrained is needed for the frozen, partial and finetuned settings")
 
-    cache: dict = {}
     metrics: dict = {}
     t0 = time.perf_counter()
-    for target in args.targets:
-        for labels in args.labels:
-            for setting in args.settings:
-                res = run_one(args, target, setting, labels, cache)
-                metrics.setdefault(target, {}).setdefault(setting, {})[labels] = res
-                mae, steps = res["test_mae"], res["steps"]
-                print(f"{target} {setting} {labels}: MAE {mae:.4f} ({steps} steps)", flush=True)
+    runs = [(t, s, n) for t in args.targets for n in args.labels for s in args.settings]
+    if args.jobs > 1:
+        for (target, setting, labels), res in zip(runs, run_parallel(args, runs)):
+            metrics.setdefault(target, {}).setdefault(setting, {})[labels] = res
+    else:
+        cache: dict = {}
+        for target, setting, labels in runs:
+            res = run_one(args, target, setting, labels, cache)
+            metrics.setdefault(target, {}).setdefault(setting, {})[labels] = res
+            mae, steps = res["test_mae"], res["steps"]
+            print(f"{target} {setting} {labels}: MAE {mae:.4f} ({steps} steps)", flush=True)
     extra = {
         "pretrained": args.pretrained,
         "shards": args.shards,
@@ -171,11 +177,18 @@ def main() -> None:
         extra["pretrained_fingerprint"] = model_fingerprint(args.pretrained)
     if args.merge and args.result and Path(args.result).exists():
         prev = json.loads(Path(args.result).read_text())
-        for target, runs in prev.get("metrics", {}).items():
-            if target not in metrics and target in CONFIGS:
-                metrics[target] = runs
-        if prev.get("pretrained_fingerprint") != extra.get("pretrained_fingerprint"):
+        # runs of this call replace the same (target, setting, labels) runs of the file; the others stay
+        for target, settings in prev.get("metrics", {}).items():
+            if target not in CONFIGS:
+                continue
+            for setting, by_labels in settings.items():
+                for labels, res in by_labels.items():
+                    metrics.setdefault(target, {}).setdefault(setting, {}).setdefault(labels, res)
+        fp_prev, fp_new = prev.get("pretrained_fingerprint"), extra.get("pretrained_fingerprint")
+        if fp_prev and fp_new and fp_prev != fp_new:
             raise SystemExit(f"--merge: {args.result} was measured with another pretrained model")
+        if fp_prev and not fp_new:
+            extra["pretrained"], extra["pretrained_fingerprint"] = prev.get("pretrained"), fp_prev
         extra["earlier_commands"] = prev.get("earlier_commands", []) + [prev.get("command")]
         extra["total_seconds"] = round(extra["total_seconds"] + prev.get("total_seconds", 0.0), 1)
     extra["summary"] = summary(metrics)
@@ -183,6 +196,62 @@ def main() -> None:
     if args.baselines and base.exists():
         extra["composition_baselines"] = json.loads(base.read_text())["metrics"]
     write_result("finetune", metrics, extra, out=args.result)
+
+
+def run_parallel(args: argparse.Namespace, runs: list[tuple[str, str, str]]) -> list[dict]:
+    """Each run in a child process of this script, ``args.jobs`` at a time; their results in ``runs`` order.
+
+    A child that fails is reported with its log and stops the benchmark once the others have finished.
+    """
+    import os
+    import subprocess
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    common = ["--shards", args.shards, "--workdir", str(work), "--seconds", str(args.seconds),
+              "--calibrate-steps", str(args.calibrate_steps), "--unfreeze-last", str(args.unfreeze_last)]
+    if args.pretrained:
+        common += ["--pretrained", args.pretrained]
+    if args.max_steps is not None:
+        common += ["--max-steps", str(args.max_steps)]
+    if args.max_steps_small is not None:
+        common += ["--max-steps-small", str(args.max_steps_small)]
+    if args.config:
+        common += ["--config", *args.config]
+    if args.override:
+        common += ["--override", *args.override]  # REMAINDER: must come last
+    pending = list(enumerate(runs))
+    active: list[tuple[int, subprocess.Popen, Path, Path]] = []
+    results: dict[int, dict] = {}
+    failed: list[str] = []
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    while pending or active:
+        while pending and len(active) < args.jobs:
+            i, (target, setting, labels) = pending.pop(0)
+            part = work / f"part_{target}_{setting}_{labels}.json"
+            log = work / f"part_{target}_{setting}_{labels}.log"
+            cmd = [sys.executable, __file__, "--targets", target, "--settings", setting, "--labels", labels,
+                   "--result", str(part), *common]
+            with open(log, "w") as fh:
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            active.append((i, proc, part, log))
+        time.sleep(1.0)
+        for item in list(active):
+            i, proc, part, log = item
+            if proc.poll() is None:
+                continue
+            active.remove(item)
+            target, setting, labels = runs[i]
+            if proc.returncode != 0 or not part.exists():
+                failed.append(f"{target} {setting} {labels} (exit {proc.returncode}; log {log}):\n"
+                              + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+                continue
+            res = json.loads(part.read_text())["metrics"][target][setting][labels]
+            results[i] = res
+            print(f"{target} {setting} {labels}: MAE {res['test_mae']:.4f} ({res['steps']} steps)", flush=True)
+    if failed:
+        raise SystemExit("fine-tuning runs failed:\n" + "\n".join(failed))
+    return [results[i] for i in range(len(runs))]
 
 
 def summary(metrics: dict) -> dict:

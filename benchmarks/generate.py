@@ -10,12 +10,15 @@ by (V/n)^(1/3); ``*_match_rate`` counts a prediction that fails the structural o
 unmatched (CDVAE / DiffCSP convention), ``*_match_rate_no_validity_check`` skips the SMACT (composition) part of
 that check; structurally invalid samples (atoms closer than 0.5 Å, cell under 0.1 Å³) are unmatched in both.
 
+0. With several ``--coord-anneal`` values, the one whose flow CSP match rate (no validity check) is highest on
+   ``--n-val`` random validation compositions is used for every sample below.
 1. ``flow``: one sample per composition from the generator alone (no condition).
 2. ``template``: the best substitution template (the no-learning baseline); ``template_refined``: that template
    refined by the generator (the flow restarted at ``--t-start`` from the template); ``template_topk_chgnet_raw``:
    of the ``--k`` best templates, the one of lowest CHGNet energy per atom (a single point per candidate);
-   ``template_topk_chgnet``: the same choice among those templates and their refinements together.  Compositions
-   without a template fall back to the flow sample.
+   ``template_topk_chgnet``: the same choice among those templates and their refinements together;
+   ``template_flow_chgnet`` (with ``--flow-k K``): among those and K more flow samples per composition.
+   Compositions without a template fall back to the flow sample.
 3. XRD-conditioned CSP on the first ``--n-xrd`` of the materials: the condition is the shared-latent embedding of
    the material's computed pattern, at each guidance scale, against the unconditioned flow on the same ones.
 4. Property-conditioned de novo sampling: ``--n-prop`` samples with ``--target NAME=VALUE``, against as many
@@ -88,7 +91,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--coord-anneal", type=float, default=0.0)
+    ap.add_argument("--coord-anneal", type=float, nargs="+", default=[0.0],
+                    help="coordinate velocity scaling (1 + a t); with several values, the one of the best flow CSP "
+                         "match rate on --n-val validation compositions is used for everything else")
+    ap.add_argument("--n-val", type=int, default=300)
+    ap.add_argument("--flow-k", type=int, default=0,
+                    help="flow samples per composition added to the CHGNet-ranked pool of templates")
     ap.add_argument("--k", type=int, default=5, help="templates refined and ranked per composition")
     ap.add_argument("--t-start", type=float, default=0.8, help="flow time at which a template enters")
     ap.add_argument("--n-xrd", type=int, default=200)
@@ -110,8 +118,6 @@ def main() -> None:
     gen = load_generator(args.model, args.device)
     dev = gen.device
     flow = gen.flow
-    sample_kw = {"steps": args.steps, "coord_anneal": args.coord_anneal, "batch_size": args.batch_size}
-
     train = load_records(split_shards(args.shards, "train"))
     test = load_records(split_shards(args.shards, "test"))
     by_id = {r.material_id: r for r in test}
@@ -120,6 +126,26 @@ def main() -> None:
     counts, z = species_order(truths)
     metrics: dict = {"n_materials": len(ids), "n_train": len(train)}
     timing: dict = {}
+
+    # 0. the sampler's coordinate anneal, chosen on validation compositions (never on the test ones)
+    anneal = args.coord_anneal[0]
+    if len(args.coord_anneal) > 1:
+        val = load_records(split_shards(args.shards, "val"))
+        vids = random.Random(args.seed).sample(range(len(val)), min(args.n_val, len(val)))
+        vtruth = [val[i].to_structure() for i in vids]
+        vc, vz = species_order(vtruth)
+        scores = {}
+        for a in args.coord_anneal:
+            preds = sample_structures(flow, vc, vz, None, seed=args.seed + 7, steps=args.steps, coord_anneal=a,
+                                      batch_size=args.batch_size)
+            m, _ = match_metrics(preds, vtruth, args.workers, "v")
+            scores[a] = m["v_match_rate_no_validity_check"]
+        anneal = max(scores, key=lambda a: (scores[a], -a))
+        metrics["coord_anneal_val_match_rate"] = {f"{a:g}": v for a, v in scores.items()}
+        metrics["n_val_materials"] = len(vids)
+        print("coord anneal on validation:", scores, "->", anneal, flush=True)
+    metrics["coord_anneal"] = anneal
+    sample_kw = {"steps": args.steps, "coord_anneal": anneal, "batch_size": args.batch_size}
 
     # 1. the generator alone
     _sync(dev)
@@ -162,19 +188,34 @@ def main() -> None:
         ref_top1 = [refined[first[i]] if i in first else flow_preds[i] for i in range(len(ids))]
         m, _ = match_metrics(ref_top1, truths, args.workers, "template_refined")
         metrics.update(m)
-        # CHGNet single points of every candidate: the raw templates and their refinements
+        # flow samples per composition, for the pool below (all compositions, templates or not)
+        fk_owner = [i for i in range(len(ids)) for _ in range(args.flow_k)]
+        extra_flow: list = []
+        if args.flow_k:
+            kc = [counts[i] for i in fk_owner]
+            offs = np.concatenate([[0], np.cumsum(counts)])
+            kz = [zz for i in fk_owner for zz in z[offs[i] : offs[i + 1]]]
+            _sync(dev)
+            t0 = time.perf_counter()
+            extra_flow = sample_structures(flow, kc, kz, None, seed=args.seed + 8, **sample_kw)
+            _sync(dev)
+            timing["flow_k_sampling_s"] = time.perf_counter() - t0
+        # CHGNet single points of every candidate: the raw templates, their refinements, the flow samples
         t0 = time.perf_counter()
-        pool = flat + refined
+        pool = flat + refined + extra_flow
         ok = [s for s in pool if s is not None]
         e_ok, _ = chgnet_energies(ok, relax=False, device=dev)
         it = iter(e_ok.tolist())
         energies = [next(it) if s is not None else math.inf for s in pool]
         timing["chgnet_rank_s"] = time.perf_counter() - t0
 
-        def lowest(offsets: list[int]) -> list:
+        def lowest(offsets: list[int], flow_too: bool = False) -> list:
             best: dict[int, tuple[float, int]] = {}
-            for off in offsets:
-                for j, i in enumerate(owner):
+            parts = [(off, owner) for off in offsets]
+            if flow_too:
+                parts.append((2 * len(flat), fk_owner))
+            for off, own in parts:
+                for j, i in enumerate(own):
                     e = energies[off + j] if np.isfinite(energies[off + j]) else math.inf
                     if i not in best or e < best[i][0]:
                         best[i] = (e, off + j)
@@ -184,10 +225,21 @@ def main() -> None:
         metrics.update(m)
         m, chosen_hit = match_metrics(lowest([0, len(flat)]), truths, args.workers, "template_topk_chgnet")
         metrics.update(m)
+        pool_hit = None
+        if args.flow_k:
+            m, pool_hit = match_metrics(
+                lowest([0, len(flat)], flow_too=True), truths, args.workers, "template_flow_chgnet"
+            )
+            metrics.update(m)
+            m, _ = match_metrics(extra_flow, [truths[i] for i in fk_owner], args.workers, "flow_k_each")
+            metrics.update(m)
         fails = [i for i in range(len(ids)) if has[i] and not top1_hit[i]]
         no_tpl = [i for i in range(len(ids)) if not has[i]]
         metrics["n_best_template_fails"] = len(fails)
-        for name, hit in (("flow", flow_hit), ("template_topk_chgnet", chosen_hit)):
+        named = [("flow", flow_hit), ("template_topk_chgnet", chosen_hit)]
+        if pool_hit is not None:
+            named.append(("template_flow_chgnet", pool_hit))
+        for name, hit in named:
             metrics[f"{name}_rate_on_template_failures"] = (
                 float(np.mean([hit[i] for i in fails])) if fails else math.nan
             )
@@ -267,7 +319,7 @@ def main() -> None:
                 "seed": args.seed + 6,
                 "steps": args.steps,
                 "guidance": 1.0,
-                "coord_anneal": args.coord_anneal,
+                "coord_anneal": anneal,
                 "composition": None,
                 "condition": {},
                 "generation": {
@@ -285,8 +337,9 @@ def main() -> None:
         "matcher": {"stol": 0.5, "angle_tol": 10, "ltol": 0.3},
         "sampling": {
             "steps": args.steps,
-            "coord_anneal": args.coord_anneal,
+            "coord_anneal": anneal,
             "k": args.k,
+            "flow_k": args.flow_k,
             "t_start": args.t_start,
             "guidance": args.guidance,
             "batch_size": args.batch_size,

@@ -9,6 +9,11 @@
 #   OUT=DIR bash benchmarks/gpu_all.sh generate SECONDS      generator training + generate.json + de novo samples
 #   OUT=DIR bash benchmarks/gpu_all.sh generate_fit STEPS    the same training over several calls (CALL_SECONDS each),
 #                                                            resumed from /tmp/gen/sitting.ckpt; then generate_eval
+#   OUT=DIR bash benchmarks/gpu_all.sh finetune_start SET..  detached fine-tuning runs of those settings, JOBS at a
+#                                                            time, STEPS (and STEPS_1K) steps each; then `wait`
+#   OUT=DIR bash benchmarks/gpu_all.sh generate_start SECONDS detached generator training; then `wait`, generate_eval
+#   OUT=DIR bash benchmarks/gpu_all.sh wait SECONDS          until the detached jobs end (or SECONDS pass), then
+#                                                            copies finetune.json and the generator's metrics
 #   OUT=DIR bash benchmarks/gpu_all.sh ddp SAMPLES           2 GPUs: 1-GPU throughput on the same card, then DDP
 #   OUT=DIR bash benchmarks/gpu_all.sh profile [OVERRIDES]    step profiles, 1 GPU then DDP: $OUT/p1, $OUT/p2
 # Needs .whl/ (CPython 3.12 wheels, see ../shared/docs/GPU.md) and .gpu/data/ (mp_20, text corpora, xrd_measured).
@@ -95,8 +100,57 @@ EOF
     cat /tmp/gen/generate/version_*/metrics.csv > "$OUT/generate_train_metrics.csv"
     PRED=/tmp/ft/formation_energy_per_atom_finetuned_all/model
     python3 benchmarks/generate.py --model /tmp/gen/model --shards $SHARDS --workers 16 \
-        $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out "$OUT/denovo" \
+        $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out /tmp/denovo ${GEN_ARGS:-} \
         --result "$OUT/generate.json" 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 30
+    if [ -d .gpu/data/eval ]; then
+      # the staged report of the de novo samples on this card (what `mmmat evaluate` runs), with the CHGNet hull
+      # of the train split and the test split's coverage fingerprints computed beforehand (.gpu/data/eval);
+      # CHGNet relaxations in RELAX_WORKERS processes
+      mkdir -p /tmp/evalcache "$OUT/denovo_eval" && cp -n .gpu/data/eval/coverage_fps_test.npz /tmp/evalcache/
+      python3 -c "import sys; from mmmat.evaluation.report import evaluate_folder as ev; \
+r = ev('/tmp/denovo', '$SHARDS', '$OUT/denovo_eval/report.json', hull='.gpu/data/eval/hull_mp20p_train.json', \
+relax_steps=int(sys.argv[1]), workers=int(sys.argv[2]), device='cuda', cache_dir='/tmp/evalcache'); \
+print({k: v for k, v in r['metrics'].items() if 'rate' in k or 'valid' in k})" \
+          "${RELAX_STEPS:-500}" "${RELAX_WORKERS:-12}" 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 5
+    fi
+    ;;
+  finetune_start)
+    # detached: outlives this call while the machine stays warm; results merge into /tmp/finetune.json
+    shift
+    PRE=$( [ "$*" = scratch ] || echo --pretrained /tmp/run1/model )  # scratch alone needs no pretrained model
+    setsid nohup python3 benchmarks/finetune.py $PRE --shards $SHARDS --settings "$@" \
+        --seconds 0 --max-steps "${STEPS:-4000}" --max-steps-small "${STEPS_1K:-2000}" --jobs "${JOBS:-3}" \
+        ${TARGETS:+--targets $TARGETS} --merge --workdir /tmp/ft --baselines --result /tmp/finetune.json \
+        > "/tmp/ft_$1.log" 2>&1 < /dev/null &
+    echo $! >> /tmp/detached.pids
+    echo "fine-tuning $* started"
+    ;;
+  generate_start)
+    printf '%s\n' "trainer:" "  callbacks:" "    - class_path: mmmat.tasks.callbacks.TimeBudget" \
+        "      init_args: {seconds: ${ARG:-1200}, calibrate_steps: 200}" \
+        "    - class_path: mmmat.tasks.callbacks.Throughput" > /tmp/gen_overlay.yaml
+    setsid nohup python3 train.py fit --config configs/generate/mp20p.yaml --config /tmp/gen_overlay.yaml \
+        --data.shards=$SHARDS --model.init_args.pretrained=/tmp/run1/model --data.tokenizer=/tmp/run1/model/tokenizer \
+        --model.init_args.save_dir=/tmp/gen/model --trainer.default_root_dir=/tmp/gen \
+        --trainer.logger.init_args.save_dir=/tmp/gen > /tmp/gen_train.log 2>&1 < /dev/null &
+    echo $! >> /tmp/detached.pids
+    echo "generator training started"
+    ;;
+  wait)
+    END=$((SECONDS + ${ARG:-570}))
+    while [ $SECONDS -lt $END ]; do
+      alive=0
+      for p in $(cat /tmp/detached.pids 2>/dev/null); do kill -0 "$p" 2>/dev/null && alive=1; done
+      [ $alive = 0 ] && break
+      sleep 5
+    done
+    for p in $(cat /tmp/detached.pids 2>/dev/null); do kill -0 "$p" 2>/dev/null && echo "still running: $p"; done
+    for f in /tmp/ft_*.log; do [ -f "$f" ] && { echo "== $f"; grep -E "MAE|rror" "$f" | tail -n 12; }; done
+    [ -f /tmp/gen_train.log ] && { echo "== generator"; grep -v Warning /tmp/gen_train.log | tail -n 4; }
+    ls -d /tmp/gen/generate/version_* > /dev/null 2>&1 && \
+        tail -n 2 "$(ls -d /tmp/gen/generate/version_* | tail -n 1)/metrics.csv"
+    [ -f /tmp/finetune.json ] && cp /tmp/finetune.json "$OUT/finetune.json"
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ;;
   ddp)
     python3 benchmarks/pretrain.py --shards $SHARDS --config configs/pretrain/mp20p.yaml --devices 1 \

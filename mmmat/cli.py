@@ -379,7 +379,7 @@ def evaluate(
     hull: Path | None = typer.Option(None, help="CHGNet hull JSON (default: built from the reference)."),
     relax: bool = typer.Option(True, help="Relax samples with CHGNet in the stability stage."),
     relax_steps: int = typer.Option(500, help="Most FIRE steps per relaxation."),
-    workers: int = typer.Option(1, help="Processes for matching and fingerprints."),
+    workers: int = typer.Option(1, help="Processes for matching, fingerprints and CHGNet relaxations."),
     device: str | None = typer.Option(None, help="CHGNet device: cpu or cuda (default: cuda if any)."),
     limit_reference: int | None = typer.Option(None, help="Use the first N reference crystals only."),
     cache_dir: Path | None = typer.Option(None, help="Cache for reference fingerprints and hull."),

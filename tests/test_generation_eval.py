@@ -268,3 +268,18 @@ def test_chgnet_energies_skip_unphysically_dense_cells(nacl):
     assert finals[0] is crushed and len(finals) == 3
     e_all, _ = chgnet_energies([crushed, nacl], threads=1, min_volume_per_atom=0.0)
     assert np.isfinite(e_all[1])
+
+
+def test_chgnet_relaxation_over_worker_processes_matches_one_process(nacl, mgo):
+    # a strained rock salt and a rattled one relax to the same energies whether one process or two do it
+    strained = nacl.copy()
+    strained.apply_strain(0.03)
+    rattled = mgo.copy()
+    rattled.translate_sites([0], [0.02, 0.0, 0.01])
+    crushed = Structure(Lattice.cubic(1.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    todo = [strained, crushed, rattled, nacl]
+    e1, f1 = chgnet_energies(todo, relax=True, steps=15, threads=1)
+    e2, f2 = chgnet_energies(todo, relax=True, steps=15, threads=1, workers=2)
+    assert np.isnan(e1[1]) and np.isnan(e2[1]) and f2[1] is crushed
+    np.testing.assert_allclose(e2[[0, 2, 3]], e1[[0, 2, 3]], atol=1e-4)
+    assert abs(f2[0].volume - f1[0].volume) < 1e-3 and f2[0].volume != strained.volume

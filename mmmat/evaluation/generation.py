@@ -521,7 +521,7 @@ def evaluate_generated(
         stable_threshold: e_hull (eV/atom) at or under which a sample survives ``stability``.
         device: Torch device for CHGNet (default: CUDA if available).
         threads: Torch CPU threads for CHGNet (None: unchanged).
-        workers: Processes for matching and fingerprints.
+        workers: Processes for matching, fingerprints and CHGNet relaxations.
         fingerprint_cache: ``.npz`` file for the coverage reference's fingerprints.
 
     Returns:
@@ -596,7 +596,9 @@ def evaluate_generated(
                 hull = HullReference.load(hull)
             ref_s = time.perf_counter() - tr
             on_gpu = dev.startswith("cuda")
-            res = stability(cur, hull, relax=relax, steps=relax_steps, fmax=fmax, device=dev, threads=threads)
+            res = stability(
+                cur, hull, relax=relax, steps=relax_steps, fmax=fmax, device=dev, threads=threads, workers=workers
+            )
             hull = res["hull"]
             e, eh = res["energy_per_atom"], res["e_above_hull"]
             put("energy_per_atom", idx, e)

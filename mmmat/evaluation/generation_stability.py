@@ -76,6 +76,7 @@ def chgnet_energies(
     batch_size: int = 16,
     threads: int | None = None,
     min_volume_per_atom: float = 2.0,
+    workers: int = 1,
 ) -> tuple[np.ndarray, list]:
     """CHGNet energies (eV/atom), optionally after a FIRE relaxation of positions and cell.
 
@@ -91,6 +92,10 @@ def chgnet_energies(
         min_volume_per_atom: Cells denser than this (Å³ per atom) get ``NaN`` without being passed to CHGNet.
             No known solid is that dense (diamond has 5.7 Å³ per atom), and CHGNet's bond-angle graph grows with
             the square of the neighbours within 3 Å: a cell at 0.5 Å³ per atom takes gigabytes.
+        workers: Processes that relax at once, each with its own CHGNet on ``device`` (1: this process).
+            Relaxations run one structure at a time and most of a step is host work (graph building), so on a
+            GPU several processes side by side shorten the stage almost in proportion. Each process uses
+            ``threads`` torch threads (1 when None).
 
     Returns:
         ``(energy_per_atom (N,), final_structures)``; a structure CHGNet fails on (or too dense a cell) gets
@@ -99,15 +104,47 @@ def chgnet_energies(
     """
     structures = list(structures)
     ok = [i for i, s in enumerate(structures) if len(s) == 0 or s.volume / len(s) >= min_volume_per_atom]
-    with torch_threads(threads):
-        e_ok, f_ok = _chgnet_energies(
-            [structures[i] for i in ok], relax, steps, fmax, relax_cell, resolve_device(device), batch_size
-        )
+    todo = [structures[i] for i in ok]
+    dev = resolve_device(device)
+    if relax and workers > 1 and len(todo) > 1:
+        e_ok, f_ok = _parallel_relax(todo, steps, fmax, relax_cell, dev, batch_size, threads or 1, workers)
+    else:
+        with torch_threads(threads):
+            e_ok, f_ok = _chgnet_energies(todo, relax, steps, fmax, relax_cell, dev, batch_size)
     energies = np.full(len(structures), np.nan)
     energies[ok] = e_ok
     finals = list(structures)
     for i, f in zip(ok, f_ok):
         finals[i] = f
+    return energies, finals
+
+
+def _relax_chunk(structures, steps, fmax, relax_cell, device, batch_size, threads) -> tuple[np.ndarray, list]:
+    with torch_threads(threads):
+        return _chgnet_energies(structures, True, steps, fmax, relax_cell, device, batch_size)
+
+
+def _parallel_relax(
+    structures, steps, fmax, relax_cell, device, batch_size, threads, workers
+) -> tuple[np.ndarray, list]:
+    """:func:`_chgnet_energies` with relaxation over ``workers`` fresh processes, in small chunks."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = len(structures)
+    size = max(1, min(8, math.ceil(n / (4 * workers))))  # small chunks even out relaxations of unequal length
+    starts = list(range(0, n, size))
+    energies = np.full(n, np.nan)
+    finals = list(structures)
+    with ProcessPoolExecutor(max_workers=min(workers, len(starts)), mp_context=mp.get_context("spawn")) as ex:
+        futs = [
+            ex.submit(_relax_chunk, structures[a : a + size], steps, fmax, relax_cell, device, batch_size, threads)
+            for a in starts
+        ]
+        for a, fut in zip(starts, futs):
+            e, f = fut.result()
+            energies[a : a + len(e)] = e
+            finals[a : a + len(f)] = f
     return energies, finals
 
 
@@ -403,6 +440,7 @@ def stability(
     device: str | None = None,
     add_endpoints: bool = True,
     threads: int | None = None,
+    workers: int = 1,
 ) -> dict:
     """CHGNet energy and energy above ``hull`` of each structure.
 
@@ -416,6 +454,7 @@ def stability(
         add_endpoints: Add prototype end points for elements ``hull`` lacks (the extended reference is
             returned).
         threads: Torch CPU threads (None: unchanged).
+        workers: Processes that relax at once (see :func:`chgnet_energies`).
 
     Returns:
         ``{"energy_per_atom": (N,), "e_above_hull": (N,) eV/atom (NaN: no hull), "structures": [...],
@@ -423,7 +462,7 @@ def stability(
 
     """
     energies, finals = chgnet_energies(
-        structures, relax=relax, steps=steps, fmax=fmax, device=device, threads=threads
+        structures, relax=relax, steps=steps, fmax=fmax, device=device, threads=threads, workers=workers
     )
     if add_endpoints:
         elements = {el.symbol for s in finals for el in s.composition.elements}

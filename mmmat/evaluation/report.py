@@ -526,7 +526,7 @@ def evaluate_folder(
             default: built from the reference with CHGNet (cached in ``cache_dir`` when given).
         relax: Relax samples with CHGNet in the stability stage.
         relax_steps: Most FIRE steps per relaxation.
-        workers: Processes for matching and fingerprints.
+        workers: Processes for matching, fingerprints and CHGNet relaxations.
         device: Torch device for CHGNet (default: CUDA if available).
         limit_reference: Use only the first this many reference (and coverage-reference) crystals.
         cache_dir: Folder for the coverage fingerprints and the CHGNet hull, reused by later runs.
