@@ -177,8 +177,10 @@ def main() -> None:
         fc, fz = species_order(flat)
         _sync(dev)
         t0 = time.perf_counter()
+        # starts in their Niggli-reduced cells: the cells a generator trained with data.reduce_cells has seen
+        starts = [t.get_reduced_structure() for t in flat]
         refined = sample_structures(
-            flow, fc, fz, None, seed=args.seed + 1, start=flat, t_start=args.t_start, **sample_kw
+            flow, fc, fz, None, seed=args.seed + 1, start=starts, t_start=args.t_start, **sample_kw
         )
         _sync(dev)
         timing["template_refine_s"] = time.perf_counter() - t0

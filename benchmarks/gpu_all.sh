@@ -57,6 +57,8 @@ case $PHASE in
   finetune)
     # TARGETS="formation_energy_per_atom" ... runs those only; a later call with the others merges them in
     [ -f /tmp/finetune.json ] && cp /tmp/finetune.json "$OUT/finetune.json"
+    [ -f /tmp/denovo_eval.log ] && { echo "== de novo evaluation"; grep -v -E "Warning|DLASCL" /tmp/denovo_eval.log | tail -n 3; }
+    [ -f /tmp/denovo_eval/report.json ] && mkdir -p "$OUT/denovo_eval" && cp /tmp/denovo_eval/* "$OUT/denovo_eval/"
     python3 benchmarks/finetune.py --pretrained /tmp/run1/model --shards $SHARDS --seconds "${ARG:-20}" \
         ${TARGETS:+--targets $TARGETS} --merge --workdir /tmp/ft --baselines --result "$OUT/finetune.json" 2>&1 \
         | grep -E "MAE|Error|error|gain" | tail -n 40
@@ -103,15 +105,17 @@ EOF
         $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out /tmp/denovo ${GEN_ARGS:-} \
         --result "$OUT/generate.json" 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 30
     if [ -d .gpu/data/eval ]; then
-      # the staged report of the de novo samples on this card (what `mmmat evaluate` runs), with the CHGNet hull
-      # of the train split and the test split's coverage fingerprints computed beforehand (.gpu/data/eval);
-      # CHGNet relaxations in RELAX_WORKERS processes
-      mkdir -p /tmp/evalcache "$OUT/denovo_eval" && cp -n .gpu/data/eval/coverage_fps_test.npz /tmp/evalcache/
-      python3 -c "import sys; from mmmat.evaluation.report import evaluate_folder as ev; \
-r = ev('/tmp/denovo', '$SHARDS', '$OUT/denovo_eval/report.json', hull='.gpu/data/eval/hull_mp20p_train.json', \
+      # the staged report of the de novo samples on this card (what `mmmat evaluate` runs), detached (collect it
+      # with `wait`), with the CHGNet hull of the train split and the test split's coverage fingerprints computed
+      # beforehand (.gpu/data/eval); CHGNet relaxations in RELAX_WORKERS processes
+      mkdir -p /tmp/evalcache /tmp/denovo_eval && cp -n .gpu/data/eval/coverage_fps_test.npz /tmp/evalcache/
+      setsid nohup python3 -c "import sys; from mmmat.evaluation.report import evaluate_folder as ev; \
+r = ev('/tmp/denovo', '$SHARDS', '/tmp/denovo_eval/report.json', hull='.gpu/data/eval/hull_mp20p_train.json', \
 relax_steps=int(sys.argv[1]), workers=int(sys.argv[2]), device='cuda', cache_dir='/tmp/evalcache'); \
 print({k: v for k, v in r['metrics'].items() if 'rate' in k or 'valid' in k})" \
-          "${RELAX_STEPS:-500}" "${RELAX_WORKERS:-12}" 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 5
+          "${RELAX_STEPS:-500}" "${RELAX_WORKERS:-12}" > /tmp/denovo_eval.log 2>&1 < /dev/null &
+      echo $! >> /tmp/detached.pids
+      echo "de novo evaluation started"
     fi
     ;;
   finetune_start)
@@ -150,6 +154,8 @@ print({k: v for k, v in r['metrics'].items() if 'rate' in k or 'valid' in k})" \
     ls -d /tmp/gen/generate/version_* > /dev/null 2>&1 && \
         tail -n 2 "$(ls -d /tmp/gen/generate/version_* | tail -n 1)/metrics.csv"
     [ -f /tmp/finetune.json ] && cp /tmp/finetune.json "$OUT/finetune.json"
+    [ -f /tmp/denovo_eval.log ] && { echo "== de novo evaluation"; grep -v -E "Warning|DLASCL" /tmp/denovo_eval.log | tail -n 3; }
+    [ -f /tmp/denovo_eval/report.json ] && mkdir -p "$OUT/denovo_eval" && cp /tmp/denovo_eval/* "$OUT/denovo_eval/"
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ;;
   ddp)

@@ -189,3 +189,19 @@ def test_resampled_stream_draws_shards_with_replacement(shard_dir):
     assert len(ids) == pipe.batches_per_worker * 4
     known = {r.material_id for r in L.load_records(urls)}
     assert set(ids) <= known
+
+
+def test_datamodule_reduces_cells_on_request(shard_dir):
+    from mmmat.tasks.datamodule import MultimodalDataModule
+
+    plain = MultimodalDataModule(str(shard_dir), batch_size=4, num_workers=0, mode="memory", cutoff=4.0)
+    red = MultimodalDataModule(str(shard_dir), batch_size=4, num_workers=0, mode="memory", cutoff=4.0,
+                               reduce_cells=True)
+    a, b = plain.records("train"), red.records("train")
+    assert [r.material_id for r in a] == [r.material_id for r in b]
+    for x, y in zip(a, b):
+        assert abs(x.volume - y.volume) < 1e-6 * x.volume and list(x.numbers) == list(y.numbers)
+        reduced = x.to_structure().get_reduced_structure()
+        np.testing.assert_allclose(y.lattice, reduced.lattice.matrix, atol=1e-8)
+    with pytest.raises(ValueError, match="reduce_cells"):
+        MultimodalDataModule(str(shard_dir), mode="stream", reduce_cells=True)

@@ -114,3 +114,26 @@ def test_good_record_validates_and_min_distance(nacl):
 
 def test_sample_key_is_webdataset_safe():
     assert sample_key("mp-1.2/x y") == "mp-1_2_x_y"
+
+
+def test_reduced_cell_is_the_same_crystal(nacl):
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.core import Lattice, Structure
+
+    # a skewed supercell basis of the primitive rock salt cell: a = a1, b = a2 + a1, c = a3 + 2 a1
+    prim = nacl.get_primitive_structure()
+    m = np.array([[1, 0, 0], [1, 1, 0], [2, 0, 1]])
+    skewed = Structure(Lattice(m @ prim.lattice.matrix), prim.species, prim.cart_coords,
+                       coords_are_cartesian=True, to_unit_cell=True)
+    rec = MaterialRecord.from_structure(skewed, "mp-skewed", properties={"band_gap": 5.0}, split="train")
+    red = rec.reduced()
+    assert red.material_id == "mp-skewed" and red.properties == rec.properties and red.split == "train"
+    assert list(red.numbers) == list(rec.numbers)  # atom order kept
+    assert abs(red.volume - rec.volume) < 1e-6
+    assert max(np.linalg.norm(red.lattice, axis=1)) < max(np.linalg.norm(rec.lattice, axis=1)) - 1.0
+    np.testing.assert_allclose(sorted(red.to_structure().lattice.abc), [3.988] * 3, atol=1e-3)
+    assert ((red.frac_coords >= 0) & (red.frac_coords < 1)).all()
+    assert StructureMatcher().fit(red.to_structure(), skewed)
+    # an already reduced cell stays as it is, and an empty record is returned unchanged
+    again = red.reduced()
+    np.testing.assert_allclose(again.lattice, red.lattice, atol=1e-8)

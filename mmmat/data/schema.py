@@ -217,6 +217,20 @@ class MaterialRecord:
 
         return Structure(Lattice(self.lattice), [int(z) for z in self.numbers], self.frac_coords)
 
+    def reduced(self) -> MaterialRecord:
+        """A copy with the Niggli-reduced cell of the same crystal (atoms in the same order, wrapped into it).
+
+        The reduced cell is unique up to the lattice's symmetry, so a model of lattice parameters (a generator)
+        sees one cell per crystal instead of any of the equivalent ones a data source happened to store.
+        Everything derived from the crystal alone (patterns, properties, texts) is unchanged.
+        """
+        from dataclasses import replace
+
+        if self.num_atoms == 0:
+            return self
+        red = self.to_structure().get_reduced_structure()
+        return replace(self, lattice=red.lattice.matrix, frac_coords=red.frac_coords)
+
     @classmethod
     def from_ase(cls, atoms: Any, material_id: str, **kwargs: Any) -> MaterialRecord:
         """Build from an ASE ``Atoms`` with a full 3-D cell."""

@@ -38,6 +38,9 @@ class MultimodalDataModule(pl.LightningDataModule):
         shuffle_buffer: Sample shuffle buffer when streaming.
         seed: Seed of shuffles and text choice.
         train_split / val_split / test_split: Split names in the shard folder.
+        reduce_cells: Give every crystal its Niggli-reduced cell when the records are loaded
+            (:meth:`~mmmat.data.schema.MaterialRecord.reduced`; resident and memory modes). Models that are
+            invariant to the cell choice do not need it; a generator of lattice parameters does.
 
     """
 
@@ -62,9 +65,12 @@ class MultimodalDataModule(pl.LightningDataModule):
         tokenizer: str | None = None,
         build_tokenizer: bool = False,
         tokenizer_vocab_size: int = 8000,
+        reduce_cells: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if reduce_cells and mode == "stream":
+            raise ValueError("reduce_cells needs mode 'resident' or 'memory' (records are reduced when loaded)")
         from data_pipelines.build import load_manifest
 
         self.manifest = load_manifest(shards)
@@ -117,7 +123,10 @@ class MultimodalDataModule(pl.LightningDataModule):
     def records(self, split: str) -> list:
         """Decoded records of ``split`` (memory mode; cached)."""
         if split not in self._records:
-            self._records[split] = load_records(split_shards(self.hparams.shards, split))
+            recs = load_records(split_shards(self.hparams.shards, split))
+            if self.hparams.reduce_cells:
+                recs = [r.reduced() for r in recs]
+            self._records[split] = recs
         return self._records[split]
 
     def resident(self, split: str, device: torch.device | str | None = None) -> Any:
