@@ -77,7 +77,7 @@ EOF
         --model.init_args.save_dir=/tmp/gen/model --trainer.default_root_dir=/tmp/gen \
         --trainer.logger.init_args.save_dir=/tmp/gen 2>&1 | grep -v Warning | tail -n 5
     cp "$(ls -d /tmp/gen/generate/version_* | tail -n 1)/metrics.csv" "$OUT/generate_train_metrics.csv"
-    PRED=/tmp/ft/formation_energy_per_atom_finetuned_all/model
+    PRED=${PRED:-/tmp/ft/formation_energy_per_atom_finetuned_all/model}
     python3 benchmarks/generate.py --model /tmp/gen/model --shards $SHARDS --workers 16 \
         $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out "$OUT/denovo" \
         --result "$OUT/generate.json" 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 30
@@ -100,7 +100,7 @@ EOF
     ;;
   generate_eval)
     cat /tmp/gen/generate/version_*/metrics.csv > "$OUT/generate_train_metrics.csv"
-    PRED=/tmp/ft/formation_energy_per_atom_finetuned_all/model
+    PRED=${PRED:-/tmp/ft/formation_energy_per_atom_finetuned_all/model}
     python3 benchmarks/generate.py --model /tmp/gen/model --shards $SHARDS --workers 16 \
         $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out /tmp/denovo ${GEN_ARGS:-} \
         --result "$OUT/generate.json" 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 30
