@@ -142,8 +142,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the runs of an existing --result file that this call does not redo")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="runs at once, each in its own process (they share the GPU; one GPU step is mostly "
-                         "kernel-launch time, so a few processes fit side by side)")
+                    help="runs at once, each in its own process on the same GPU (fixed --max-steps keep "
+                         "them comparable when they share it)")
     ap.add_argument("--override", nargs=argparse.REMAINDER, default=[], help="more train.py arguments")
     args = ap.parse_args()
     if args.workdir is None:

@@ -194,9 +194,7 @@ def main() -> None:
         fk_owner = [i for i in range(len(ids)) for _ in range(args.flow_k)]
         extra_flow: list = []
         if args.flow_k:
-            kc = [counts[i] for i in fk_owner]
-            offs = np.concatenate([[0], np.cumsum(counts)])
-            kz = [zz for i in fk_owner for zz in z[offs[i] : offs[i + 1]]]
+            kc, kz = species_order([truths[i] for i in fk_owner])
             _sync(dev)
             t0 = time.perf_counter()
             extra_flow = sample_structures(flow, kc, kz, None, seed=args.seed + 8, **sample_kw)

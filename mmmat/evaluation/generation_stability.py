@@ -93,9 +93,9 @@ def chgnet_energies(
             No known solid is that dense (diamond has 5.7 Å³ per atom), and CHGNet's bond-angle graph grows with
             the square of the neighbours within 3 Å: a cell at 0.5 Å³ per atom takes gigabytes.
         workers: Processes that relax at once, each with its own CHGNet on ``device`` (1: this process).
-            Relaxations run one structure at a time and most of a step is host work (graph building), so on a
-            GPU several processes side by side shorten the stage almost in proportion. Each process uses
-            ``threads`` torch threads (1 when None).
+            Relaxations run one structure at a time, so the processes work on different structures side by
+            side (chunks of at most 8, handed out as processes free up). Each process uses ``threads`` torch
+            threads (1 when None).
 
     Returns:
         ``(energy_per_atom (N,), final_structures)``; a structure CHGNet fails on (or too dense a cell) gets
