@@ -183,6 +183,7 @@ class XRDAugment(nn.Module):
         self.max_peaks = int(max_peaks)
         self.wavelength = float(wavelength)
         self.register_buffer("grid", torch.as_tensor(TWO_THETA, dtype=torch.float32), persistent=False)
+        self._min_step = float(np.diff(np.asarray(TWO_THETA, dtype=np.float32)).min())  # known on the host
 
     @classmethod
     def off(cls, fwhm: float = DEFAULT_FWHM, **overrides: Any) -> XRDAugment:
@@ -303,6 +304,8 @@ class XRDAugment(nn.Module):
             shift=shift,
             grid=self.grid,
             eta=self.eta,
+            max_fwhm=self.fwhm_max,
+            min_step=self._min_step,
         )
         scale = profile.amax(dim=1)  # 1 with peaks on the grid, 0 without
         # 6. background

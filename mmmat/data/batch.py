@@ -40,6 +40,9 @@ class MultimodalBatch:
         literature_ids / literature_mask: (B, T) likewise for one literature text.
         properties: (B, K) float32, NaN where missing; columns named by ``property_names``.
         present: modality name -> (B,) bool.
+        rows: Optional modality name -> (K,) long indices of the present rows, in order, where the batch
+            builder knows them on the host (resident batches); encoders that run on present rows only use
+            them instead of reading the mask back from the device.
         skipped: bad samples skipped so far by the process that built this batch.
 
     """
@@ -57,6 +60,7 @@ class MultimodalBatch:
     properties: torch.Tensor
     property_names: list[str]
     present: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: int = 0
 
     def __len__(self) -> int:
@@ -71,7 +75,7 @@ class MultimodalBatch:
                 v = v.to(device, non_blocking=non_blocking)
             elif f.name == "crystal":
                 v = v.to(device, non_blocking=non_blocking)
-            elif f.name == "present":
+            elif f.name in ("present", "rows"):
                 v = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
             kw[f.name] = v
         return MultimodalBatch(**kw)
@@ -86,7 +90,7 @@ class MultimodalBatch:
                 v = _pack(v)
             elif f.name == "crystal":
                 v = {k: _pack(t) for k, t in v.to_dict().items() if isinstance(t, torch.Tensor)}
-            elif f.name == "present":
+            elif f.name in ("present", "rows"):
                 v = {k: _pack(t) for k, t in v.items()}
             state[f.name] = v
         return _rebuild_batch, (state,)
@@ -100,7 +104,7 @@ class MultimodalBatch:
                 v = v.pin_memory()
             elif f.name == "crystal":
                 v = v.pin_memory()
-            elif f.name == "present":
+            elif f.name in ("present", "rows"):
                 v = {k: t.pin_memory() for k, t in v.items()}
             kw[f.name] = v
         return MultimodalBatch(**kw)
@@ -135,7 +139,7 @@ def _rebuild_batch(state: dict[str, Any]) -> MultimodalBatch:
         elif k == "crystal":
             v = Batch(**{n: _unpack(a) for n, a in v.items()})
             v._num_graphs = int(v.ptr.shape[0] - 1)
-        elif k == "present":
+        elif k in ("present", "rows"):
             v = {n: _unpack(a) for n, a in v.items()}
         kw[k] = v
     return MultimodalBatch(**kw)

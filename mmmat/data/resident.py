@@ -55,6 +55,14 @@ class ResidentData:
         cutoff: Periodic neighbour-graph cutoff, Å (None: leave the graph to the model).
         max_num_neighbors: Nearest neighbours kept per atom.
         device: Where the tensors live.
+        precompute_graph: Build each crystal's periodic neighbour list once, here, and assemble a batch's graph
+            by gathering (the same edges, in the same order, as building it per batch); a batch then needs no
+            graph search and no device synchronisation.
+        edge_capacity: With ``precompute_graph``, pad every batch's edge list to this fixed length (static
+            shapes for compiled or captured steps; ``0`` picks 1.15 × the mean edges per batch, rounded up to a
+            multiple of 4,096). Padding edges join atom 0 to a far image of itself (distance ≥ 1,000 × |a|,
+            beyond any cutoff), so they carry zero weight. A batch with more edges than the capacity is never
+            truncated: the capacity grows to fit it (``capacity_grown`` counts how often).
 
     """
 
@@ -68,6 +76,8 @@ class ResidentData:
         cutoff: float | None = 5.0,
         max_num_neighbors: int | None = None,
         device: str | torch.device = "cpu",
+        precompute_graph: bool = False,
+        edge_capacity: int | None = None,
     ):
         from mmmat.data.xrd import NUM_POINTS
 
@@ -112,6 +122,9 @@ class ResidentData:
         l_ids, l_mask, l_ptr = _pack_texts(lit, tokenizer, max_text_tokens)
         dev = self.device
         self._counts_cpu = counts
+        # texts per record, on the host: a batch's present text rows are known without reading the device
+        self._n_texts_cpu = {"p": p_ptr[1:] - p_ptr[:-1], "l": l_ptr[1:] - l_ptr[:-1]}
+        self.crystal_features: list[str] = []
         self.t = {
             "counts": counts.to(dev),
             "ptr": ptr.to(dev),
@@ -132,9 +145,121 @@ class ResidentData:
             "l_mask": l_mask.to(dev),
             "l_ptr": l_ptr.to(dev),
         }
+        self.precompute_graph = bool(precompute_graph) and cutoff is not None
+        self.edge_capacity: int | None = None
+        self.capacity_grown = 0
+        if self.precompute_graph:
+            self._pack_graphs()
+            if edge_capacity is not None:
+                if edge_capacity < 0:
+                    raise ValueError(f"edge_capacity must be >= 0, got {edge_capacity}")
+                self.edge_capacity = int(edge_capacity) or None
+                self._auto_capacity = edge_capacity == 0
+        elif edge_capacity is not None:
+            raise ValueError("edge_capacity needs precompute_graph=True (and a cutoff)")
 
     def __len__(self) -> int:
         return len(self.material_ids)
+
+    def _crystal_chunks(self, max_atoms: int = 65_536) -> Iterator[torch.Tensor]:
+        """Consecutive index ranges of crystals holding about ``max_atoms`` atoms each."""
+        cum = torch.cumsum(self._counts_cpu, 0)
+        start = 0
+        m = len(self)
+        while start < m:
+            base = int(cum[start - 1]) if start else 0
+            stop = int(torch.searchsorted(cum, base + max_atoms, right=True))
+            stop = min(max(stop, start + 1), m)
+            yield torch.arange(start, stop)
+            start = stop
+
+    def _pack_graphs(self) -> None:
+        """Every crystal's neighbour list, once: local (source, target) atom indices, cell offsets, pointers."""
+        from mmmat.data.graph import radius_graph_pbc
+
+        srcs, tgts, offs, per = [], [], [], []
+        for idx in self._crystal_chunks():
+            b = self._plain_crystal(idx.to(self.device))
+            ei, off, _ = radius_graph_pbc(b.pos, b.lattice, b.batch, self.cutoff, self.max_num_neighbors)
+            first = b.ptr[:-1]
+            owner = b.batch[ei[1]]
+            srcs.append((ei[0] - first[owner]).to(torch.int32))
+            tgts.append((ei[1] - first[owner]).to(torch.int32))
+            offs.append(off.to(torch.int8) if off.numel() == 0 or int(off.abs().max()) < 127 else off)
+            per.append(torch.bincount(owner, minlength=idx.shape[0]).cpu())
+        e_counts = torch.cat(per)
+        e_ptr = torch.zeros(len(self) + 1, dtype=torch.long)
+        e_ptr[1:] = torch.cumsum(e_counts, 0)
+        dt = torch.int8 if all(o.dtype == torch.int8 for o in offs) else torch.long
+        self._e_counts_cpu = e_counts
+        self.t.update(
+            e_src=torch.cat(srcs), e_tgt=torch.cat(tgts), e_off=torch.cat([o.to(dt) for o in offs]),
+            e_counts=e_counts.to(self.device), e_ptr=e_ptr.to(self.device),
+        )
+
+    def _plain_crystal(self, idx: torch.Tensor) -> Any:
+        """The crystals at ``idx`` (on the device) as a graph batch without edges."""
+        counts = self.t["counts"][idx]
+        n_atoms = int(counts.sum())
+        return self._crystals(idx, counts, n_atoms, cutoff=None)
+
+    def _crystals(self, idx: torch.Tensor, counts: torch.Tensor, n_atoms: int, cutoff: float | None) -> Any:
+        t = self.t
+        b = idx.shape[0]
+        batch_vec = torch.repeat_interleave(torch.arange(b, device=self.device), counts, output_size=n_atoms)
+        first = torch.zeros(b, dtype=torch.long, device=self.device)
+        first[1:] = torch.cumsum(counts, 0)[:-1]
+        atom = t["ptr"][idx][batch_vec] + torch.arange(n_atoms, device=self.device) - first[batch_vec]
+        return crystal_batch(
+            t["z"][atom], t["frac"][atom], t["lattice"][idx], counts, cutoff, self.max_num_neighbors,
+            batch_vec=batch_vec,
+        )
+
+    def _gathered_edges(self, idx: torch.Tensor, idx_cpu: torch.Tensor, crystal: Any) -> None:
+        """Put the precomputed neighbour lists of the crystals at ``idx`` on ``crystal`` (no device sync)."""
+        t = self.t
+        n_edges = int(self._e_counts_cpu[idx_cpu].sum())
+        dev = self.device
+        b = idx.shape[0]
+        e_counts = t["e_counts"][idx]
+        owner = torch.repeat_interleave(torch.arange(b, device=dev), e_counts, output_size=n_edges)
+        e_first = torch.cumsum(e_counts, 0) - e_counts
+        edge = t["e_ptr"][idx][owner] + torch.arange(n_edges, device=dev) - e_first[owner]
+        first = crystal.ptr[:-1]
+        src = t["e_src"][edge].long() + first[owner]
+        tgt = t["e_tgt"][edge].long() + first[owner]
+        off = t["e_off"][edge].long()
+        cap = self.edge_capacity
+        if cap is None and getattr(self, "_auto_capacity", False):
+            mean = float(self._e_counts_cpu.float().mean()) * b
+            cap = self.edge_capacity = int(math.ceil(1.15 * mean / 4096) * 4096)
+        if cap is not None:
+            if n_edges > cap:
+                cap = self.edge_capacity = int(math.ceil(1.1 * n_edges / 4096) * 4096)
+                self.capacity_grown += 1
+            pad = cap - n_edges
+            zero = torch.zeros(pad, dtype=torch.long, device=dev)
+            far = torch.zeros(pad, 3, dtype=torch.long, device=dev)
+            far[:, 0] = 1000
+            src, tgt, off = torch.cat([src, zero]), torch.cat([tgt, zero]), torch.cat([off, far])
+        lat = crystal.lattice[crystal.batch[src]]
+        vec = crystal.pos[src] - crystal.pos[tgt] + torch.bmm(off.to(lat.dtype).unsqueeze(1), lat).squeeze(1)
+        crystal.edge_index = torch.stack([src, tgt])
+        crystal.cell_offset = off
+        crystal.edge_dist = torch.linalg.vector_norm(vec, dim=1)
+
+    def precompute_crystal_feature(self, name: str, fn: Any, max_atoms: int = 65_536) -> None:
+        """Compute ``fn(crystal_batch) -> (B, ...)`` once for every crystal and attach it to every batch.
+
+        Batches then carry it as ``batch.crystal[name]`` (for example the powder pattern a crystal encoder
+        computes from the structure, which is fixed when the geometry is not augmented).
+        """
+        parts = []
+        for idx in self._crystal_chunks(max_atoms):
+            parts.append(fn(self._plain_crystal(idx.to(self.device))))
+        self.t[f"feat_{name}"] = torch.cat(parts)
+        if name not in self.crystal_features:
+            self.crystal_features.append(name)
 
     def nbytes(self) -> int:
         """Bytes held on the device."""
@@ -165,17 +290,17 @@ class ResidentData:
         n_atoms = int(self._counts_cpu[idx_cpu].sum())
         idx = idx_cpu.to(self.device, non_blocking=True)
         counts = t["counts"][idx]
-        b = idx.shape[0]
-        batch_vec = torch.repeat_interleave(torch.arange(b, device=self.device), counts, output_size=n_atoms)
-        first = torch.zeros(b, dtype=torch.long, device=self.device)
-        first[1:] = torch.cumsum(counts, 0)[:-1]
-        atom = t["ptr"][idx][batch_vec] + torch.arange(n_atoms, device=self.device) - first[batch_vec]
-        crystal = crystal_batch(
-            t["z"][atom], t["frac"][atom], t["lattice"][idx], counts, self.cutoff, self.max_num_neighbors,
-            batch_vec=batch_vec,
-        )
+        crystal = self._crystals(idx, counts, n_atoms, None if self.precompute_graph else self.cutoff)
+        if self.precompute_graph:
+            self._gathered_edges(idx, idx_cpu, crystal)
+        for name in self.crystal_features:
+            crystal[name] = t[f"feat_{name}"][idx]
         p_ids, p_mask, p_present = self._texts("p", idx, generator)
         l_ids, l_mask, l_present = self._texts("l", idx, generator)
+        rows = {}
+        for which, modality in (("p", "processing_text"), ("l", "literature_text")):
+            r = torch.nonzero(self._n_texts_cpu[which][idx_cpu] > 0).squeeze(1)
+            rows[modality] = (r if r.numel() else torch.zeros(1, dtype=torch.long)).to(self.device, non_blocking=True)
         return MultimodalBatch(
             material_ids=[self.material_ids[i] for i in idx_cpu.tolist()],
             crystal=crystal,
@@ -196,6 +321,7 @@ class ResidentData:
                 "processing_text": p_present,
                 "literature_text": l_present,
             },
+            rows=rows,
         )
 
 

@@ -217,6 +217,8 @@ def render_profile_torch(
     shift: Any = None,
     grid: Any = None,
     eta: float = 0.0,
+    max_fwhm: float | None = None,
+    min_step: float | None = None,
 ) -> Any:
     """Batched, differentiable-in-intensity profile rendering in torch (CPU or GPU), for augmentation.
 
@@ -230,6 +232,9 @@ def render_profile_torch(
         shift: (B,) zero shift in degrees 2θ added to every peak position, or None.
         grid: Ascending 2θ grid in degrees (numpy array or tensor); None means :data:`TWO_THETA`.
         eta: Lorentzian fraction of the pseudo-Voigt (0 = Gaussian).
+        max_fwhm: An upper bound of ``fwhm`` (degrees 2θ) when it is a tensor; sizes the peak window without
+            reading the tensor back from the device (a larger bound only widens the window: same result).
+        min_step: The smallest step of ``grid`` (degrees) when it is a tensor, for the same reason.
 
     Returns:
         (B, L) tensor on ``d``'s device, each row max-normalised to 1 (zeros where no peak reaches the grid).
@@ -243,7 +248,8 @@ def render_profile_torch(
         grid = TWO_THETA
     if isinstance(grid, torch.Tensor):
         grid_t = grid.to(device=device, dtype=dtype)
-        min_step = float((grid_t[1:] - grid_t[:-1]).min()) if grid_t.numel() > 1 else 1.0
+        if min_step is None:
+            min_step = float((grid_t[1:] - grid_t[:-1]).min()) if grid_t.numel() > 1 else 1.0
     else:
         grid_np = np.asarray(grid, dtype=np.float64)
         grid_t = torch.as_tensor(grid_np, dtype=dtype, device=device)
@@ -265,7 +271,8 @@ def render_profile_torch(
     if isinstance(fwhm, torch.Tensor):
         fw = fwhm.to(device=device, dtype=dtype).reshape(-1)
         fw = fw.expand(batch) if fw.numel() == 1 else fw
-        max_fwhm = float(fw.max())
+        if max_fwhm is None:
+            max_fwhm = float(fw.max())
     else:
         fw = torch.full((batch,), float(fwhm), dtype=dtype, device=device)
         max_fwhm = float(fwhm)

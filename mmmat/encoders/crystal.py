@@ -233,12 +233,19 @@ class CrystalEncoder(nn.Module):
     def _atoms(self, crystal: Any) -> tuple[Tensor, Tensor, Tensor]:
         """Atom features (N, hidden), edge envelopes (E,) and edge targets (E,)."""
         src, tgt, dist, env = self._graph(crystal)
-        h = self.embedding(crystal.z.long())
+        return self.message_passing(crystal.z, src, tgt, dist, env), env, tgt
+
+    def message_passing(self, z: Tensor, src: Tensor, tgt: Tensor, dist: Tensor, env: Tensor) -> Tensor:
+        """Atom features (N, hidden) from atomic numbers and the edges' distances (Å) and envelopes.
+
+        The network itself, on tensors only (what ``torch.compile`` wraps).
+        """
+        h = self.embedding(z.long())
         radial = torch.nn.functional.silu(self.radial(self.rbf(dist)))
         radial = radial * env.unsqueeze(-1).to(radial.dtype)
         for block in self.blocks:
             h = block(h, radial, src, tgt)
-        return self.final_norm(h), env, tgt
+        return self.final_norm(h)
 
     def node_features(self, batch: Any) -> Tensor:
         """Per-atom features (N, hidden) after the last block, for generation or property heads.

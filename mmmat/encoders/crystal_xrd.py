@@ -131,8 +131,15 @@ class CrystalXRDEncoder(nn.Module):
 
     @torch.no_grad()
     def pattern(self, batch: Any) -> Tensor:
-        """(B, 1701) float32 powder profiles computed from the crystals' structures (max-normalised to 1)."""
+        """(B, 1701) float32 powder profiles computed from the crystals' structures (max-normalised to 1).
+
+        A batch whose crystal graph carries ``computed_xrd`` (the same profiles, computed once when the data
+        were loaded, see :meth:`mmmat.data.resident.ResidentData.precompute_crystal_feature`) uses them.
+        """
         crystal = getattr(batch, "crystal", batch)
+        cached = getattr(crystal, "computed_xrd", None)
+        if cached is not None:
+            return cached.float()
         lattice = crystal.lattice.detach().float()
         pos = crystal.pos.detach().float()
         graph_of = crystal.batch

@@ -307,6 +307,10 @@ class XRDCNNEncoder(nn.Module):
             profile = batch.xrd
         if profile.dim() != 2:
             raise ValueError(f"profile must be (B, L), got shape {tuple(profile.shape)}")
+        return self.embed_profile(profile)
+
+    def embed_profile(self, profile: torch.Tensor) -> torch.Tensor:
+        """(B, L) profiles → (B, out_dim): the network itself, on tensors only (what ``torch.compile`` wraps)."""
         x = self.preprocess(profile).unsqueeze(1)  # (B, 1, N)
         pos = self.pos.to(x.dtype)
         if pos.shape[1]:

@@ -145,6 +145,9 @@ class TextEncoder(nn.Module):
         self.proj = nn.Linear(self.hidden, self.out_dim)
         self._ids_checked = False
         self._warned_long = False
+        #: Pass the attention mask as a (B, 1, T, T) boolean mask (SDPA backbones): same attention, and no
+        #: synchronisation to test whether the mask masks anything. Set by the pretraining engine.
+        self.full_attention_mask = False
         if tokenizer_vocab_size is not None:
             self.check_tokenizer(int(tokenizer_vocab_size))
 
@@ -196,7 +199,13 @@ class TextEncoder(nn.Module):
                     "the tokenizer does not match the model"
                 )
             self._ids_checked = True
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask
+        if self.full_attention_mask and getattr(self.backbone.config, "_attn_implementation", None) == "sdpa":
+            # the (B, 1, T, T) mask is used as given: the 2D mask would be read back from the device to test
+            # whether it masks anything (one synchronisation per call); the attention computed is the same
+            t = attention_mask.shape[1]
+            mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, t, t)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:

@@ -112,14 +112,17 @@ class MultimodalModel(nn.Module):
         """Run a text encoder on the rows that have the text only (most materials have none).
 
         Absent rows get zeros (the loss masks them); at least one row always runs, so every parameter takes
-        part in every step (DDP needs that).
+        part in every step (DDP needs that). The rows come from ``batch.rows`` when the batch builder knew them
+        on the host (no device synchronisation), else from the presence mask.
         """
         import dataclasses
 
         present = batch.present[modality]
-        rows = present.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            rows = torch.zeros(1, dtype=torch.long, device=present.device)
+        rows = batch.rows.get(modality) if batch.rows else None
+        if rows is None:  # the mask is read back from the device (one synchronisation)
+            rows = present.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                rows = torch.zeros(1, dtype=torch.long, device=present.device)
         field = "processing" if modality == "processing_text" else "literature"
         ids, mask = getattr(batch, f"{field}_ids")[rows], getattr(batch, f"{field}_mask")[rows]
         sub = dataclasses.replace(batch, **{f"{field}_ids": ids, f"{field}_mask": mask})

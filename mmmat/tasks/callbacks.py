@@ -220,7 +220,9 @@ class StepProfiler(pl.Callback):
     ``sync_steps`` steps run with ``torch.cuda.set_sync_debug_mode("warn")`` and every synchronising call is
     counted by its source line. Each rank writes ``<out_dir>/profile_rank<r>.txt``: the wall time per step
     (synchronised, without the profiler), the GPU busy share, the operators by CUDA and by CPU time, and the
-    synchronising lines per step.
+    synchronising lines per step; and ``<out_dir>/profile_rank<r>.json`` with the numbers: ``wall_ms`` (per step,
+    without the profiler), ``device_ms`` (kernel and copy time per step), ``busy_share`` (device time / wall time
+    without the profiler), ``syncs_per_step``, ``peak_memory_gb`` and ``batch_size``.
 
     Args:
         out_dir: Folder for the reports.
@@ -241,6 +243,7 @@ class StepProfiler(pl.Callback):
         self._syncs: dict[str, int] = {}
         self._warn: Any = None
         self._lines: list[str] = []
+        self._numbers: dict[str, float] = {}
 
     def _phase(self, step: int) -> str:
         a = self.start
@@ -260,7 +263,10 @@ class StepProfiler(pl.Callback):
         if step == self.start - self.steps:
             _sync(pl_module)
             self._t["timed"] = time.perf_counter()
+        if step == self.start - self.steps and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
         if step == self.start:
+            self._numbers["batch_size"] = len(batch) if hasattr(batch, "__len__") else float("nan")
             _sync(pl_module)
             self._t["timed"] = (time.perf_counter() - self._t.get("timed", time.perf_counter())) / self.steps
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -296,6 +302,7 @@ class StepProfiler(pl.Callback):
                     self._syncs[key] = self._syncs.get(key, 0) + 1
             self._warn.__exit__(None, None, None)
             self._warn = None
+            self._numbers["syncs_per_step"] = sum(self._syncs.values()) / self.sync_steps
             self._lines.append(f"\nsynchronising calls per step ({self.sync_steps} steps), by source line:")
             for key, n in sorted(self._syncs.items(), key=lambda kv: -kv[1]):
                 self._lines.append(f"{n / self.sync_steps:8.1f}  {key}")
@@ -309,8 +316,14 @@ class StepProfiler(pl.Callback):
             e.self_device_time_total for e in ka
             if e.device_type != torch.autograd.DeviceType.CPU and not getattr(e, "is_user_annotation", False)
         ) / 1e6
+        timed = self._t.get("timed", float("nan"))
+        self._numbers.update(wall_ms=timed * 1e3, device_ms=busy / self.steps * 1e3,
+                             busy_share=busy / self.steps / timed, profiled_wall_ms=wall / self.steps * 1e3)
+        if torch.cuda.is_available():
+            self._numbers["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         self._lines += [
             f"wall per step without profiler: {self._t.get('timed', float('nan')) * 1e3:.1f} ms",
+            f"GPU busy share (device time / wall without profiler): {busy / self.steps / timed:.2f}",
             f"wall per step under profiler: {wall / self.steps * 1e3:.1f} ms",
             f"GPU kernel time per step: {busy / self.steps * 1e3:.1f} ms (busy share {busy / wall:.2f})",
             "",
@@ -323,5 +336,6 @@ class StepProfiler(pl.Callback):
     def _finish(self, trainer: pl.Trainer) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"profile_rank{trainer.global_rank}.txt").write_text("\n".join(self._lines) + "\n")
+        (self.out_dir / f"profile_rank{trainer.global_rank}.json").write_text(json.dumps(self._numbers, indent=1))
         if self.stop:
             trainer.should_stop = True

@@ -41,6 +41,11 @@ class MultimodalDataModule(pl.LightningDataModule):
         reduce_cells: Give every crystal its Niggli-reduced cell when the records are loaded
             (:meth:`~mmmat.data.schema.MaterialRecord.reduced`; resident and memory modes). Models that are
             invariant to the cell choice do not need it; a generator of lattice parameters does.
+        precompute_graph: Resident mode: build each crystal's neighbour list once when the split is packed
+            and assemble batches by gathering (the same graph; no graph search and no synchronisation per step).
+        edge_capacity: Resident mode with ``precompute_graph``: pad every batch's edge list to this fixed length
+            (0 = chosen from the data); overflowing batches grow it, never truncate (see
+            :class:`~mmmat.data.resident.ResidentData`).
 
     """
 
@@ -66,9 +71,13 @@ class MultimodalDataModule(pl.LightningDataModule):
         build_tokenizer: bool = False,
         tokenizer_vocab_size: int = 8000,
         reduce_cells: bool = False,
+        precompute_graph: bool = False,
+        edge_capacity: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if (precompute_graph or edge_capacity is not None) and mode != "resident":
+            raise ValueError("precompute_graph and edge_capacity need mode 'resident'")
         if reduce_cells and mode == "stream":
             raise ValueError("reduce_cells needs mode 'resident' or 'memory' (records are reduced when loaded)")
         from data_pipelines.build import load_manifest
@@ -141,6 +150,7 @@ class MultimodalDataModule(pl.LightningDataModule):
                 self.records(split), self.properties, tokenizer=self.tokenizer, max_text_tokens=h.max_text_tokens,
                 include_generated_text=h.include_generated_text, cutoff=h.cutoff if h.build_graph else None,
                 max_num_neighbors=h.max_num_neighbors, device=device,
+                precompute_graph=h.precompute_graph and h.build_graph, edge_capacity=h.edge_capacity,
             )
         return self._resident[split]
 

@@ -22,6 +22,20 @@ from mmmat.latent.losses import MultimodalContrastiveLoss
 from mmmat.latent.model import TEXT_MODALITIES, MultimodalModel
 from mmmat.tasks.schedule import start_epoch, warmup_cosine
 
+#: Step optimisations of :class:`ContrastivePretraining` (``engine:`` in the config), each on by default except
+#: ``compile``; every one leaves what the step computes unchanged (tests/test_pretrain_engine.py).
+ENGINE_DEFAULTS: dict[str, bool] = {
+    # the crystal encoder's computed powder pattern, once per crystal when the data are loaded (resident
+    # data, no crystal_augment), instead of every step
+    "precompute_patterns": True,
+    # no host reads in the step: text rows known on the host, full attention masks, no presence tests
+    "sync_free": True,
+    # AdamW as one fused kernel per parameter group (CUDA)
+    "fused_adamw": True,
+    # torch.compile of every encoder's network (fewer kernels and less Python per step)
+    "compile": False,
+}
+
 
 def _id_hash(material_id: str) -> int:
     return int(hashlib.sha1(material_id.encode("utf-8")).hexdigest()[:15], 16)
@@ -50,6 +64,8 @@ class ContrastivePretraining(pl.LightningModule):
             (Gaussian noise on every atom), "strain": largest |ε| of a random symmetric strain of the cell}``.
             Small distortions should not move a crystal in the latent space; they keep the crystal encoder
             from memorising exact coordinates of the training set. None (default) leaves crystals untouched.
+        engine: Step optimisations, by name (see :data:`ENGINE_DEFAULTS`): ``{"compile": true}`` turns one on,
+            ``{"fused_adamw": false}`` one off; unknown names are an error.
         save_dir: Where ``save_pretrained`` writes the model at the end of fit (default: the logger's folder
             + ``/model``).
         seed: Random state (augmentations, dropout) is reseeded from (seed, epoch, rank) at every epoch
@@ -73,11 +89,16 @@ class ContrastivePretraining(pl.LightningModule):
         lr_scale: dict[str, float] | None = None,
         xrd_augment: dict[str, Any] | None = None,
         crystal_augment: dict[str, float] | None = None,
+        engine: dict[str, bool] | None = None,
         save_dir: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
+        unknown_engine = sorted(set(engine or {}) - set(ENGINE_DEFAULTS))
+        if unknown_engine:
+            raise ValueError(f"engine: unknown options {unknown_engine} (have {sorted(ENGINE_DEFAULTS)})")
+        self.engine = {**ENGINE_DEFAULTS, **(engine or {})}
         self.model = MultimodalModel(encoders, embed_dim=embed_dim, projection=projection)
         self.loss = MultimodalContrastiveLoss(anchor=anchor, mode=loss_mode, kind=loss_kind, weights=loss_weights)
         unknown_scale = sorted(set(lr_scale or {}) - set(encoders))
@@ -116,6 +137,45 @@ class ContrastivePretraining(pl.LightningModule):
                         f"model.encoders.{m}.vocab_size >= {len(tok)}"
                     )
 
+        if self.engine["sync_free"]:
+            for enc in self.model.encoders.values():
+                if hasattr(enc, "full_attention_mask"):
+                    enc.full_attention_mask = True
+        self._precompute_patterns(dm)
+        if self.engine["compile"] and stage == "fit":
+            self._compile_encoders()
+
+    def _compile_encoders(self) -> None:
+        """``torch.compile`` the tensor-level part of every encoder: its network, not the input handling."""
+        from mmmat.encoders.crystal import CrystalEncoder
+        from mmmat.encoders.image import TimmImageEncoder
+        from mmmat.encoders.spectrum import XRDCNNEncoder
+        from mmmat.encoders.text import TextEncoder
+
+        parts = {CrystalEncoder: ("message_passing", True), XRDCNNEncoder: ("embed_profile", False),
+                 TimmImageEncoder: ("encode", False), TextEncoder: ("encode", True)}
+        for module in self.model.encoders.modules():
+            for cls, (name, dynamic) in parts.items():
+                if isinstance(module, cls):
+                    setattr(module, name, torch.compile(getattr(module, name), dynamic=dynamic))
+
+    def _precompute_patterns(self, dm: Any) -> None:
+        """Attach each crystal's computed powder pattern to the resident splits, once (see ``engine``)."""
+        enc = self.model.encoders["crystal"] if "crystal" in self.model.encoders else None
+        if (
+            not self.engine["precompute_patterns"]
+            or self.hparams.crystal_augment
+            or not hasattr(enc, "pattern")
+            or getattr(getattr(dm, "hparams", None), "mode", None) != "resident"
+        ):
+            return
+        for split in (dm.hparams.train_split, dm.hparams.val_split):
+            if split not in dm.manifest["splits"]:
+                continue
+            data = dm.resident(split)
+            if "computed_xrd" not in data.crystal_features:
+                data.precompute_crystal_feature("computed_xrd", enc.pattern)
+
     def on_train_epoch_start(self) -> None:
         """Let streaming loaders know the epoch (their shard order depends on it)."""
         start_epoch(self)
@@ -124,7 +184,9 @@ class ContrastivePretraining(pl.LightningModule):
     def _augmented(self, batch: MultimodalBatch) -> MultimodalBatch:
         if self.hparams.crystal_augment:
             self._perturb_crystals(batch)
-        if self.augment is None or not bool(batch.present["xrd"].any()):
+        if self.augment is None:
+            return batch
+        if not self.engine["sync_free"] and not bool(batch.present["xrd"].any()):
             return batch
         prof = self.augment(batch)
         batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
@@ -144,9 +206,13 @@ class ContrastivePretraining(pl.LightningModule):
             pos = pos + torch.randn_like(pos) * float(cfg["displacement"])
             c.frac_coords = torch.linalg.solve(lat[c.batch].transpose(1, 2), pos.unsqueeze(-1)).squeeze(-1)
         c.pos, c.lattice = pos, lat
+        if getattr(c, "computed_xrd", None) is not None:
+            del c.computed_xrd  # the geometry changed: the encoder computes the pattern again
 
     def training_step(self, batch: MultimodalBatch, batch_idx: int) -> torch.Tensor:
         """One contrastive step."""
+        if not self.engine["sync_free"] and batch.rows:
+            batch.rows = {}
         batch = self._augmented(batch)
         emb = self.model(batch, modalities=self.model.modalities)
         loss, logs = self.loss(emb, {m: batch.present[m] for m in emb})
@@ -208,7 +274,8 @@ class ContrastivePretraining(pl.LightningModule):
             {"params": ps, "lr": h.lr * scale, "weight_decay": 0.0 if nd else h.weight_decay}
             for (scale, nd), ps in sorted(groups.items())
         ]
-        opt = torch.optim.AdamW(param_groups, lr=h.lr, betas=(0.9, 0.98), eps=1e-6)
+        fused = self.engine["fused_adamw"] and self.device.type == "cuda"
+        opt = torch.optim.AdamW(param_groups, lr=h.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
         return warmup_cosine(self, opt)
 
     def on_fit_end(self) -> None:

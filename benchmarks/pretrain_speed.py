@@ -1,0 +1,212 @@
+"""Speed of the pretraining step, measured the way the issue asks, in one call on one host.
+
+    python benchmarks/pretrain_speed.py --shards shards/mp20p --result benchmarks/results/pretrain_speed.json
+    python benchmarks/pretrain_speed.py ... --ddp --ddp-result benchmarks/results/pretrain_2gpu_speed.json
+
+1. The shipped config's step (``configs/pretrain/mp20p.yaml`` through ``train.py fit``) at batch 256 and 1024,
+   and at batch 256 with every engine optimisation off (``--plain``): crystals/s from the wall time of
+   ``--steps`` steps after ``--warmup`` (synchronised at the ends of the window only), the GPU busy share
+   (kernel and copy time per step under :mod:`torch.profiler`, divided by the wall time per step without
+   it), host synchronisations per step (``torch.cuda.set_sync_debug_mode``), peak GPU memory. Validation
+   is off; everything else is the config's.
+2. The crystal encoder alone at stock-SchNet size (6 interactions, 128 channels, no diffraction branch) and
+   torch-geometric's ``SchNet`` (6 interactions, 128 channels and filters, 50 Gaussians), both on the same
+   periodic graphs (PyG's SchNet takes them through ``interaction_graph``), forward + backward + AdamW
+   under bf16 autocast, batch 256, batches assembled beforehand (model time only).
+3. With ``--ddp`` (two GPUs): the DDP config's step at batch 256 per GPU, and ``ddp_speedup`` = its
+   crystals/s over the one-GPU figure of part 1 on the same host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+from common import write_result  # noqa: E402
+
+
+def step_speed(args: argparse.Namespace, config: str, batch: int, tag: str, extra: list[str]) -> dict:
+    """Run ``train.py fit`` with a step profiler and return its numbers (rank 0)."""
+    work = Path(args.workdir) / tag
+    work.mkdir(parents=True, exist_ok=True)
+    start = args.warmup + args.steps
+    overlay = work / "overlay.yaml"
+    overlay.write_text(
+        "trainer:\n"
+        "  max_steps: 100000\n"
+        "  limit_val_batches: 0\n"
+        "  num_sanity_val_steps: 0\n"
+        "  enable_checkpointing: false\n"
+        "  callbacks:\n"
+        "    - class_path: mmmat.tasks.callbacks.StepProfiler\n"
+        f"      init_args: {{out_dir: {work}/prof, start: {start}, steps: {args.steps}, sync_steps: 5}}\n"
+    )
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), "fit", "--config", config, "--config", str(overlay),
+        f"--data.shards={args.shards}", f"--data.batch_size={batch}", f"--data.tokenizer={args.workdir}/tokenizer",
+        f"--trainer.default_root_dir={work}", f"--trainer.logger.init_args.save_dir={work}",
+        f"--model.init_args.save_dir={work}/model", *extra,
+    ]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if r.returncode != 0:
+        print(r.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"{tag}: train.py failed ({r.returncode})")
+    out = json.loads((work / "prof" / "profile_rank0.json").read_text())
+    out["run_seconds"] = round(time.perf_counter() - t0, 1)
+    (Path(args.workdir) / f"{tag}_profile.txt").write_text((work / "prof" / "profile_rank0.txt").read_text())
+    print(tag, json.dumps(out), flush=True)
+    return out
+
+
+def _batches(args: argparse.Namespace, n: int, batch: int, cutoff: float) -> list:
+    from mmmat.tasks.datamodule import MultimodalDataModule
+
+    dm = MultimodalDataModule(args.shards, batch_size=batch, mode="resident", cutoff=cutoff, num_workers=0,
+                              precompute_graph=True)
+    data = dm.resident("train", device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+    return [data.batch(torch.randperm(len(data), generator=g)[:batch]) for _ in range(n)]
+
+
+def encoder_speed(args: argparse.Namespace) -> dict:
+    """The crystal encoder alone against PyG's SchNet, same graphs, same batch, same optimiser."""
+    from torch_geometric.nn.models import SchNet
+
+    from mmmat.encoders import create_encoder
+
+    batches = _batches(args, 16, args.encoder_batch, 6.0)
+
+    def sync() -> None:
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    current: dict = {}
+
+    def graph(pos: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = current["crystal"]
+        return c.edge_index, c.edge_dist_live
+
+    def run(model: torch.nn.Module, forward) -> float:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE == "cuda" or None)
+
+        def step(b) -> None:
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
+                loss = forward(b).float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for b in batches[:8]:
+            step(b)
+        sync()
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(args.encoder_rounds):
+            for b in batches:
+                step(b)
+                n += len(b)
+        sync()
+        return n / (time.perf_counter() - t0)
+
+    torch.manual_seed(0)
+    ours = create_encoder("crystal/schnet", hidden=128, num_interactions=6, cutoff=6.0, num_rbf=50,
+                          global_features=False).to(DEVICE)
+    ours_cps = run(ours, lambda b: ours(b.crystal))
+
+    schnet = SchNet(hidden_channels=128, num_filters=128, num_interactions=6, num_gaussians=50, cutoff=6.0,
+                    interaction_graph=graph).to(DEVICE)
+
+    def fwd_schnet(b):
+        c = b.crystal
+        current["crystal"] = c
+        # distances from positions, lattice and offsets (differentiable), as the encoder computes them
+        lat = c.lattice[c.batch[c.edge_index[0]]]
+        vec = c.pos[c.edge_index[0]] - c.pos[c.edge_index[1]] + torch.bmm(
+            c.cell_offset.to(lat.dtype).unsqueeze(1), lat).squeeze(1)
+        c.edge_dist_live = vec.norm(dim=-1)
+        return schnet(c.z, c.pos, c.batch)
+
+    schnet_cps = run(schnet, fwd_schnet)
+    edges = sum(b.crystal.edge_index.shape[1] for b in batches) / len(batches)
+    return {"crystal_encoder_crystals_per_s_b256": round(ours_cps, 1),
+            "schnet_crystals_per_s_b256": round(schnet_cps, 1), "encoder_vs_schnet": round(ours_cps / schnet_cps, 3),
+            "mean_edges_per_batch_b256": round(edges)}
+
+
+def main() -> None:
+    """Measure and write the results."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", required=True)
+    ap.add_argument("--config", default=str(ROOT / "configs/pretrain/mp20p.yaml"))
+    ap.add_argument("--ddp-config", default=str(ROOT / "configs/pretrain/mp20p_ddp.yaml"))
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--encoder-rounds", type=int, default=5)
+    ap.add_argument("--encoder-batch", type=int, default=256)
+    ap.add_argument("--plain", action="store_true", help="also the step with every engine optimisation off")
+    ap.add_argument("--no-encoder", action="store_true", help="skip the encoder-alone comparison")
+    ap.add_argument("--merge", help="start from the metrics and runs of this earlier result file")
+    ap.add_argument("--ddp-only", action="store_true",
+                    help="only the DDP step, against the one-GPU batch-256 run of --merge")
+    ap.add_argument("--ddp", action="store_true", help="also the two-GPU DDP step and ddp_speedup")
+    ap.add_argument("--extra", action="append", default=[], help="a train.py override for every run (repeat)")
+    ap.add_argument("--workdir", default="/tmp/pretrain_speed")
+    ap.add_argument("--result", default=str(ROOT / "benchmarks/results/pretrain_speed.json"))
+    ap.add_argument("--ddp-result", default=str(ROOT / "benchmarks/results/pretrain_2gpu_speed.json"))
+    args = ap.parse_args()
+
+    metrics: dict = {}
+    runs: dict = {}
+    if args.merge and Path(args.merge).exists():
+        old = json.loads(Path(args.merge).read_text())
+        metrics, runs = old["metrics"], old.get("runs", {})
+    for b in [] if args.ddp_only else args.batch_sizes:
+        r = runs[f"b{b}"] = step_speed(args, args.config, b, f"b{b}", args.extra)
+        metrics[f"crystals_per_s_b{b}"] = round(b / r["wall_ms"] * 1e3, 1)
+        metrics[f"gpu_busy_share_b{b}"] = round(r["busy_share"], 3)
+        metrics[f"host_syncs_per_step_b{b}"] = r.get("syncs_per_step")
+        metrics[f"peak_memory_gb_b{b}"] = round(r.get("peak_memory_gb", float("nan")), 2)
+        write_result("pretrain_speed", metrics, {"runs": runs}, out=args.result)
+    metrics["host_syncs_per_step"] = runs[f"b{args.batch_sizes[0]}"].get("syncs_per_step")
+    if args.plain and not args.ddp_only:
+        off = "--model.init_args.engine={precompute_patterns: false, sync_free: false, fused_adamw: false}"
+        b0 = args.batch_sizes[0]
+        r = runs["b256_plain"] = step_speed(args, args.config, b0, "b256_plain",
+                                             [*args.extra, off, "--data.precompute_graph=false"])
+        metrics["crystals_per_s_b256_engine_off"] = round(b0 / r["wall_ms"] * 1e3, 1)
+        metrics["gpu_busy_share_b256_engine_off"] = round(r["busy_share"], 3)
+        metrics["host_syncs_per_step_engine_off"] = r.get("syncs_per_step")
+    if not args.no_encoder and not args.ddp_only:
+        metrics.update(encoder_speed(args))
+    if not args.ddp_only:
+        write_result("pretrain_speed", metrics, {"runs": runs}, out=args.result)
+
+    if args.ddp and torch.cuda.device_count() >= 2:
+        r = step_speed(args, args.ddp_config, 256, "ddp_b256", args.extra)
+        one = runs["b256"]
+        d = {
+            "world_size": 2,
+            "crystals_per_s": round(2 * 256 / r["wall_ms"] * 1e3, 1),
+            "crystals_per_s_1gpu_same_host": round(256 / one["wall_ms"] * 1e3, 1),
+            "ddp_speedup": round(one["wall_ms"] / r["wall_ms"] * 2, 3),
+            "one_gpu_run_same_call": not args.ddp_only,
+            "gpu_busy_share_rank0": round(r["busy_share"], 3),
+            "host_syncs_per_step_rank0": r.get("syncs_per_step"),
+        }
+        write_result("pretrain_2gpu_speed", d, {"runs": {"ddp_b256": r, "b256": one}}, out=args.ddp_result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The pretraining engine's optimisations change nothing that the step computes.
+
+Tolerance: float32 on the CPU. Losses agree to 1e-6 (relative) and every gradient to 1e-5 relative to the
+largest entry of that gradient; the graphs (edges, offsets) are identical and distances agree to 1e-6 Å.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from data_pipelines.base import BuildOptions, get_source
+from data_pipelines.build import build_shards
+
+ENCODERS = {
+    "crystal": {"name": "crystal/schnet_xrd", "hidden": 32, "num_interactions": 2, "cutoff": 5.0, "num_rbf": 16,
+                "xrd": {"out_dim": 32, "num_bins": 256, "widths": [8, 16], "depths": [1, 1], "hidden_dim": 32}},
+    "xrd": {"name": "xrd/cnn", "out_dim": 32, "num_bins": 256, "widths": [8, 16], "depths": [1, 1],
+            "hidden_dim": 32},
+    "literature_text": {"name": "text/transformer", "vocab_size": 300, "hidden": 32, "layers": 1, "heads": 2,
+                        "intermediate": 64, "out_dim": 32, "max_position": 128},
+}
+OFF = {"precompute_patterns": False, "sync_free": False, "fused_adamw": False, "compile": False}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine_shards")
+    build_shards(get_source("builtin")(None, limit=40), out, progress=False, options=BuildOptions(describe=True))
+    return out
+
+
+def _data(shards, **kw):
+    from mmmat.tasks.datamodule import MultimodalDataModule
+
+    return MultimodalDataModule(str(shards), batch_size=16, mode="resident", cutoff=5.0, num_workers=0,
+                                include_generated_text=True, max_text_tokens=64, **kw)
+
+
+def test_precomputed_graph_is_the_same_graph(shards):
+    plain = _data(shards).resident("train", device="cpu")
+    fast = _data(shards, precompute_graph=True).resident("train", device="cpu")
+    idx = torch.tensor([5, 0, 17, 3, 29, 11, 8])
+    a, b = plain.batch(idx).crystal, fast.batch(idx).crystal
+    assert a.edge_index.shape[1] > 100
+    assert torch.equal(a.edge_index, b.edge_index)
+    assert torch.equal(a.cell_offset, b.cell_offset)
+    assert torch.allclose(a.edge_dist, b.edge_dist, atol=1e-6)
+
+
+def test_edge_capacity_pads_and_grows_never_truncates(shards):
+    data = _data(shards, precompute_graph=True, edge_capacity=64).resident("train", device="cpu")
+    ref = _data(shards).resident("train", device="cpu")
+    idx = torch.arange(12)
+    real = ref.batch(idx).crystal
+    n = real.edge_index.shape[1]
+    assert n > 64
+    c = data.batch(idx).crystal
+    assert data.capacity_grown == 1 and data.edge_capacity >= n and data.edge_capacity % 4096 == 0
+    assert c.edge_index.shape[1] == data.edge_capacity  # padded to the (grown) capacity
+    assert torch.equal(c.edge_index[:, :n], real.edge_index)  # every real edge kept, in order
+    assert bool((c.edge_dist[n:] > 1000.0).all())  # padding lies beyond any cutoff
+    # a smaller batch fits: same capacity, nothing grows
+    assert data.batch(torch.arange(3)).crystal.edge_index.shape[1] == data.edge_capacity
+    assert data.capacity_grown == 1
+
+
+def test_padding_edges_change_no_embedding(shards):
+    from mmmat.encoders import create_encoder
+
+    torch.manual_seed(0)
+    enc = create_encoder("crystal/schnet", hidden=32, num_interactions=2, cutoff=5.0, num_rbf=16)
+    exact = _data(shards, precompute_graph=True).resident("train", device="cpu")
+    padded = _data(shards, precompute_graph=True, edge_capacity=40_000).resident("train", device="cpu")
+    idx = torch.arange(10)
+    assert torch.allclose(enc(exact.batch(idx)), enc(padded.batch(idx)), atol=1e-6)
+
+
+def _module(engine):
+    from mmmat.tasks.pretrain import ContrastivePretraining
+
+    torch.manual_seed(0)
+    return ContrastivePretraining(ENCODERS, embed_dim=32, xrd_augment={}, engine=engine)
+
+
+def _loss_and_grads(module, batch, seed):
+    torch.manual_seed(seed)
+    module.zero_grad()
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_optimised_step_equals_plain_step(shards):
+    dm_plain, dm_fast = _data(shards), _data(shards, precompute_graph=True)
+    plain, fast = _module(OFF), _module({"fused_adamw": False})  # fused AdamW needs CUDA
+    fast.load_state_dict(copy.deepcopy(plain.state_dict()))
+    for m, dm in ((plain, dm_plain), (fast, dm_fast)):
+        m.model.tokenizer = None
+        m._precompute_patterns(dm)
+        if m.engine["sync_free"]:
+            m.model.encoders["literature_text"].full_attention_mask = True
+    assert "computed_xrd" in dm_fast.resident("train").crystal_features
+    assert not dm_plain.resident("train").crystal_features
+    idx = torch.tensor([3, 1, 4, 15, 9, 2, 6, 5, 35, 8, 27, 0])
+    for seed in (0, 1):
+        a, b = dm_plain.resident("train").batch(idx), dm_fast.resident("train").batch(idx)
+        assert b.rows["literature_text"].numel() >= 1 and not a.rows == {}
+        la, ga = _loss_and_grads(plain, a, seed)
+        lb, gb = _loss_and_grads(fast, b, seed)
+        assert torch.isfinite(la) and torch.allclose(la, lb, rtol=1e-6, atol=1e-7), (la, lb)
+        assert ga.keys() == gb.keys() and len(ga) > 20
+        for name in ga:
+            scale = ga[name].abs().max().clamp_min(1e-12)
+            assert ((ga[name] - gb[name]).abs().max() / scale) < 1e-5, name
+
+
+def test_unknown_engine_option_is_an_error():
+    from mmmat.tasks.pretrain import ContrastivePretraining
+
+    with pytest.raises(ValueError, match="engine: unknown options"):
+        ContrastivePretraining(ENCODERS, embed_dim=32, engine={"compiled": True})
+
+
+def test_crystal_augment_drops_the_precomputed_pattern(shards):
+    dm = _data(shards, precompute_graph=True)
+    m = _module({})
+    m.hparams.crystal_augment = {"strain": 0.01}
+    m._precompute_patterns(dm)
+    assert not dm.resident("train").crystal_features  # geometry changes every step: nothing is cached
+
+
+def test_compiled_encoders_give_the_same_embeddings(shards):
+    from mmmat.tasks.pretrain import ContrastivePretraining
+
+    dm = _data(shards, precompute_graph=True)
+    torch.manual_seed(0)
+    plain = ContrastivePretraining({"crystal": ENCODERS["crystal"]}, embed_dim=32)
+    fast = ContrastivePretraining({"crystal": ENCODERS["crystal"]}, embed_dim=32)
+    fast.load_state_dict(plain.state_dict())
+    fast._compile_encoders()
+    enc = fast.model.encoders["crystal"]
+    assert "message_passing" in vars(enc.gnn) and "embed_profile" in vars(enc.xrd)  # compiled wrappers
+    batch = dm.resident("train", device="cpu").batch(torch.arange(8))
+    plain.eval()
+    fast.eval()
+    with torch.no_grad():
+        a = plain.model(batch, modalities=["crystal"])["crystal"]
+        b = fast.model(batch, modalities=["crystal"])["crystal"]
+    assert torch.allclose(a, b, atol=1e-4)
