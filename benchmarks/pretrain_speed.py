@@ -41,17 +41,19 @@ def step_speed(args: argparse.Namespace, config: str, batch: int, tag: str, extr
     work = Path(args.workdir) / tag
     work.mkdir(parents=True, exist_ok=True)
     start = args.warmup + args.steps
+    import yaml
+
+    # the config's callbacks stay (SigtermCheck under DDP), except the time budget and the throughput meter,
+    # which synchronise on their own; the step profiler measures
+    cfg = yaml.safe_load(Path(config).read_text())
+    callbacks = [c for c in (cfg.get("trainer") or {}).get("callbacks") or []
+                 if not str(c.get("class_path", "")).endswith((".TimeBudget", ".Throughput"))]
+    callbacks.append({"class_path": "mmmat.tasks.callbacks.StepProfiler",
+                      "init_args": {"out_dir": f"{work}/prof", "start": start, "steps": args.steps, "sync_steps": 5}})
     overlay = work / "overlay.yaml"
-    overlay.write_text(
-        "trainer:\n"
-        "  max_steps: 100000\n"
-        "  limit_val_batches: 0\n"
-        "  num_sanity_val_steps: 0\n"
-        "  enable_checkpointing: false\n"
-        "  callbacks:\n"
-        "    - class_path: mmmat.tasks.callbacks.StepProfiler\n"
-        f"      init_args: {{out_dir: {work}/prof, start: {start}, steps: {args.steps}, sync_steps: 5}}\n"
-    )
+    overlay.write_text(yaml.safe_dump({"trainer": {
+        "max_steps": 100000, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
+        "callbacks": callbacks}}))
     cmd = [
         sys.executable, str(ROOT / "train.py"), "fit", "--config", config, "--config", str(overlay),
         f"--data.shards={args.shards}", f"--data.batch_size={batch}", f"--data.tokenizer={args.workdir}/tokenizer",

@@ -217,7 +217,9 @@ class ContrastivePretraining(pl.LightningModule):
         emb = self.model(batch, modalities=self.model.modalities)
         loss, logs = self.loss(emb, {m: batch.present[m] for m in emb})
         bs = len(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        # progress-bar values are read back from the device every step: only when a bar shows them
+        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
+        self.log("train/loss", loss, prog_bar=bar, batch_size=bs)
         for k, v in logs.items():
             if k.startswith(("loss/", "acc/", "logit")):
                 self.log(f"train/{k}", v, batch_size=bs)
