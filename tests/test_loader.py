@@ -98,6 +98,8 @@ def test_too_few_shards_for_workers_is_a_clear_error(shard_dir):
     urls = L.split_shards(shard_dir, "val")[:1]
     with pytest.raises(ValueError, match="shards < .* workers"):
         L.shard_pipeline(urls, Collator(), batch_size=2, num_samples=10, num_workers=4)
+    with pytest.raises(ValueError, match="1 shards < 2 ranks"):  # evaluation: every rank reads a shard
+        L.shard_pipeline(urls, Collator(), batch_size=2, num_samples=10, world_size=2, repeat=False)
 
 
 def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(shard_dir, tmp_path):

@@ -241,6 +241,11 @@ def shard_pipeline(
             f"{len(urls)} shards < {nw} workers x {world_size} ranks: some workers would get no data. "
             "Write smaller shards (--shard-size), use fewer workers, or set resampled=True."
         )
+    if not repeat and len(urls) < world_size:
+        raise ValueError(
+            f"{len(urls)} shards < {world_size} ranks: some ranks would get no evaluation data. "
+            "Write smaller shards (--shard-size) so that every rank reads at least one."
+        )
     global_batch = batch_size * world_size
     rnd = math.floor if drop_last else math.ceil
     batches = max(1, rnd(num_samples / global_batch))
