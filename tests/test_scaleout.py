@@ -154,7 +154,8 @@ def tiny_shards(tmp_path_factory):
     from data_pipelines.build import build_shards
 
     out = tmp_path_factory.mktemp("tiny_shards")
-    build_shards(get_source("builtin")(None, limit=48), out, progress=False, options=BuildOptions(describe=True))
+    build_shards(get_source("builtin")(None, limit=48), out, shard_size=8, progress=False,
+                 options=BuildOptions(describe=True))  # 6 train shards, 4 val: >= 2 ranks when streaming
     return out
 
 
@@ -261,7 +262,8 @@ def test_slurm_script_dry_run_and_lightning_slurm_environment(capsys, monkeypatc
 
 def test_torchrun_fsdp_two_cpu_processes_through_train_py(tiny_shards, tmp_path):
     """torchrun starts 2 gloo processes; Lightning (TorchElasticEnvironment, ModelParallelStrategy) trains the
-    tiny model with FSDP2, writes a sharded checkpoint and the whole model."""
+    tiny model with FSDP2 on shards streamed through ``pipe:cat`` URLs and split by node, writes a sharded
+    checkpoint and the whole model."""
     from safetensors.torch import load_file
 
     from mmmat.latent.model import MultimodalModel
@@ -269,7 +271,10 @@ def test_torchrun_fsdp_two_cpu_processes_through_train_py(tiny_shards, tmp_path)
     env = {"NPROC_PER_NODE": "2", "CONFIG": "configs/pretrain/tiny_fsdp.yaml", "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1"}
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    n_train = len(list((tiny_shards / "train").glob("*.tar")))
+    train_urls = f"pipe:cat {tiny_shards}/train/shard-{{000000..{n_train - 1:06d}}}.tar"
     args = [f"--data.shards={tiny_shards}", f"--data.tokenizer={tmp_path}/tok", "--trainer.max_epochs=1",
+            "--data.mode=stream", f"--data.urls.train={train_urls}", "--trainer.limit_train_batches=1.0",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
             f"--model.init_args.save_dir={tmp_path}/model"]
     r = subprocess.run(["bash", str(TORCHRUN), *args], env={**clean, **env, "PYTHON": sys.executable},
