@@ -315,3 +315,21 @@ def test_scale_learning_rate_rules():
     assert module.hparams.lr == pytest.approx(0.002 * 32 ** 0.5)
     with pytest.raises(ValueError, match="sqrt"):
         ScaleLearningRate(rule="cubic")
+
+
+def test_shard_units_put_nested_blocks_first():
+    from torch import nn
+
+    from mmmat.tasks.fsdp import shard_units
+
+    inner = nn.ModuleList([nn.Linear(2, 2), nn.Identity()])
+    outer_block = nn.Module()
+    outer_block.inner, outer_block.lin = inner, nn.Linear(2, 2)
+    enc = nn.Module()
+    enc.blocks = nn.ModuleList([outer_block])
+    model = nn.Module()
+    model.encoders = nn.ModuleDict({"x": enc})
+    model.projections = nn.ModuleDict({"x": nn.Linear(2, 2)})
+    units = shard_units(model)
+    # children before parents (fully_shard needs that); blocks without parameters are left out
+    assert units == [inner[0], outer_block, enc, model.projections["x"]]

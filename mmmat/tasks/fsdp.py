@@ -56,9 +56,9 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     for name in ("encoders", "projections"):
         for enc in getattr(model, name).values():
             if name == "encoders":
-                for sub in enc.modules():
-                    if isinstance(sub, nn.ModuleList):
-                        units += [m for m in sub if any(True for _ in m.parameters())]
+                blocks = [m for sub in enc.modules() if isinstance(sub, nn.ModuleList) for m in sub]
+                # modules() lists a parent before its children: reversed, nested blocks come before outer ones
+                units += [m for m in reversed(blocks) if any(True for _ in m.parameters())]
             if any(True for _ in enc.parameters()):
                 units.append(enc)
     return units
