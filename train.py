@@ -16,14 +16,18 @@ from pytorch_lightning.cli import LightningCLI
 from mmmat.tasks.datamodule import MultimodalDataModule
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Run the CLI (``args`` replaces ``sys.argv[1:]`` when given)."""
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Run the CLI (``args`` replaces ``sys.argv[1:]`` when given).
+
+    ``run=False`` builds the trainer, model and data module without a subcommand (to check a launch).
+    """
     return LightningCLI(
         pl.LightningModule,
         MultimodalDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

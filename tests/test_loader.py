@@ -98,6 +98,8 @@ def test_too_few_shards_for_workers_is_a_clear_error(shard_dir):
     urls = L.split_shards(shard_dir, "val")[:1]
     with pytest.raises(ValueError, match="shards < .* workers"):
         L.shard_pipeline(urls, Collator(), batch_size=2, num_samples=10, num_workers=4)
+    with pytest.raises(ValueError, match="1 shards < 2 ranks"):  # evaluation: every rank reads a shard
+        L.shard_pipeline(urls, Collator(), batch_size=2, num_samples=10, world_size=2, repeat=False)
 
 
 def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(shard_dir, tmp_path):
@@ -205,3 +207,47 @@ def test_datamodule_reduces_cells_on_request(shard_dir):
         np.testing.assert_allclose(y.lattice, reduced.lattice.matrix, atol=1e-8)
     with pytest.raises(ValueError, match="reduce_cells"):
         MultimodalDataModule(str(shard_dir), mode="stream", reduce_cells=True)
+
+
+def test_pipe_urls_brace_patterns_and_sizes_files(shard_dir, tmp_path):
+    """Shards read through ``pipe:cat`` URLs (as from an object store), counted from a sizes file."""
+    import json
+
+    local = L.split_shards(shard_dir, "train")
+    k = len(local)
+    pattern = f"pipe:cat {shard_dir}/train/shard-{{000000..{k - 1:06d}}}.tar"
+    urls = L.expand_shards(pattern)
+    assert urls == [f"pipe:cat {u}" for u in local]
+    sizes = L.read_sizes(shard_dir / "manifest.json")
+    n = L.count_samples(urls, sizes)
+    assert n == sum(1 for _ in L.load_records(local)) == L.count_samples(local, sizes)
+    assert L.shard_name("pipe:aws s3 cp s3://b/mp/train/shard-000003.tar -") == ("train/shard-000003.tar",
+                                                                                "shard-000003.tar")
+    # open_clip-style sizes.json keyed by file name
+    (tmp_path / "sizes.json").write_text(json.dumps({u.rsplit("/", 1)[1]: 6 for u in local}))
+    assert L.count_samples(urls, L.read_sizes(tmp_path / "sizes.json")) == 6 * k
+    with pytest.raises(KeyError, match="shard-999999.tar"):
+        L.count_samples(["pipe:cat /x/train/shard-999999.tar"], sizes)
+    # the same records through pipe: as through local paths; a brace-pattern string is expanded by the loader
+    assert sorted(r.material_id for r in L.load_records(urls)) == sorted(r.material_id for r in L.load_records(local))
+    coll = Collator(property_names=[], cutoff=4.0)
+    pipe = L.shard_pipeline(pattern, coll, batch_size=4, num_samples=n, num_workers=0, shuffle=False)
+    assert sum(len(b) for b in pipe) == pipe.batches_per_epoch * 4 == math.floor(n / 4) * 4
+
+
+def test_datamodule_reads_urls_per_split(shard_dir, tmp_path):
+    from mmmat.tasks.datamodule import MultimodalDataModule
+
+    k = len(L.split_shards(shard_dir, "val"))
+    urls = {"val": f"pipe:cat {shard_dir}/val/shard-{{000000..{k - 1:06d}}}.tar"}
+    dm = MultimodalDataModule(str(shard_dir), batch_size=4, num_workers=0, mode="stream", cutoff=4.0, urls=urls)
+    assert dm.shard_urls("val")[0].startswith("pipe:cat ") and dm.num_samples("val") == dm.manifest["splits"]["val"][
+        "samples"]
+    assert sum(len(b) for b in dm.val_dataloader()) == dm.num_samples("val")
+    assert dm.shard_urls("train") == L.split_shards(shard_dir, "train")  # splits not named stay local
+    # only the manifest is needed beside the config when every split is named by URL
+    (tmp_path / "manifest.json").write_text((shard_dir / "manifest.json").read_text())
+    dm2 = MultimodalDataModule(str(tmp_path), batch_size=4, num_workers=0, mode="memory", cutoff=4.0, urls=urls)
+    assert len(dm2.records("val")) == dm.num_samples("val")
+    with pytest.raises(ValueError, match="unknown splits"):
+        MultimodalDataModule(str(shard_dir), urls={"trian": "x.tar"})

@@ -19,6 +19,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,55 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
     return out
 
 
+_TAR_IN_URL = re.compile(r"([^\s'\"]+\.tar)(?=$|[\s'\"?#])")
+
+
+def shard_name(url: str) -> tuple[str, str]:
+    """The ``(split/name.tar, name.tar)`` keys of the tar a shard URL names.
+
+    Works for local paths, ``http(s)://``/``s3://`` URLs and ``pipe:`` commands alike (the last ``*.tar`` token
+    of the command is taken: ``pipe:aws s3 cp s3://bucket/mp/train/shard-000003.tar -`` gives
+    ``("train/shard-000003.tar", "shard-000003.tar")``).
+    """
+    found = _TAR_IN_URL.findall(url)
+    if not found:
+        raise ValueError(f"shard URL {url!r} names no *.tar file")
+    parts = found[-1].rstrip("/").split("/")
+    return "/".join(parts[-2:]), parts[-1]
+
+
+def read_sizes(path: str | Path) -> dict[str, int]:
+    """Samples per shard from a sizes file.
+
+    Either ``{"shard-000000.tar": 256, ...}`` (open_clip's ``sizes.json``) or a ``manifest.json`` written by
+    ``mmmat data build`` (keys ``<split>/shard-NNNNNN.tar``).
+    """
+    import json
+
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and "splits" in data and "manifest_version" in data:
+        return {s["path"]: int(s["samples"]) for sp in data["splits"].values() for s in sp.get("shards", [])}
+    if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+        raise ValueError(f"{path}: a sizes file maps shard file names to sample counts ({{name: int}})")
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def count_samples(urls: Sequence[str], sizes: dict[str, int]) -> int:
+    """Samples in ``urls`` according to ``sizes`` (see :func:`read_sizes`).
+
+    Each URL is looked up by ``split/name.tar``, then by ``name.tar``; a URL missing from ``sizes`` is an error
+    naming it.
+    """
+    total = 0
+    for u in urls:
+        keys = shard_name(u)
+        hit = next((k for k in keys if k in sizes), None)
+        if hit is None:
+            raise KeyError(f"shard {u!r} is not in the sizes file (looked up {list(dict.fromkeys(keys))})")
+        total += sizes[hit]
+    return total
+
+
 def split_shards(shard_dir: str | Path, split: str) -> list[str]:
     """Shard paths of one split of a folder written by ``mmmat data build``."""
     d = Path(shard_dir) / split
@@ -146,7 +196,7 @@ def _world() -> tuple[int, int]:
 
 
 def shard_pipeline(
-    urls: Sequence[str],
+    urls: Sequence[str] | str,
     collator: Collator,
     batch_size: int,
     num_samples: int,
@@ -163,7 +213,8 @@ def shard_pipeline(
     """A webdataset ``DataPipeline`` yielding :class:`MultimodalBatch` objects.
 
     Args:
-        urls: Shard URLs.
+        urls: Shard URLs (a list, or one spec :func:`expand_shards` takes: brace pattern, glob, folder,
+            ``pipe:`` command).
         collator: Builds each batch.
         batch_size: Samples per batch per rank.
         num_samples: Samples in one epoch over all ranks (e.g. from manifest.json).
@@ -181,7 +232,7 @@ def shard_pipeline(
     """
     import webdataset as wds
 
-    urls = list(urls)
+    urls = expand_shards(urls) if isinstance(urls, str | Path) else list(urls)
     _, ws = _world()
     world_size = world_size or ws
     nw = max(1, num_workers)
@@ -189,6 +240,11 @@ def shard_pipeline(
         raise ValueError(
             f"{len(urls)} shards < {nw} workers x {world_size} ranks: some workers would get no data. "
             "Write smaller shards (--shard-size), use fewer workers, or set resampled=True."
+        )
+    if not repeat and len(urls) < world_size:
+        raise ValueError(
+            f"{len(urls)} shards < {world_size} ranks: some ranks would get no evaluation data. "
+            "Write smaller shards (--shard-size) so that every rank reads at least one."
         )
     global_batch = batch_size * world_size
     rnd = math.floor if drop_last else math.ceil
@@ -238,7 +294,7 @@ def shard_pipeline(
 
 
 def shard_loader(
-    urls: Sequence[str], collator: Collator, batch_size: int, num_samples: int, num_workers: int = 2, **kw: Any
+    urls: Sequence[str] | str, collator: Collator, batch_size: int, num_samples: int, num_workers: int = 2, **kw: Any
 ) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` over :func:`shard_pipeline` (batches come ready-made from the workers)."""
     pipe = shard_pipeline(urls, collator, batch_size, num_samples, num_workers=num_workers, **kw)

@@ -1,4 +1,4 @@
-"""Training callbacks: a wall-clock budget with a schedule fitted to it, and throughput accounting."""
+"""Training callbacks: a wall-clock budget with a schedule fitted to it, throughput accounting, LR scaling."""
 
 from __future__ import annotations
 
@@ -339,3 +339,52 @@ class StepProfiler(pl.Callback):
         (self.out_dir / f"profile_rank{trainer.global_rank}.json").write_text(json.dumps(self._numbers, indent=1))
         if self.stop:
             trainer.should_stop = True
+
+
+class ScaleLearningRate(pl.Callback):
+    """Scale the peak learning rate with the global batch, before the optimiser is built.
+
+    ``lr = model.lr × (global_batch / base_batch) ** power`` with ``global_batch`` = batch size per rank ×
+    world size (nodes × devices) × ``accumulate_grad_batches``. ``rule: sqrt`` (power 0.5) is the scaling
+    for adaptive optimisers such as AdamW (Malladi et al. 2022, "On the SDEs and scaling rules for adaptive
+    gradient algorithms"); ``rule: linear`` (power 1) is the rule for SGD (Goyal et al. 2017). Warm-up stays
+    a number of optimiser steps (``warmup_steps``), as open_clip keeps it. The model's ``lr`` is the rate at
+    ``base_batch``; the scaled rate replaces ``hparams.lr`` and is printed on rank 0 (``hparams.yaml`` keeps
+    the configured rate). A run resumed on the same number of ranks gets the same rate.
+
+    Args:
+        base_batch: Global batch at which the configured ``lr`` was tuned (256: one GPU of the mp20p config).
+        rule: ``sqrt`` or ``linear``.
+    """
+
+    def __init__(self, base_batch: int = 256, rule: str = "sqrt"):
+        if rule not in ("sqrt", "linear"):
+            raise ValueError(f"rule must be 'sqrt' or 'linear', got {rule!r}")
+        if base_batch < 1:
+            raise ValueError(f"base_batch must be >= 1, got {base_batch}")
+        self.base_batch, self.rule = int(base_batch), rule
+        self.global_batch: int | None = None
+        self.lr: float | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Set ``hparams.lr`` from the global batch (runs before ``configure_optimizers``)."""
+        if stage != "fit":
+            return
+        dm = getattr(trainer, "datamodule", None)
+        batch = getattr(getattr(dm, "hparams", None), "batch_size", None)
+        if batch is None or "lr" not in pl_module.hparams:
+            raise ValueError("ScaleLearningRate needs data.batch_size and a model with an lr hyperparameter")
+        base_lr = getattr(pl_module, "_base_lr", None)
+        if base_lr is None:  # a second fit on the same module scales from the configured rate again
+            base_lr = pl_module._base_lr = float(pl_module.hparams.lr)
+        self.global_batch = int(batch) * trainer.world_size * trainer.accumulate_grad_batches
+        power = 0.5 if self.rule == "sqrt" else 1.0
+        self.lr = base_lr * (self.global_batch / self.base_batch) ** power
+        pl_module.hparams.lr = self.lr
+        from pytorch_lightning.utilities import rank_zero_info
+
+        rank_zero_info(
+            f"ScaleLearningRate: global batch {self.global_batch} ({batch} x {trainer.world_size} ranks x "
+            f"{trainer.accumulate_grad_batches} accumulated), lr {base_lr:g} at {self.base_batch} -> {self.lr:g} "
+            f"({self.rule})"
+        )

@@ -10,8 +10,11 @@ import torch
 from mmmat.data.batch import Collator, MultimodalBatch
 from mmmat.data.loader import (
     SharedEpoch,
+    count_samples,
+    expand_shards,
     load_records,
     memory_loader,
+    read_sizes,
     shard_loader,
     split_shards,
 )
@@ -21,7 +24,8 @@ class MultimodalDataModule(pl.LightningDataModule):
     """Serves :class:`MultimodalBatch` objects for the train/val/test splits of a shard folder.
 
     Args:
-        shards: Folder with ``manifest.json`` and one sub-folder of shards per split.
+        shards: Folder with ``manifest.json`` and one sub-folder of shards per split. With ``urls`` the folder
+            needs only ``manifest.json`` (property columns, sample counts; shards may live elsewhere).
         batch_size: Samples per batch per rank.
         num_workers: DataLoader workers per rank.
         mode: ``"resident"`` packs each split once as tensors on the training device and assembles batches
@@ -38,6 +42,11 @@ class MultimodalDataModule(pl.LightningDataModule):
         shuffle_buffer: Sample shuffle buffer when streaming.
         seed: Seed of shuffles and text choice.
         train_split / val_split / test_split: Split names in the shard folder.
+        urls: Optional shard URLs per split, read instead of ``<shards>/<split>/``: anything webdataset opens
+            (local paths, brace patterns ``shard-{000000..000127}.tar``, ``http(s)://``, ``pipe:`` commands such
+            as ``pipe:aws s3 cp s3://bucket/mp/train/shard-{000000..000127}.tar -``), a string or a list.
+        sizes: Samples per shard for counting the samples of ``urls``: a JSON ``{shard file name: samples}``
+            (open_clip's ``sizes.json``) or a ``manifest.json``; default: ``<shards>/manifest.json``.
         reduce_cells: Give every crystal its Niggli-reduced cell when the records are loaded
             (:meth:`~mmmat.data.schema.MaterialRecord.reduced`; resident and memory modes). Models that are
             invariant to the cell choice do not need it; a generator of lattice parameters does.
@@ -73,6 +82,8 @@ class MultimodalDataModule(pl.LightningDataModule):
         reduce_cells: bool = False,
         precompute_graph: bool = False,
         edge_capacity: int | None = None,
+        urls: dict[str, str | list[str]] | None = None,
+        sizes: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -90,6 +101,10 @@ class MultimodalDataModule(pl.LightningDataModule):
                 f"properties {unknown} are not in {shards}/manifest.json (columns: "
                 f"{self.manifest['property_columns']})"
             )
+        bad = sorted(set(urls or {}) - {train_split, val_split, test_split})
+        if bad:
+            raise ValueError(f"data.urls names unknown splits {bad} (splits: {train_split}, {val_split}, {test_split})")
+        self._sizes: dict[str, int] | None = None
         self._records: dict[str, list] = {}
         self._resident: dict[str, Any] = {}
         self._epoch = SharedEpoch(0)
@@ -125,14 +140,27 @@ class MultimodalDataModule(pl.LightningDataModule):
             seed=h.seed,
         )
 
+    def shard_urls(self, split: str) -> list[str]:
+        """Shard URLs of ``split``: from ``urls`` when it names the split, else ``<shards>/<split>/``."""
+        urls = self.hparams.urls or {}
+        if split in urls:
+            return expand_shards(urls[split])
+        return split_shards(self.hparams.shards, split)
+
     def num_samples(self, split: str) -> int:
-        """Samples in ``split`` according to the manifest."""
-        return int(self.manifest["splits"][split]["samples"])
+        """Samples in ``split``: from the sizes of its shards when ``urls`` names it, else from the manifest."""
+        if split not in (self.hparams.urls or {}):
+            return int(self.manifest["splits"][split]["samples"])
+        if self._sizes is None:
+            from pathlib import Path
+
+            self._sizes = read_sizes(self.hparams.sizes or Path(self.hparams.shards) / "manifest.json")
+        return count_samples(self.shard_urls(split), self._sizes)
 
     def records(self, split: str) -> list:
         """Decoded records of ``split`` (memory mode; cached)."""
         if split not in self._records:
-            recs = load_records(split_shards(self.hparams.shards, split))
+            recs = load_records(self.shard_urls(split))
             if self.hparams.reduce_cells:
                 recs = [r.reduced() for r in recs]
             self._records[split] = recs
@@ -168,7 +196,7 @@ class MultimodalDataModule(pl.LightningDataModule):
                 self.records(split), self.collator(train), h.batch_size, num_workers=h.num_workers,
                 shuffle=train, drop_last=train, seed=h.seed,
             )
-        urls = split_shards(h.shards, split)
+        urls = self.shard_urls(split)
         nw = h.num_workers if train else min(h.num_workers, len(urls))
         return shard_loader(
             urls, self.collator(train), h.batch_size, self.num_samples(split), num_workers=nw,

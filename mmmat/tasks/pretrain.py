@@ -176,6 +176,16 @@ class ContrastivePretraining(pl.LightningModule):
             if "computed_xrd" not in data.crystal_features:
                 data.precompute_crystal_feature("computed_xrd", enc.pattern)
 
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under Lightning's ``ModelParallelStrategy`` (see :mod:`mmmat.tasks.fsdp`)."""
+        from mmmat.tasks.fsdp import apply_fsdp
+
+        units = apply_fsdp(self)
+        if units:
+            from pytorch_lightning.utilities import rank_zero_info
+
+            rank_zero_info(f"FSDP: {units} units sharded over {self.device_mesh}")
+
     def on_train_epoch_start(self) -> None:
         """Let streaming loaders know the epoch (their shard order depends on it)."""
         start_epoch(self)
@@ -281,10 +291,20 @@ class ContrastivePretraining(pl.LightningModule):
         return warmup_cosine(self, opt)
 
     def on_fit_end(self) -> None:
-        """Write the model as ``config.json`` + ``model.safetensors``."""
+        """Write the model as ``config.json`` + ``model.safetensors`` (FSDP-sharded weights are gathered first)."""
+        from mmmat.tasks.fsdp import unsharded_state_dict
+
+        full = unsharded_state_dict(self.model)  # every rank takes part when the model is sharded
         if self.trainer.is_global_zero:
             out = self.hparams.save_dir or str(Path(self.trainer.log_dir or ".") / "model")
-            self.model.save_pretrained(out)
+            model = self.model
+            if full is not None:
+                c = model.config
+                model = MultimodalModel(c["encoders"], embed_dim=c["embed_dim"], projection=c["projection"],
+                                        cutoff=c["cutoff"], max_text_tokens=c["max_text_tokens"])
+                model.load_state_dict(full)
+                model.tokenizer = self.model.tokenizer
+            model.save_pretrained(out)
 
 
 def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
