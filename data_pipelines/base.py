@@ -53,6 +53,9 @@ class BuildOptions:
         describe: Add a generated structure description (labelled generated) where no literature text exists.
         max_atoms: Rows with more atoms are reported and skipped (0 = no limit).
         min_distance: Atoms closer than this (Å) count as overlapping.
+        leak_free_texts: A joined text (recipe or literature, matched by formula or id) pairs only with
+            materials of one split: a text that would join materials of two splits is dropped from all of them
+            and counted in the manifest (``text_pairs``), so no text links a test material to a training one.
 
     """
 
@@ -61,6 +64,7 @@ class BuildOptions:
     describe: bool = True
     max_atoms: int = 0
     min_distance: float = 0.5
+    leak_free_texts: bool = True
 
 
 @dataclass
@@ -69,6 +73,14 @@ class Joins:
 
     recipes: Any = None  # data_pipelines.recipes.RecipeIndex
     literature: Any = None  # data_pipelines.literature.LiteratureIndex
+    #: joined texts that would pair with materials of more than one split (dropped; see BuildOptions)
+    cross_split: frozenset[str] = frozenset()
+
+    def texts_for(self, row: RawRow, formula: str | None) -> tuple[list[TextItem], list[TextItem]]:
+        """(processing, literature) texts joined to ``row``, before any cross-split filtering."""
+        proc = self.recipes.lookup(row.source_ids.get("mp_id") or row.material_id, formula) if self.recipes else []
+        lit = self.literature.lookup(formula) if self.literature is not None else []
+        return proc, lit
 
 
 @dataclass
@@ -145,17 +157,18 @@ def make_record(row: RawRow, split: str, joins: Joins, options: BuildOptions) ->
         record.image, record.image_meta = img, meta
 
     formula = row.formula or structure.composition.reduced_formula
-    texts_clipped = 0
-    if joins.recipes is not None:
-        for t in joins.recipes.lookup(row.source_ids.get("mp_id") or rid, formula):
+    texts_clipped = dropped = 0
+    proc, lit = joins.texts_for(row, formula)
+    for texts, target in ((proc, record.processing_texts), (lit, record.literature_texts)):
+        for t in texts:
+            if options.leak_free_texts and t.text in joins.cross_split:
+                dropped += 1
+                continue
             t.text, clipped = clip_text(t.text, MAX_TEXT_CHARS)
             texts_clipped += clipped
-            record.processing_texts.append(t)
-    if joins.literature is not None:
-        for t in joins.literature.lookup(formula):
-            t.text, clipped = clip_text(t.text, MAX_TEXT_CHARS)
-            texts_clipped += clipped
-            record.literature_texts.append(t)
+            target.append(t)
+    if dropped:
+        notes["texts_dropped_cross_split"] = dropped
     for t in row.extra_texts:
         t = TextItem(t.text, t.source, t.generated, t.ref)
         t.text, clipped = clip_text(t.text, MAX_TEXT_CHARS)

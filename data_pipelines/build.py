@@ -86,7 +86,7 @@ def build_shard(split: str, index: int, rows: list[RawRow], tar: Path, report: P
     t0 = time.perf_counter()
     failures: list[dict[str, str]] = []
     coverage: Counter[str] = Counter()
-    texts_clipped = 0
+    texts_clipped = texts_dropped = 0
     n = 0
     tmp = tar.with_suffix(f".tar.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -104,6 +104,7 @@ def build_shard(split: str, index: int, rows: list[RawRow], tar: Path, report: P
             writer.write(sample)
             n += 1
             texts_clipped += notes.get("texts_clipped", 0)
+            texts_dropped += notes.get("texts_dropped_cross_split", 0)
             for k, v in record.modalities().items():
                 coverage[k] += int(v)
         writer.close()
@@ -117,6 +118,7 @@ def build_shard(split: str, index: int, rows: list[RawRow], tar: Path, report: P
         "failures": failures,
         "coverage": dict(sorted(coverage.items())),
         "texts_clipped": texts_clipped,
+        "texts_dropped_cross_split": texts_dropped,
         "bytes": tar.stat().st_size,
         "sha256": sha256_file(tar),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -154,6 +156,50 @@ def _mark_duplicates(source: SourceData) -> None:
             first.setdefault(row.material_id, split)
 
 
+def _formula(row: RawRow) -> str | None:
+    """The reduced formula a row's texts are joined by (parsed from its structure when the source gives none)."""
+    if row.formula:
+        return row.formula
+    try:
+        from pymatgen.core import Structure
+
+        if row.structure is not None:
+            return Structure.from_dict(row.structure).composition.reduced_formula
+        if row.cif is not None:
+            return Structure.from_str(row.cif, fmt="cif").composition.reduced_formula
+    except Exception:  # a bad row is reported by the build itself
+        return None
+    return None
+
+
+def cross_split_texts(source: SourceData) -> tuple[frozenset[str], dict[str, Any]]:
+    """Joined texts that would pair with materials of more than one split, and the counts for the manifest.
+
+    Every row's recipe and literature joins are looked up as the build will look them up; a text whose
+    materials fall in two or more splits is returned (the build drops it everywhere).
+    """
+    joins = source.joins
+    if joins.recipes is None and joins.literature is None:
+        return frozenset(), {"leak_free": True, "texts_joined": 0, "texts_dropped_cross_split": 0}
+    where: dict[str, set[str]] = {}
+    for split, rows in source.splits.items():
+        for row in rows:
+            if row.error is not None:
+                continue
+            proc, lit = joins.texts_for(row, _formula(row))
+            for t in (*proc, *lit):
+                where.setdefault(t.text, set()).add(split)
+    crossing = frozenset(t for t, splits in where.items() if len(splits) > 1)
+    kept = Counter(next(iter(s)) for t, s in where.items() if len(s) == 1)
+    stats = {
+        "leak_free": True,
+        "texts_joined": len(where),
+        "texts_dropped_cross_split": len(crossing),
+        "texts_kept_by_split": dict(sorted(kept.items())),
+    }
+    return crossing, stats
+
+
 def build_shards(
     source: SourceData,
     out: str | Path,
@@ -180,6 +226,10 @@ def build_shards(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     _mark_duplicates(source)
+    text_pairs: dict[str, Any] = {"leak_free": False}
+    if options.leak_free_texts:
+        crossing, text_pairs = cross_split_texts(source)
+        source.joins.cross_split = crossing
     tasks: list[tuple[str, int, list[RawRow], str, str]] = []
     reports: dict[tuple[str, int], dict[str, Any]] = {}
     for split, rows in source.splits.items():
@@ -234,6 +284,7 @@ def build_shards(
                 stale.with_suffix(".json").unlink(missing_ok=True)
     wall = time.perf_counter() - t0
     manifest = _manifest(source, out, reports, options, shard_size, wall, total_rows, resumed, command)
+    manifest["text_pairs"] = text_pairs
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -262,6 +313,7 @@ def _manifest(
             "samples": sum(r["samples"] for r in reps),
             "failures": sum(len(r["failures"]) for r in reps),
             "texts_clipped": sum(r.get("texts_clipped", 0) for r in reps),
+            "text_pairs_dropped_cross_split": sum(r.get("texts_dropped_cross_split", 0) for r in reps),
             "coverage": dict(sorted(cov.items())),
             "shards": [
                 {"path": f"{split}/{r['shard']}", "samples": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}

@@ -198,3 +198,37 @@ def test_builtin_ids_are_unique():
     src = get_source("builtin")(None)
     ids = [r.material_id for rows in src.splits.values() for r in rows]
     assert len(ids) == len(set(ids)) == 288
+
+
+def test_joined_texts_never_pair_across_splits(tmp_path, nacl, gan, triclinic):
+    from data_pipelines.literature import LiteratureIndex
+
+    lit = LiteratureIndex()
+    lit.add_text("Rock-salt NaCl grown from the melt.", ["NaCl"], "matscholar_ner", "r1")  # train + test
+    lit.add_text("Wurtzite GaN films for LEDs.", ["GaN"], "matscholar_ner", "r2")  # train only
+    f_tri = triclinic.composition.reduced_formula
+    lit.add_text(f"GaN and {f_tri} compared.", ["GaN", f_tri], "matscholar_ner", "r3")  # train + test
+    lit.add_text(f"Only {f_tri} here.", [f_tri], "matscholar_ner", "r4")  # test only
+    rows = {
+        "train": [RawRow("a", structure=nacl.as_dict()), RawRow("b", structure=gan.as_dict())],
+        "test": [RawRow("c", structure=nacl.as_dict()), RawRow("d", structure=triclinic.as_dict())],
+    }
+    opts = BuildOptions(xrd=False, image=False, describe=False)
+    m = build_shards(SourceData("t", rows, Joins(literature=lit), []), tmp_path / "s", options=opts, progress=False)
+    tp = m["text_pairs"]
+    assert tp["leak_free"] and tp["texts_joined"] == 4 and tp["texts_dropped_cross_split"] == 2
+    assert tp["texts_kept_by_split"] == {"test": 1, "train": 1}
+    assert m["splits"]["train"]["text_pairs_dropped_cross_split"] == 2  # NaCl text on a, GaN+triclinic on b
+    assert m["splits"]["test"]["text_pairs_dropped_cross_split"] == 2
+    texts_by_split = {}
+    for split in ("train", "test"):
+        recs = load_records(sorted(str(p) for p in (tmp_path / "s" / split).glob("*.tar")))
+        texts_by_split[split] = {t.text for r in recs for t in r.literature_texts}
+    assert texts_by_split["train"] == {"Wurtzite GaN films for LEDs."}
+    assert texts_by_split["test"] == {f"Only {f_tri} here."}
+    assert not texts_by_split["train"] & texts_by_split["test"]
+    # the check can be turned off (every join kept, as before)
+    opts.leak_free_texts = False
+    m2 = build_shards(SourceData("t", rows, Joins(literature=lit), []), tmp_path / "s2", options=opts, progress=False)
+    assert m2["text_pairs"] == {"leak_free": False}
+    assert m2["splits"]["train"]["text_pairs_dropped_cross_split"] == 0
