@@ -66,6 +66,12 @@ class ContrastivePretraining(pl.LightningModule):
             from memorising exact coordinates of the training set. None (default) leaves crystals untouched.
         engine: Step optimisations, by name (see :data:`ENGINE_DEFAULTS`): ``{"compile": true}`` turns one on,
             ``{"fused_adamw": false}`` one off; unknown names are an error.
+        objectives: Structural self-supervision beside the contrastive loss, by registered name
+            (:mod:`mmmat.latent.objectives`): ``{"denoise": {"weight": 1.0, "sigma_max": 0.3},
+            "masked_atoms": {"weight": 0.5}}``. Each runs the crystal encoder's graph branch on a corrupted copy
+            of the batch's crystals and adds ``weight`` × its loss.
+        save_heads: Also write the objectives' heads (``objectives.safetensors`` + ``objectives.json``) beside
+            the saved model; the model itself never carries them.
         save_dir: Where ``save_pretrained`` writes the model at the end of fit (default: the logger's folder
             + ``/model``).
         seed: Random state (augmentations, dropout) is reseeded from (seed, epoch, rank) at every epoch
@@ -90,6 +96,8 @@ class ContrastivePretraining(pl.LightningModule):
         xrd_augment: dict[str, Any] | None = None,
         crystal_augment: dict[str, float] | None = None,
         engine: dict[str, bool] | None = None,
+        objectives: dict[str, dict[str, Any]] | None = None,
+        save_heads: bool = False,
         save_dir: str | None = None,
         seed: int = 0,
     ):
@@ -101,6 +109,16 @@ class ContrastivePretraining(pl.LightningModule):
         self.engine = {**ENGINE_DEFAULTS, **(engine or {})}
         self.model = MultimodalModel(encoders, embed_dim=embed_dim, projection=projection)
         self.loss = MultimodalContrastiveLoss(anchor=anchor, mode=loss_mode, kind=loss_kind, weights=loss_weights)
+        self.objectives = torch.nn.ModuleDict()
+        if objectives:
+            from mmmat.latent.objectives import create_objective
+
+            if "crystal" not in self.model.encoders:
+                raise ValueError("objectives need a crystal encoder")
+            enc = self.model.encoders["crystal"]
+            gnn = getattr(enc, "gnn", enc)
+            for name, cfg in objectives.items():
+                self.objectives[name] = create_objective(name, hidden=gnn.hidden, cutoff=gnn.cutoff, **(cfg or {}))
         unknown_scale = sorted(set(lr_scale or {}) - set(encoders))
         if unknown_scale:
             raise ValueError(f"lr_scale names modalities without an encoder: {unknown_scale} (have {list(encoders)})")
@@ -226,6 +244,8 @@ class ContrastivePretraining(pl.LightningModule):
         batch = self._augmented(batch)
         emb = self.model(batch, modalities=self.model.modalities)
         loss, logs = self.loss(emb, {m: batch.present[m] for m in emb})
+        if len(self.objectives):
+            loss = loss + self._objective_losses(batch, logs)
         bs = len(batch)
         # progress-bar values are read back from the device every step: only when a bar shows them
         bar = getattr(self._trainer, "progress_bar_callback", None) is not None
@@ -234,6 +254,19 @@ class ContrastivePretraining(pl.LightningModule):
             if k.startswith(("loss/", "acc/", "logit")):
                 self.log(f"train/{k}", v, batch_size=bs)
         return loss
+
+    def _objective_losses(self, batch: MultimodalBatch, logs: dict[str, Any]) -> torch.Tensor:
+        """Weighted sum of the structural objectives on corrupted copies of the batch's crystals."""
+        enc = self.model.encoders["crystal"]
+        gnn = getattr(enc, "gnn", enc)
+        total = torch.zeros((), device=self.device)
+        for name, obj in self.objectives.items():
+            crystal, target = obj.corrupt(batch.crystal)
+            atoms = gnn.node_features(crystal)
+            value = obj.loss(crystal, atoms, target)
+            logs[f"loss/objective_{name}"] = value.detach()
+            total = total + obj.weight * value
+        return total
 
     def validation_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
         """Embed the batch (clean inputs) and keep it for the epoch-end retrieval."""
@@ -305,6 +338,14 @@ class ContrastivePretraining(pl.LightningModule):
                 model.load_state_dict(full)
                 model.tokenizer = self.model.tokenizer
             model.save_pretrained(out)
+            if self.hparams.save_heads and len(self.objectives) and full is None:
+                import json
+
+                from safetensors.torch import save_file
+
+                state = {k: v.detach().cpu().contiguous() for k, v in self.objectives.state_dict().items()}
+                save_file(state, str(Path(out) / "objectives.safetensors"))
+                (Path(out) / "objectives.json").write_text(json.dumps(self.hparams.objectives, indent=1))
 
 
 def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
