@@ -292,3 +292,37 @@ def test_cli_predict_errors(tmp_path):
 
     r = CliRunner().invoke(app, ["predict", "--model", str(tmp_path), "--input", str(tmp_path / "x.cif")])
     assert r.exit_code == 2 and "config.json" in r.output
+
+
+# ---------------------------------------------------------------------------------------------- using the pretraining
+def test_encoder_layer_ids():
+    from mmmat.tasks.finetune import encoder_layer_id
+
+    assert encoder_layer_id("embedding.weight", 3) == 0 and encoder_layer_id("radial.weight", 3) == 0
+    assert encoder_layer_id("blocks.0.lin_in.weight", 3) == 1 and encoder_layer_id("blocks.2.mlp.0.bias", 3) == 3
+    assert encoder_layer_id("head.0.weight", 3) == 4 and encoder_layer_id("final_norm.weight", 3) == 4
+    assert encoder_layer_id("gnn.blocks.1.filter.weight", 3) == 2 and encoder_layer_id("xrd.stem.0.weight", 3) == 3
+    assert encoder_layer_id("fuse.weight", 3) == 4
+
+
+def test_layer_decay_head_warmup_and_aux_objective_through_train_py(tmp_path, tiny_shards):
+    import train
+
+    args = _args(
+        tmp_path, tiny_shards, "--model.init_args.targets=[num_atoms]", "--model.init_args.layer_decay=0.5",
+        "--model.init_args.encoder_lr_ratio=0.1", "--model.init_args.head_warmup_steps=3",
+        "--model.init_args.aux_objectives={masked_atoms: {weight: 0.1}}", "--trainer.max_steps=3",
+    )[1:]
+    cli = train.main(args, run=False)
+    model = cli.model
+    n_blocks = len(model.model.encoder.blocks)
+    before = {n: p.detach().clone() for n, p in model.model.encoder.named_parameters()}
+    # three steps of head-only warm-up: the heads learn, the encoder does not move
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert model.global_step == 3
+    groups = cli.trainer.optimizers[0].param_groups
+    enc = sorted({round(g["initial_lr"] / model.hparams.lr, 8) for g in groups if g["part"] == "encoder"})
+    assert enc == sorted(round(0.1 * 0.5**k, 8) for k in range(n_blocks + 2))  # one rate per layer, top 0.1
+    for n, p in model.model.encoder.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    assert "train/aux_masked_atoms" in cli.trainer.callback_metrics

@@ -56,6 +56,14 @@ class PropertyFinetuning(pl.LightningModule):
             permutation of the labelled ones by ``subset_seed``
             (:func:`~mmmat.heads.property.select_labelled`).
         subset_seed: Seed of that permutation.
+        layer_decay: Layer-wise learning-rate decay of the encoder: the readout learns at ``encoder_lr_ratio``
+            × ``lr``, each interaction block below it at ``layer_decay`` times the one above, the atom
+            embedding and radial basis at the bottom (see :func:`encoder_layer_id`). None: one rate.
+        head_warmup_steps: For the first steps only the heads learn (the encoder's learning rate is 0), so
+            that randomly initialised heads do not send large gradients into a pretrained encoder.
+        aux_objectives: The pretraining objectives (:mod:`mmmat.latent.objectives`) kept as auxiliary losses,
+            ``{"denoise": {"weight": 0.1}}``; their heads start from the pretrained folder's
+            ``objectives.safetensors`` when it has them.
         save_dir: Where the model is saved at the end of fit (default: the logger's folder + ``/model``).
         seed: Random state is reseeded from (seed, epoch, rank) at every epoch start.
 
@@ -82,6 +90,9 @@ class PropertyFinetuning(pl.LightningModule):
         train_fraction: float = 1.0,
         max_train_labels: int | None = None,
         subset_seed: int = 0,
+        layer_decay: float | None = None,
+        head_warmup_steps: int = 0,
+        aux_objectives: dict[str, dict[str, Any]] | None = None,
         save_dir: str | None = None,
         seed: int = 0,
     ):
@@ -99,9 +110,34 @@ class PropertyFinetuning(pl.LightningModule):
         else:
             raise ValueError("give model.pretrained (a folder written by save_pretrained) or model.encoder")
         self.model.set_trainable(mode, unfreeze_last)
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
+        if head_warmup_steps < 0:
+            raise ValueError(f"head_warmup_steps must be >= 0, got {head_warmup_steps}")
+        self.aux = torch.nn.ModuleDict()
+        if aux_objectives:
+            from mmmat.latent.objectives import create_objective
+
+            gnn = getattr(self.model.encoder, "gnn", self.model.encoder)
+            for name, cfg in aux_objectives.items():
+                self.aux[name] = create_objective(name, hidden=gnn.hidden, cutoff=gnn.cutoff, **(cfg or {}))
+            self._load_aux_heads(pretrained)
         self.num_train_labels: int | None = None
         self._eval: list[dict[str, Any]] = []
         self.last_val: dict[str, Any] | None = None
+
+    def _load_aux_heads(self, pretrained: str | None) -> None:
+        """Start the auxiliary heads from the pretraining's, when the pretrained folder holds them."""
+        path = Path(pretrained) / "objectives.safetensors" if pretrained else None
+        if path is None or not path.exists():
+            return
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        for name, obj in self.aux.items():
+            own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+            if own:
+                obj.load_state_dict(own)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -183,6 +219,13 @@ class PropertyFinetuning(pl.LightningModule):
         labels = self._labels(batch)
         loss, parts = self.model.loss(self.model(batch), labels)
         bs = len(batch)
+        if len(self.aux):
+            gnn = getattr(self.model.encoder, "gnn", self.model.encoder)
+            for name, obj in self.aux.items():
+                crystal, target = obj.corrupt(batch.crystal)
+                value = obj.loss(crystal, gnn.node_features(crystal), target)
+                self.log(f"train/aux_{name}", value, batch_size=bs)
+                loss = loss + obj.weight * value
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if len(parts) > 1:
             for name, v in parts.items():
@@ -331,20 +374,33 @@ class PropertyFinetuning(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW with linear warm-up and cosine decay; the encoder at ``encoder_lr_ratio`` × ``lr``."""
         h = self.hparams
-        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
-        for name, p in self.model.named_parameters():
+        groups: dict[tuple[str, bool, float], list[torch.nn.Parameter]] = {}
+        n_blocks = len(getattr(getattr(self.model.encoder, "gnn", self.model.encoder), "blocks", []))
+        named = [*self.model.named_parameters(), *(("aux." + n, p) for n, p in self.aux.named_parameters())]
+        for name, p in named:
             if not p.requires_grad:
                 continue
             part = "encoder" if name.startswith("encoder.") else "head"
             decay = p.ndim >= 2 and "norm" not in name.lower()
-            groups.setdefault((part, decay), []).append(p)
+            scale = h.encoder_lr_ratio if part == "encoder" else 1.0
+            if part == "encoder" and h.layer_decay is not None:
+                depth = n_blocks + 1 - encoder_layer_id(name.removeprefix("encoder."), n_blocks)
+                scale *= h.layer_decay**depth
+            groups.setdefault((part, decay, scale), []).append(p)
         params = [
-            {"params": ps, "lr": h.lr * (h.encoder_lr_ratio if part == "encoder" else 1.0),
-             "weight_decay": h.weight_decay if decay else 0.0}
-            for (part, decay), ps in groups.items()
+            {"params": ps, "lr": h.lr * scale, "weight_decay": h.weight_decay if decay else 0.0, "part": part}
+            for (part, decay, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2]))
         ]
         opt = torch.optim.AdamW(params, lr=h.lr, betas=(0.9, 0.999))
         return warmup_cosine(self, opt)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Head-only warm-up: the encoder's learning rate is 0 for the first ``head_warmup_steps`` steps."""
+        if self.global_step < self.hparams.head_warmup_steps:
+            for opt in self.trainer.optimizers:
+                for g in opt.param_groups:
+                    if g.get("part") == "encoder":
+                        g["lr"] = 0.0
 
     def on_fit_end(self) -> None:
         """Save the model (``config.json`` + ``model.safetensors``) and the last validation's report."""
@@ -362,6 +418,25 @@ class PropertyFinetuning(pl.LightningModule):
             meta["val_metrics"] = self.last_val["metrics"]
             self.write_report(self.last_val, "val")
         self.model.save_pretrained(out, metadata=meta)
+
+
+def encoder_layer_id(name: str, num_blocks: int) -> int:
+    """Depth of an encoder parameter for layer-wise decay: 0 at the input, ``num_blocks + 1`` at the readout.
+
+    The atom embedding and radial basis are layer 0, interaction block i is layer i + 1, and everything after
+    the blocks (final norm, global features, readout, fusion) is the top layer. A diffraction branch beside the
+    graph branch (``crystal/schnet_xrd``) counts as one layer just below the top.
+    """
+    parts = name.split(".")
+    if parts[0] == "gnn":
+        parts = parts[1:]
+    elif parts[0] == "xrd":
+        return num_blocks
+    if parts[0] in ("embedding", "rbf", "radial"):
+        return 0
+    if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
+        return int(parts[1]) + 1
+    return num_blocks + 1
 
 
 def regression_metrics(y: np.ndarray, pred: np.ndarray, std: np.ndarray | None = None) -> dict[str, float]:
