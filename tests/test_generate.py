@@ -255,6 +255,24 @@ def test_tiny_generator_trains_through_train_py(tiny_generator):
     assert set(cfg["condition_modalities"]) >= {"crystal", "xrd", "literature_text"}
 
 
+def test_generator_validation_is_deterministic_and_leaves_the_global_rng_alone(tiny_generator):
+    _, _, cli = tiny_generator
+    module, dm = cli.model, cli.datamodule
+    module.eval()
+    batch = next(iter(dm.val_dataloader()))
+    logged = []
+    module.log_dict = lambda d, **kw: logged.append({k: float(v) for k, v in d.items()})
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for idx in (0, 0, 1):
+            torch.rand(7)  # the global state moves between validations, as training moves it
+            before = torch.get_rng_state()
+            module.validation_step(batch, idx)
+            assert torch.equal(torch.get_rng_state(), before)
+    assert logged[0] == logged[1]  # the same loss in every validation of the same batch
+    assert logged[0] != logged[2]  # another batch index draws other noise
+
+
 def test_generate_cli_with_conditions(tiny_generator, tmp_path):
     from typer.testing import CliRunner
 

@@ -177,8 +177,10 @@ class CrystalGeneration(pl.LightningModule):
 
     # ------------------------------------------------------------------ conditions
     @torch.no_grad()
-    def conditions(self, batch: MultimodalBatch, train: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Condition vectors of a batch and the CSP-row mask."""
+    def conditions(
+        self, batch: MultimodalBatch, train: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Condition vectors of a batch and the CSP-row mask (random draws from ``generator`` when given)."""
         h = self.hparams
         b = len(batch)
         dev = batch.crystal.z.device
@@ -187,7 +189,8 @@ class CrystalGeneration(pl.LightningModule):
             avail = torch.stack([batch.present[m] for m in self.condition_modalities], dim=1).float()
             w = avail * torch.tensor(self.modality_weights, device=dev)
             has = w.sum(1) > 0
-            pick = torch.multinomial(torch.where(has[:, None], w, torch.ones_like(w)), 1).squeeze(1)
+            pick = torch.multinomial(torch.where(has[:, None], w, torch.ones_like(w)), 1, generator=generator)
+            pick = pick.squeeze(1)
             if self.augment is not None and train and bool(batch.present["xrd"].any()):
                 prof = self.augment(batch)
                 batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
@@ -198,20 +201,22 @@ class CrystalGeneration(pl.LightningModule):
                     latent[rows] = self.cond_model.encode(m, batch)[rows].float()
             latent_mask = has.float()
             if train:
-                latent_mask = latent_mask * (torch.rand(b, device=dev) >= h.p_drop_latent).float()
+                keep = torch.rand(b, device=dev, generator=generator) >= h.p_drop_latent
+                latent_mask = latent_mask * keep.float()
         if self.flow.properties:
             idx = [batch.property_names.index(p) for p in self.flow.properties]
             props = batch.properties[:, idx].float()
             props_mask = torch.isfinite(props).float()
             if train:
-                props_mask = props_mask * (torch.rand(props.shape, device=dev) >= h.p_drop_property).float()
+                keep = torch.rand(props.shape, device=dev, generator=generator) >= h.p_drop_property
+                props_mask = props_mask * keep.float()
         cond = self.flow.condition_vector(latent, latent_mask, props, props_mask, b, dev)
-        csp = torch.rand(b, device=dev) < h.csp_fraction
+        csp = torch.rand(b, device=dev, generator=generator) < h.csp_fraction
         return cond, csp
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: MultimodalBatch, train: bool, generator: torch.Generator | None = None) -> dict:
-        cond, csp = self.conditions(batch, train)
+        cond, csp = self.conditions(batch, train, generator)
         c = batch.crystal
         counts = c.ptr[1:] - c.ptr[:-1]
         return self.flow.loss(
@@ -225,11 +230,13 @@ class CrystalGeneration(pl.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
-        """Flow-matching loss on held-out crystals (fixed noise per batch)."""
+        """Flow-matching loss on held-out crystals, the same in every validation.
+
+        Noise, condition choice and CSP rows are all drawn from a generator seeded by the batch index; the
+        global random state (CPU and CUDA) is left alone.
+        """
         g = torch.Generator(device=batch.crystal.z.device).manual_seed(1000 + batch_idx)
-        state = torch.get_rng_state()
         out = self._loss(batch, train=False, generator=g)
-        torch.set_rng_state(state)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch), sync_dist=True)
 
     # ------------------------------------------------------------------ optimisation
