@@ -434,6 +434,44 @@ def evaluate(
     c.print(f"report -> {out} and {out.with_suffix('.md')}")
 
 
+@app.command()
+def serve(
+    index: Path = typer.Option(..., help="Index folder written by `mmmat index build`."),
+    model: Path | None = typer.Option(None, help="Model folder (default: the one recorded in the index)."),
+    design_runs: Path | None = typer.Option(None, help="A design run folder, or a folder of them."),
+    generator: Path | None = typer.Option(None, help="A generator folder for the Generate page."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but 127.0.0.1 opens the app to others."),
+    port: int = typer.Option(8050, help="TCP port."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload in MB."),
+) -> None:
+    """A local web app: search, identify, generate, design runs and the model, in the browser."""
+    if not (index / "index.json").is_file():
+        _fail(f"{index}: not an index folder (no index.json); build one with `mmmat index build`")
+    for name, path in (("--model", model), ("--design-runs", design_runs), ("--generator", generator)):
+        if path is not None and not path.is_dir():
+            _fail(f"{name} folder {path} not found")
+    if not 0 < port < 65536:
+        _fail(f"--port must be 1 to 65535, got {port}")
+    if not 0 < max_upload_mb <= 2000:
+        _fail(f"--max-upload-mb must be above 0 and at most 2000, got {max_upload_mb}")
+    try:
+        import dash  # noqa: F401
+    except ImportError:
+        _fail("`mmmat serve` needs Dash: pip install 'dash>=2.17'")
+    from mmmat.retrieval import RetrievalError
+    from mmmat.web.app import serve as run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: binding {host}: anyone who can reach this address can use the app", fg="yellow",
+                    err=True)
+    typer.echo(f"mmmat serve: http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl+C stops it); "
+               f"uploads up to {max_upload_mb:g} MB go to a private temporary folder removed at exit")
+    try:
+        run_server(index, model, design_runs, generator, host=host, port=port, max_upload_mb=max_upload_mb)
+    except RetrievalError as exc:
+        _fail(str(exc))
+
+
 def main() -> None:
     """Entry point."""
     app()

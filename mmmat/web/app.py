@@ -556,11 +556,12 @@ def create_app(
             return F.empty_figure(str(exc))
         front = F.pareto_mask(ledger[x], ledger[y])
         label = ledger["formula"] if "formula" in ledger else None
+        on = ledger[front].sort_values(x)
         fig = go.Figure([
             go.Scatter(x=ledger[x], y=ledger[y], mode="markers", name="candidates", text=label,
                        marker={"size": 5, "color": "#9e9e9e"}),
-            go.Scatter(x=ledger[x][front], y=ledger[y][front], mode="markers+lines", name="Pareto front",
-                       text=None if label is None else label[front], marker={"size": 8, "color": "crimson"}),
+            go.Scatter(x=on[x], y=on[y], mode="markers+lines", name="Pareto front",
+                       text=on["formula"] if "formula" in on else None, marker={"size": 8, "color": "crimson"}),
         ])
         fig.update_layout(xaxis_title=x, yaxis_title=y, height=380, margin={"t": 30})
         return fig
