@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmmat.evaluation.progress import report
+
 #: Prefix of the ids of elemental end points built by :func:`elemental_endpoints`.
 PROTO_PREFIX = "proto:"
 
@@ -77,6 +79,7 @@ def chgnet_energies(
     threads: int | None = None,
     min_volume_per_atom: float = 2.0,
     workers: int = 1,
+    task: str = "CHGNet",
 ) -> tuple[np.ndarray, list]:
     """CHGNet energies (eV/atom), optionally after a FIRE relaxation of positions and cell.
 
@@ -96,6 +99,7 @@ def chgnet_energies(
             Relaxations run one structure at a time, so the processes work on different structures side by
             side (chunks of at most 8, handed out as processes free up). Each process uses ``threads`` torch
             threads (1 when None).
+        task: Name under which progress is reported (:mod:`mmmat.evaluation.progress`).
 
     Returns:
         ``(energy_per_atom (N,), final_structures)``; a structure CHGNet fails on (or too dense a cell) gets
@@ -107,10 +111,10 @@ def chgnet_energies(
     todo = [structures[i] for i in ok]
     dev = resolve_device(device)
     if relax and workers > 1 and len(todo) > 1:
-        e_ok, f_ok = _parallel_relax(todo, steps, fmax, relax_cell, dev, batch_size, threads or 1, workers)
+        e_ok, f_ok = _parallel_relax(todo, steps, fmax, relax_cell, dev, batch_size, threads or 1, workers, task)
     else:
         with torch_threads(threads):
-            e_ok, f_ok = _chgnet_energies(todo, relax, steps, fmax, relax_cell, dev, batch_size)
+            e_ok, f_ok = _chgnet_energies(todo, relax, steps, fmax, relax_cell, dev, batch_size, task)
     energies = np.full(len(structures), np.nan)
     energies[ok] = e_ok
     finals = list(structures)
@@ -125,7 +129,7 @@ def _relax_chunk(structures, steps, fmax, relax_cell, device, batch_size, thread
 
 
 def _parallel_relax(
-    structures, steps, fmax, relax_cell, device, batch_size, threads, workers
+    structures, steps, fmax, relax_cell, device, batch_size, threads, workers, task="CHGNet"
 ) -> tuple[np.ndarray, list]:
     """:func:`_chgnet_energies` with relaxation over ``workers`` fresh processes, in small chunks."""
     import multiprocessing as mp
@@ -141,15 +145,19 @@ def _parallel_relax(
             ex.submit(_relax_chunk, structures[a : a + size], steps, fmax, relax_cell, device, batch_size, threads)
             for a in starts
         ]
+        done = 0
+        report(f"{task} relaxations", 0, n)
         for a, fut in zip(starts, futs):
             e, f = fut.result()
             energies[a : a + len(e)] = e
             finals[a : a + len(f)] = f
+            done += len(e)
+            report(f"{task} relaxations", done, n)
     return energies, finals
 
 
 def _chgnet_energies(
-    structures, relax, steps, fmax, relax_cell, device, batch_size
+    structures, relax, steps, fmax, relax_cell, device, batch_size, task=None
 ) -> tuple[np.ndarray, list]:
     model = load_chgnet(device)
     finals = list(structures)
@@ -166,6 +174,8 @@ def _chgnet_energies(
                 finals[i] = out["final_structure"]
             except Exception:  # noqa: BLE001 - a failed relaxation keeps the input structure
                 finals[i] = s
+            if task:
+                report(f"{task} relaxations (≤ {steps} steps)", i + 1, len(finals))
     energies = np.full(len(finals), np.nan)
     for start in range(0, len(finals), batch_size):
         chunk = finals[start : start + batch_size]
@@ -183,6 +193,8 @@ def _chgnet_energies(
                     energies[start + j] = float(np.asarray(p["e"]).reshape(-1)[0])
                 except Exception:  # noqa: BLE001
                     energies[start + j] = np.nan
+        if task and len(finals) > batch_size:
+            report(f"{task} energies", start + len(chunk), len(finals))
     return energies, finals
 
 
@@ -376,7 +388,8 @@ def elemental_endpoints(
         best, best_name = math.nan, ""
         for name, s, relax_cell in elemental_prototypes(sym):
             e, _ = chgnet_energies(
-                [s], relax=True, steps=steps, fmax=fmax, relax_cell=relax_cell, device=device, threads=threads
+                [s], relax=True, steps=steps, fmax=fmax, relax_cell=relax_cell, device=device, threads=threads,
+                task="",
             )
             if np.isfinite(e[0]) and not (e[0] >= best):
                 best, best_name = float(e[0]), name
@@ -396,6 +409,7 @@ def reference_hull(
     add_endpoints: bool = True,
     device: str | None = None,
     threads: int | None = None,
+    endpoint_steps: int = 200,
 ) -> HullReference:
     """CHGNet hull reference of a set of structures, read from / written to a JSON cache.
 
@@ -409,6 +423,7 @@ def reference_hull(
         add_endpoints: Add :func:`elemental_endpoints` for every element that has no elemental reference.
         device: Torch device.
         threads: Torch CPU threads (None: unchanged).
+        endpoint_steps: Most relaxation steps of each elemental end-point prototype.
 
     Returns:
         The reference, elemental end points included.
@@ -419,13 +434,16 @@ def reference_hull(
         ref = HullReference.load(cache)
         if set(ids) <= set(ref.ids):
             return ref
-    energies, _ = chgnet_energies(structures, relax=relax, steps=steps, device=device, threads=threads)
+    energies, _ = chgnet_energies(structures, relax=relax, steps=steps, device=device, threads=threads,
+                                  task="hull reference")
     ref = HullReference([s.composition.formula for s in structures], energies, ids)
     if add_endpoints:
         elements = {el.symbol for s in structures for el in s.composition.elements}
         missing = ref.missing_endpoints(elements)
         if missing:
-            ref = ref.extend(elemental_endpoints(missing, device=device, threads=threads))
+            report("elemental end points", 0, len(missing))
+            ref = ref.extend(elemental_endpoints(missing, steps=endpoint_steps, device=device, threads=threads))
+            report("elemental end points", len(missing), len(missing))
     if cache is not None:
         ref.save(cache)
     return ref
@@ -462,13 +480,16 @@ def stability(
 
     """
     energies, finals = chgnet_energies(
-        structures, relax=relax, steps=steps, fmax=fmax, device=device, threads=threads, workers=workers
+        structures, relax=relax, steps=steps, fmax=fmax, device=device, threads=threads, workers=workers,
+        task="samples",
     )
     if add_endpoints:
         elements = {el.symbol for s in finals for el in s.composition.elements}
         missing = hull.missing_endpoints(elements)
         if missing:
-            hull = hull.extend(elemental_endpoints(missing, device=device, threads=threads))
+            report("elemental end points", 0, len(missing))
+            hull = hull.extend(elemental_endpoints(missing, steps=steps, fmax=fmax, device=device, threads=threads))
+            report("elemental end points", len(missing), len(missing))
     ehull = np.array(
         [hull.e_above_hull(s.composition, e) for s, e in zip(finals, energies)], dtype=np.float64
     )

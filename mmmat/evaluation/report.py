@@ -35,6 +35,7 @@ from mmmat.evaluation.generation import (
     csp_match_details,
     evaluate_generated,
 )
+from mmmat.evaluation.progress import note
 
 #: Name of the manifest of a generated folder.
 MANIFEST_NAME = "manifest.json"
@@ -496,6 +497,11 @@ def _markdown(rep: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- entry point
+#: Below this many samples the default stages leave out the population metrics (:data:`POPULATION_STAGES`).
+POPULATION_MIN = 100
+POPULATION_STAGES = ("coverage", "distribution")
+
+
 def evaluate_folder(
     generated_dir: str | Path,
     reference_shards: str | Path,
@@ -519,7 +525,8 @@ def evaluate_folder(
             novelty and the hull; its test split (the train split when there is none) the one for coverage
             and distributions.
         out_json: The JSON report; ``<stem>.md`` and ``<stem>_*.png`` are written beside it.
-        stages: Stage names in order (default :data:`~mmmat.evaluation.generation.DEFAULT_STAGES`).
+        stages: Stage names in order (default :data:`~mmmat.evaluation.generation.DEFAULT_STAGES`, without
+            coverage and distribution when there are fewer than :data:`POPULATION_MIN` samples).
         truth: Where CSP targets are looked up by material id: a shard folder, or ``{id: Structure}``
             (default: every split of ``reference_shards``). Used only when samples name a ``target_id``.
         hull: A :class:`~mmmat.evaluation.generation_stability.HullReference` or the JSON file of one;
@@ -543,6 +550,7 @@ def evaluate_folder(
     from mmmat.evaluation.generation_stability import HullReference, reference_hull
 
     t_all = time.perf_counter()
+    auto_stages = stages is None
     stages = list(DEFAULT_STAGES if stages is None else stages)
     unknown = [s for s in stages if s not in DEFAULT_STAGES]
     if unknown:
@@ -554,6 +562,12 @@ def evaluate_folder(
     t0 = time.perf_counter()
     structures, manifest = read_generated(generated_dir)
     n = len(structures)
+    if auto_stages and n < POPULATION_MIN:
+        stages = [s for s in stages if s not in POPULATION_STAGES]
+        note(
+            f"{n} samples: coverage and distribution compare populations (CDVAE uses 10,000 samples) and are "
+            f"left out below {POPULATION_MIN}; name them in `stages` to run them anyway"
+        )
     cost.append(
         {
             "step": "read samples",
@@ -595,6 +609,7 @@ def evaluate_folder(
                 cache=cache / f"chgnet_hull_{ref_split}.json",
                 device=device,
                 threads=threads,
+                endpoint_steps=relax_steps,
             )
         elif hull is not None and not isinstance(hull, HullReference):
             hp = Path(hull)
