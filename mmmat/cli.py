@@ -212,6 +212,49 @@ def _retrieval_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         _fail(str(exc))
 
 
+def _check_index_dir(index: Path) -> None:
+    if not index.is_dir():
+        _fail(f"index directory {index} not found")
+    if not (index / "index.json").is_file():
+        _fail(f"{index}: not an index folder (no index.json); build one with `mmmat index build`")
+
+
+def _check_model_dir(model: Path) -> None:
+    if not model.is_dir():
+        _fail(f"model directory {model} not found")
+    if not (model / "config.json").is_file():
+        _fail(f"{model}: not a model folder (no config.json)")
+
+
+def _with_progress(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` with a progress bar (and time left) for every task it reports (:mod:`mmmat.progress`)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from mmmat.progress import listening
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("left"), TimeRemainingColumn(), console=_console()) as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = bar.add_task(task, total=total)
+            bar.update(tasks[task], completed=done, total=total)
+
+        def on_note(message: str) -> None:
+            bar.console.print(f"[cyan]{message}[/cyan]")
+
+        with listening(on_progress, on_note):
+            return fn(*args, **kwargs)
+
+
 @app.command()
 def embed(
     model: Path = typer.Option(..., help="Model folder (config.json + model.safetensors)."),
@@ -225,8 +268,13 @@ def embed(
     from mmmat.retrieval import embed_shards, load_model
 
     t0 = time.perf_counter()
+    _check_model_dir(model)
+    if not shards.is_dir():
+        _fail(f"shard directory {shards} not found")
+    if batch_size < 1:
+        _fail(f"--batch-size must be at least 1, got {batch_size}")
     m = _retrieval_call(load_model, model)
-    table = _retrieval_call(embed_shards, m, shards, modality, split, batch_size)
+    table = _with_progress(_retrieval_call, embed_shards, m, shards, modality, split, batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out, index=False)
     dim = len(table["embedding"].iloc[0]) if len(table) else 0
@@ -250,9 +298,14 @@ def index_build(
     from mmmat.retrieval import build_index
 
     kind = "auto" if exact is None else ("exact" if exact else "ivf")
+    _check_model_dir(model)
+    if not shards.is_dir():
+        _fail(f"shard directory {shards} not found")
+    if batch_size < 1 or nprobe < 1:
+        _fail("--batch-size and --nprobe must be at least 1")
     t0 = time.perf_counter()
-    idx = _retrieval_call(
-        build_index, model, shards, out, split=split, kind=kind, nprobe=nprobe,
+    idx = _with_progress(
+        _retrieval_call, build_index, model, shards, out, split=split, kind=kind, nprobe=nprobe,
         approx_threshold=approx_threshold, batch_size=batch_size,
     )
     extra = f", {idx.nlist} lists, nprobe {idx.nprobe}" if idx.kind == "ivf" else ""
@@ -276,8 +329,11 @@ def index_add(
     """Append the crystals of another shard folder to an index without rebuilding it."""
     from mmmat.retrieval import add_to_index
 
-    added, skipped = _retrieval_call(
-        add_to_index, index, shards, model, split=split, skip_duplicates=skip_duplicates,
+    _check_index_dir(index)
+    if not shards.is_dir():
+        _fail(f"shard directory {shards} not found")
+    added, skipped = _with_progress(
+        _retrieval_call, add_to_index, index, shards, model, split=split, skip_duplicates=skip_duplicates,
         batch_size=batch_size,
     )
     typer.echo(f"{added} crystals added, {skipped} already indexed and skipped -> {index}")
@@ -287,11 +343,11 @@ def _check_query(kind: str, value: Any, wavelength: float | None) -> None:
     """Read one query the way the search will, before any model loads (fails fast with the file named)."""
     if kind == "text":
         if not str(value).strip():
-            _fail("empty --text: give a sentence")
+            _fail("empty text: give a sentence to search with")
         return
     p = Path(value)
     if not p.is_file():
-        _fail(f"--{kind} file {p} not found")
+        _fail(f"{ {'cif': 'CIF', 'xrd': 'XRD', 'image': 'image'}[kind]} file {p} not found")
     if kind == "cif":
         from mmmat.data.schema import MaterialRecord, RecordError, parse_cif
 
@@ -333,15 +389,14 @@ def search(
     options = (("--cif", cif), ("--xrd", xrd), ("--image", image), ("--text", text), ("--queries", queries))
     given = [name for name, v in options if v is not None]
     if len(given) != 1:
-        _fail(f"give exactly one of --cif, --xrd, --image, --text, --queries (got {', '.join(given) or 'none'})")
+        _fail(f"give exactly one query: --cif, --xrd, --image, --text or --queries (got {', '.join(given) or 'none'})")
     if k < 1:
         _fail(f"-k must be at least 1, got {k}")
     if wavelength is not None and not 0.1 <= wavelength <= 5.0:
         _fail(f"--wavelength is in Å (0.1 to 5), got {wavelength}")
-    if not (index / "index.json").is_file():
-        _fail(f"{index}: not an index folder (no index.json); build one with `mmmat index build`")
-    if model is not None and not (model / "config.json").is_file():
-        _fail(f"--model {model}: not a model folder (no config.json)")
+    _check_index_dir(index)
+    if model is not None:
+        _check_model_dir(model)
     if queries is not None:
         return _search_many(index, model, queries, k, nprobe, wavelength, text_modality, csv)
     kind = given[0][2:]
@@ -652,40 +707,17 @@ def evaluate(
         _fail("--relax-steps must be >= 0 and --workers >= 1")
     if limit_reference is not None and limit_reference < 1:
         _fail(f"--limit-reference must be at least 1, got {limit_reference}")
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from mmmat.evaluation.progress import listening
     from mmmat.evaluation.report import EvaluationInputError, evaluate_folder
 
     c = _console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("left"), TimeRemainingColumn(), console=c, transient=False) as bar:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(task: str, done: int, total: int) -> None:
-            if task not in tasks:
-                tasks[task] = bar.add_task(task, total=total)
-            bar.update(tasks[task], completed=done, total=total)
-
-        def on_note(message: str) -> None:
-            bar.console.print(f"[cyan]{message}[/cyan]")
-
-        try:
-            with listening(on_progress, on_note):
-                rep = evaluate_folder(
-                    generated, reference, out, stages=names if stages else None, hull=hull, relax=relax,
-                    relax_steps=relax_steps, workers=workers, device=device, limit_reference=limit_reference,
-                    cache_dir=cache_dir,
-                )
-        except EvaluationInputError as exc:
-            _fail(str(exc))
+    try:
+        rep = _with_progress(
+            evaluate_folder, generated, reference, out, stages=names if stages else None, hull=hull, relax=relax,
+            relax_steps=relax_steps, workers=workers, device=device, limit_reference=limit_reference,
+            cache_dir=cache_dir,
+        )
+    except EvaluationInputError as exc:
+        _fail(str(exc))
 
     def fmt(v: Any) -> str:
         return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))

@@ -34,7 +34,7 @@ def test_help_and_input_errors_come_fast_and_load_no_model(tmp_path):
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     for args, say in ((["--help"], "Usage"), (["search", "--index", str(tmp_path / "idx"), "--cif", str(bad)],
                                                 "bad.cif"),
-                      (["search", "--index", str(tmp_path / "nothing"), "--cif", str(bad)], "not an index folder"),
+                      (["search", "--index", str(tmp_path / "nothing"), "--cif", str(bad)], "index directory"),
                       (["data", "build", "builtin", "--out", str(tmp_path / "o"), "--limit", "-3"], "--limit")):
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=ROOT)
@@ -153,7 +153,7 @@ def test_stability_honours_relax_steps_everywhere_and_reports_progress(monkeypat
 
     from mmmat.evaluation import generation_stability as gs
     from mmmat.evaluation.generation import hull_relevant
-    from mmmat.evaluation.progress import listening
+    from mmmat.progress import listening
 
     seen = []
 

@@ -43,7 +43,7 @@ from mmmat.evaluation.generation_fingerprints import (
     standardise,
 )
 from mmmat.evaluation.generation_stability import HullReference, reference_hull, resolve_device, stability
-from mmmat.evaluation.progress import note
+from mmmat.progress import note
 
 #: StructureMatcher tolerances for uniqueness and novelty (pymatgen's defaults, as in the field).
 MATCH_TOLERANCES: dict[str, float] = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}

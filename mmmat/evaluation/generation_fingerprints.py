@@ -170,7 +170,7 @@ def fingerprints(structures: Sequence, workers: int = 1, chunksize: int = 8) -> 
     """
     if not structures:
         return np.zeros((0, STRUCT_FP_DIM)), np.zeros((0, COMP_FP_DIM))
-    from mmmat.evaluation.progress import report
+    from mmmat.progress import report
 
     n = len(structures)
     out = []

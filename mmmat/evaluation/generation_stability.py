@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmmat.evaluation.progress import report
+from mmmat.progress import report
 
 #: Prefix of the ids of elemental end points built by :func:`elemental_endpoints`.
 PROTO_PREFIX = "proto:"
@@ -99,7 +99,7 @@ def chgnet_energies(
             Relaxations run one structure at a time, so the processes work on different structures side by
             side (chunks of at most 8, handed out as processes free up). Each process uses ``threads`` torch
             threads (1 when None).
-        task: Name under which progress is reported (:mod:`mmmat.evaluation.progress`).
+        task: Name under which progress is reported (:mod:`mmmat.progress`).
 
     Returns:
         ``(energy_per_atom (N,), final_structures)``; a structure CHGNet fails on (or too dense a cell) gets

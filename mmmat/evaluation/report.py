@@ -35,7 +35,7 @@ from mmmat.evaluation.generation import (
     csp_match_details,
     evaluate_generated,
 )
-from mmmat.evaluation.progress import note
+from mmmat.progress import note
 
 #: Name of the manifest of a generated folder.
 MANIFEST_NAME = "manifest.json"

@@ -175,6 +175,8 @@ def embed_records(
 
     Records without the modality are left out (text modalities use each record's first text).
     """
+    from mmmat.progress import report
+
     _require(model, modality)
     rows, inputs = _modality_inputs(records, modality)
     kept = [records[i] for i in rows]
@@ -182,7 +184,14 @@ def embed_records(
     if not rows:
         table["embedding"] = pd.Series([], dtype=object)
         return table
-    emb = model.embed(modality, inputs, batch_size=batch_size).float().cpu().numpy()
+    chunk = max(batch_size, 16 * batch_size)  # progress every few batches; results do not depend on it
+    parts = []
+    task = f"embedding {modality}"
+    report(task, 0, len(rows))
+    for start in range(0, len(rows), chunk):
+        parts.append(model.embed(modality, inputs[start : start + chunk], batch_size=batch_size).float().cpu().numpy())
+        report(task, min(start + chunk, len(rows)), len(rows))
+    emb = np.concatenate(parts)
     table["embedding"] = list(emb.astype(np.float32))
     return table
 

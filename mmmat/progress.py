@@ -1,4 +1,6 @@
-"""Progress of long evaluation steps, reported to whoever listens (the command line shows a bar and an ETA).
+"""Progress of long steps (evaluation stages, embedding), reported to whoever listens.
+
+The command line shows a bar with the time left.
 
 Library code calls :func:`report` (``task``, items done, items in all) and :func:`note` (a line for the user);
 both do nothing unless a listener was installed with :func:`listening`.
