@@ -94,6 +94,16 @@ def _upload(drv, box, path):
     drv.find_element("css selector", f"#{box} input[type=file]").send_keys(str(path))
 
 
+def _set(drv, id_, value):
+    """Replace the text of an input (React ignores a plain clear())."""
+    from selenium.webdriver.common.keys import Keys
+
+    el = drv.find_element("id", id_)
+    el.send_keys(Keys.CONTROL, "a")
+    el.send_keys(Keys.DELETE)
+    el.send_keys(value)
+
+
 def _first_cell(drv, table, column):
     return drv.find_element("css selector", f"#{table} td[data-dash-column='{column}']").text
 
@@ -183,16 +193,24 @@ def test_generate_page_progress_and_candidates(server, browser):
     url, _ = server
     drv = browser
     _open(drv, url, "generate")
-    comp = drv.find_element("id", "generate-composition")
-    comp.send_keys("Na2Cl2")
+    _set(drv, "generate-composition", "Na2Cl2")
     drv.find_element("id", "generate-go").click()
     _wait(drv, lambda: "valid and unique" in _text(drv, "#generate-status"), timeout=120, what="candidates")
     assert drv.find_elements("css selector", "#generate-candidates td[data-dash-column='formula']")
     drv.save_screenshot(str(ARTEFACTS / "generate.png"))
-    comp.clear()
-    comp.send_keys("Xx2")
+    _set(drv, "generate-composition", "Xx2")
     drv.find_element("id", "generate-go").click()
     _wait(drv, lambda: "error" in _text(drv, "#generate-status"), what="a bad composition refused")
+    # long work shows progress and can be cancelled
+    _set(drv, "generate-composition", "")
+    _set(drv, "generate-n", "512")
+    _set(drv, "generate-steps", "1000")
+    drv.find_element("id", "generate-go").click()
+    _wait(drv, lambda: "samples" in _text(drv, "#generate-status") and "/512" in _text(drv, "#generate-status"),
+          what="progress of a long run")
+    drv.find_element("id", "generate-cancel").click()
+    _wait(drv, lambda: "generation cancelled" in _text(drv, "#generate-status"), timeout=120, what="the cancel")
+    drv.save_screenshot(str(ARTEFACTS / "generate_cancelled.png"))
 
 
 def test_design_runs_page(server, browser):

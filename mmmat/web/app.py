@@ -175,6 +175,8 @@ def _layout(ctx: ServeContext) -> Any:
                                                        style={"width": "18em"}),
             html.Label("sentence"), dcc.Input(id="generate-text", type="text", style={"width": "20em"}),
         ]),
+        _upload("generate-pattern", "a powder pattern to condition on (optional)", mb),
+        html.Div(id="generate-pattern-name", className="hint"),
         html.Div([html.Button("Generate", id="generate-go"), html.Button("Cancel", id="generate-cancel"),
                   html.Progress(id="generate-progress", value="0", max="1", style={"width": "20em"})]),
         html.Div(id="generate-status", className="status"),
@@ -411,9 +413,10 @@ def create_app(
         Input("generate-go", "n_clicks"),
         State("generate-composition", "value"), State("generate-n", "value"), State("generate-steps", "value"),
         State("generate-seed", "value"), State("generate-target", "value"), State("generate-text", "value"),
+        State("generate-pattern", "contents"), State("generate-pattern", "filename"),
         prevent_initial_call=True,
     )
-    def start_generate(_n, composition, n, steps, seed, target, text):
+    def start_generate(_n, composition, n, steps, seed, target, text, pattern, pattern_name):
         try:
             if sctx.generator_dir is None:
                 raise ValueError("this server has no generator (start it with --generator DIR)")
@@ -438,10 +441,18 @@ def create_app(
                 from mmmat.generative.api import parse_composition
 
                 parse_composition(comp)
-            jid = sctx.start_generation(n, steps, seed, comp, (text or "").strip() or None, None, targets)
+            xrd = None
+            if pattern:
+                xrd = str(sctx.uploads.save(pattern_name, pattern, tuple(pattern_suffixes())))
+            jid = sctx.start_generation(n, steps, seed, comp, (text or "").strip() or None, xrd, targets)
         except USER_ERRORS as exc:
             return _status(f"error: {exc}"), None, True
         return _status(f"sampling {n} crystals...", ok=True), jid, False
+
+    @app.callback(Output("generate-pattern-name", "children"), Input("generate-pattern", "filename"),
+                  prevent_initial_call=True)
+    def show_pattern_name(name):
+        return f"conditioning pattern: {name}" if name else ""
 
     @app.callback(
         Output("generate-status", "children", allow_duplicate=True), Input("generate-cancel", "n_clicks"),

@@ -192,7 +192,11 @@ def latent_map_figure(xy: np.ndarray, meta: Any, color: str | None = None) -> An
     text = [f"{m} {f}" for m, f in zip(meta["material_id"], meta["formula"])]
     marker: dict[str, Any] = {"size": 5}
     if c is not None:
-        marker.update(color=c, colorscale="Viridis", showscale=True, colorbar={"title": color})
+        from mmmat.plots import unit_of
+
+        unit = unit_of(color)
+        marker.update(color=c, colorscale="Viridis", showscale=True,
+                      colorbar={"title": f"{color} ({unit})" if unit else color})
     fig = go.Figure(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", marker=marker, text=text,
                                  hoverinfo="text"))
     fig.update_layout(xaxis_title="PC 1", yaxis_title="PC 2", height=480, margin={"t": 30})
