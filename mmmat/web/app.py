@@ -59,9 +59,12 @@ def _table(id_: str, **kw: Any) -> Any:
 
 
 def _columns(df: pd.DataFrame) -> list[dict[str, Any]]:
+    from mmmat.plots import unit_of
+
     cols = []
     for c in df.columns:
-        col: dict[str, Any] = {"name": str(c), "id": str(c)}
+        unit = "cosine" if c == "similarity" else unit_of(str(c))
+        col: dict[str, Any] = {"name": f"{c} ({unit})" if unit else str(c), "id": str(c)}
         if pd.api.types.is_float_dtype(df[c]):
             col.update(type="numeric", format={"specifier": ".4~g"})
         cols.append(col)
