@@ -32,7 +32,9 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*No Pauling.*")
     warnings.filterwarnings("ignore", message=".*CifParser.*")
     warnings.filterwarnings("ignore", message=".*Issues encountered while parsing CIF.*")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # worker processes
+    os.environ.setdefault(  # the same for worker processes
+        "PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning,ignore:No Pauling electronegativity"
+    )
 
 
 def _version(value: bool) -> None:

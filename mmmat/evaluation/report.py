@@ -566,7 +566,7 @@ def evaluate_folder(
         stages = [s for s in stages if s not in POPULATION_STAGES]
         note(
             f"{n} samples: coverage and distribution compare populations (CDVAE uses 10,000 samples) and are "
-            f"left out below {POPULATION_MIN}; name them in `stages` to run them anyway"
+            f"left out below {POPULATION_MIN}; name them in --stages (`stages=` in Python) to run them anyway"
         )
     cost.append(
         {
