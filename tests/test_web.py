@@ -184,3 +184,65 @@ def test_model_summary_and_vectors(app):
     assert "crystal" in info["modalities"] and info["fingerprint"].startswith("sha256:")
     vec, meta = index_vectors(app.mmmat)
     assert vec.shape == (60, 32) and len(meta) == 60
+
+
+def _identify_body(filename, contents, elements):
+    outputs = [("identify-status", "children"), ("identify-phases", "data"), ("identify-phases", "columns"),
+               ("identify-fit", "figure"), ("identify-file", "data")]
+    return {
+        "output": ".." + "...".join(f"{i}.{p}" for i, p in outputs) + "..",
+        "outputs": [{"id": i, "property": p} for i, p in outputs],
+        "inputs": [{"id": "identify-upload", "property": "contents", "value": contents},
+                   {"id": "identify-go", "property": "n_clicks", "value": None}],
+        "changedPropIds": ["identify-upload.contents"],
+        "state": [{"id": "identify-upload", "property": "filename", "value": filename},
+                  {"id": "identify-elements", "property": "value", "value": elements},
+                  {"id": "identify-max", "property": "value", "value": 3},
+                  {"id": "identify-wavelength", "property": "value", "value": None},
+                  {"id": "identify-file", "property": "data", "value": None}],
+    }
+
+
+def test_identify_page_follows_the_agreed_interface(app, monkeypatch):
+    """The Identify callback against a stand-in that has exactly the agreed identify() signature and result."""
+    import sys
+    import types
+
+    import pandas as pd
+
+    calls = {}
+
+    class Result:
+        rwp = 7.5
+
+        def to_dict(self):
+            tt = np.linspace(10, 80, 50)
+            return {"two_theta": tt.tolist(), "measured": np.ones(50).tolist(), "fitted": np.ones(50).tolist(),
+                    "residual": np.zeros(50).tolist(), "contributions": {"mp-1": np.ones(50).tolist()},
+                    "rwp": 7.5, "phases": []}
+
+        def to_frame(self):
+            return pd.DataFrame([{"material_id": "mp-1", "formula": "Fe2O3", "spacegroup": "R-3c (167)",
+                                  "weight_fraction": 1.0, "lattice_scale": 1.0, "score": 0.9}])
+
+    def identify(pattern, index, elements=None, max_phases=4, model=None):
+        calls.update(pattern=pattern, index=index, elements=elements, max_phases=max_phases, model=model)
+        return Result()
+
+    fake = types.ModuleType("mmmat.xrd.identify")
+    fake.identify = identify
+    monkeypatch.setitem(sys.modules, "mmmat.xrd", types.ModuleType("mmmat.xrd"))
+    monkeypatch.setitem(sys.modules, "mmmat.xrd.identify", fake)
+    client = app.server.test_client()
+    scan = "\n".join(f"{10 + 0.1 * i} {100 + i % 7}" for i in range(500)).encode()
+    r = client.post("/_dash-update-component", json=_identify_body("scan.xy", _data_url(scan), "Fe, O"))
+    resp = r.get_json()["response"]
+    assert "1 phases, Rwp 7.50 %" in json.dumps(resp["identify-status"])
+    assert resp["identify-phases"]["data"][0]["formula"] == "Fe2O3"
+    assert calls["elements"] == ["Fe", "O"] and calls["max_phases"] == 3 and Path(calls["index"]) == app.mmmat.index_dir
+    assert Path(calls["pattern"]).name == "scan.xy" and app.mmmat.uploads.root in Path(calls["pattern"]).parents
+    r = client.post("/_dash-update-component", json=_identify_body("scan.xy", _data_url(scan), "Fe, Qq"))
+    assert "unknown element symbols: Qq" in json.dumps(r.get_json())
+    monkeypatch.delitem(sys.modules, "mmmat.xrd.identify")
+    r = client.post("/_dash-update-component", json=_identify_body("scan.xy", _data_url(scan), ""))
+    assert "needs mmmat.xrd.identify" in json.dumps(r.get_json())

@@ -60,9 +60,13 @@ class Job:
 
 def module_available(name: str) -> bool:
     """Whether a module can be imported (False also when its parent package is missing)."""
+    import sys
+
+    if sys.modules.get(name) is not None:
+        return True
     try:
         return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
+    except (ModuleNotFoundError, ValueError):
         return False
 
 
