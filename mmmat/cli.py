@@ -689,6 +689,10 @@ def evaluate(
     device: str | None = typer.Option(None, help="CHGNet device: cpu or cuda (default: cuda if any)."),
     limit_reference: int | None = typer.Option(None, help="Use the first N reference crystals only."),
     cache_dir: Path | None = typer.Option(None, help="Cache for reference fingerprints and hull."),
+    endpoint_cache: Path | None = typer.Option(
+        None, help="JSON file of CHGNet-relaxed elemental end points, reused by later evaluations (default: "
+        "$MMMAT_CACHE/chgnet_endpoints.json, else ~/.cache/mmmat/chgnet_endpoints.json; --cache-dir puts it there)."
+    ),
 ) -> None:
     """Staged evaluation of generated crystals (validity, uniqueness, novelty, coverage, stability, CSP)."""
     from rich.table import Table
@@ -711,12 +715,17 @@ def evaluate(
         _fail(f"--limit-reference must be at least 1, got {limit_reference}")
     from mmmat.evaluation.report import EvaluationInputError, evaluate_folder
 
+    if endpoint_cache is None and cache_dir is None:
+        import os
+
+        endpoint_cache = Path(os.environ.get("MMMAT_CACHE") or Path.home() / ".cache" / "mmmat") / \
+            "chgnet_endpoints.json"
     c = _console()
     try:
         rep = _with_progress(
             evaluate_folder, generated, reference, out, stages=names if stages else None, hull=hull, relax=relax,
             relax_steps=relax_steps, workers=workers, device=device, limit_reference=limit_reference,
-            cache_dir=cache_dir,
+            cache_dir=cache_dir, endpoint_cache=endpoint_cache,
         )
     except EvaluationInputError as exc:
         _fail(str(exc))

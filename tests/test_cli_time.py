@@ -148,7 +148,7 @@ def test_plot_commands(tmp_path):
     assert r.exit_code == 2 and "not a numeric column" in r.output
 
 
-def test_stability_honours_relax_steps_everywhere_and_reports_progress(monkeypatch):
+def test_stability_honours_relax_steps_everywhere_and_reports_progress(monkeypatch, tmp_path):
     from pymatgen.core import Lattice, Structure
 
     from mmmat.evaluation import generation_stability as gs
@@ -168,6 +168,13 @@ def test_stability_honours_relax_steps_everywhere_and_reports_progress(monkeypat
     with listening(lambda t, d, n: events.append((t, d, n))):
         gs.stability([s], gs.HullReference([], np.zeros(0), []), relax=True, steps=7)
     assert seen and set(seen) == {7}  # the samples and every elemental end point
-    assert ("elemental end points", 2, 2) in events
+    assert any(t.startswith("elemental end points") and d == n == 2 for t, d, n in events)
     ref = [s, Structure(Lattice.cubic(3.0), ["Na"], [[0, 0, 0]]), Structure(Lattice.cubic(3.0), ["K"], [[0, 0, 0]])]
     assert hull_relevant(ref, [s]) == [0, 1]
+    # relaxed end points are kept in a cache file and not computed again
+    cache = tmp_path / "endpoints.json"
+    n_before = len(seen)
+    gs.elemental_endpoints(["Na"], steps=7, cache=cache)
+    n_first = len(seen) - n_before
+    gs.elemental_endpoints(["Na"], steps=7, cache=cache)
+    assert n_first == 6 and len(seen) - n_before == 6 and "Na|steps=7" in cache.read_text()

@@ -512,6 +512,7 @@ def evaluate_generated(
     threads: int | None = None,
     workers: int = 1,
     fingerprint_cache: str | Path | None = None,
+    endpoint_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation stages in order, each on the survivors of the one before.
 
@@ -539,6 +540,7 @@ def evaluate_generated(
         threads: Torch CPU threads for CHGNet (None: unchanged).
         workers: Processes for matching, fingerprints and CHGNet relaxations.
         fingerprint_cache: ``.npz`` file for the coverage reference's fingerprints.
+        endpoint_cache: JSON file of CHGNet-relaxed elemental end points, reused across evaluations.
 
     Returns:
         ``{"n_generated", "stages": [per-stage {"stage", "n_in", "n_out", "wall_s", "reference_s",
@@ -612,23 +614,24 @@ def evaluate_generated(
             tr = time.perf_counter()
             if hull is None:
                 keep_ref = hull_relevant(ref.structures, cur)
+                where = f", kept in {endpoint_cache}" if endpoint_cache else ""
                 note(
                     f"stability: CHGNet energies of {len(keep_ref)} of {len(ref)} reference crystals (those in the "
-                    f"samples' chemical systems, about 0.15 s each on one CPU core), then {len(cur)} relaxations of "
-                    f"at most {relax_steps} FIRE steps (about 1-10 s each)"
+                    f"samples' chemical systems, about 0.15 s each on one CPU core); elemental end points for the "
+                    f"elements they lack (6 prototype relaxations each, about 10-60 s per element{where})"
                 )
                 hull = reference_hull(
                     [ref.structures[i] for i in keep_ref], [ref.ids[i] for i in keep_ref], device=dev,
-                    threads=threads, endpoint_steps=relax_steps,
+                    threads=threads, endpoint_steps=relax_steps, endpoint_cache=endpoint_cache,
                 )
-            else:
-                note(f"stability: {len(cur)} relaxations of at most {relax_steps} FIRE steps (about 1-10 s each)")
+            note(f"stability: {len(cur)} relaxations of at most {relax_steps} FIRE steps (about 1-10 s each)")
             if not isinstance(hull, HullReference):
                 hull = HullReference.load(hull)
             ref_s = time.perf_counter() - tr
             on_gpu = dev.startswith("cuda")
             res = stability(
-                cur, hull, relax=relax, steps=relax_steps, fmax=fmax, device=dev, threads=threads, workers=workers
+                cur, hull, relax=relax, steps=relax_steps, fmax=fmax, device=dev, threads=threads, workers=workers,
+                endpoint_cache=endpoint_cache,
             )
             hull = res["hull"]
             e, eh = res["energy_per_atom"], res["e_above_hull"]

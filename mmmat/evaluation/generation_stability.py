@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -381,18 +382,42 @@ def elemental_endpoints(
     fmax: float = 0.1,
     device: str | None = None,
     threads: int | None = None,
+    cache: str | Path | None = None,
 ) -> HullReference:
-    """Elemental end points from CHGNet-relaxed prototypes: the lowest of :func:`elemental_prototypes`."""
+    """Elemental end points from CHGNet-relaxed prototypes: the lowest of :func:`elemental_prototypes`.
+
+    ``cache``: a JSON file of end points already relaxed (keyed by element, ``steps`` and ``fmax``), read and
+    extended after each element; they do not depend on the reference, so one file serves every evaluation.
+    """
+    syms = sorted(set(elements))
+    known: dict[str, Any] = {}
+    if cache is not None and Path(cache).is_file():
+        try:
+            known = json.loads(Path(cache).read_text())
+        except (OSError, ValueError):
+            known = {}
     formulas, energies, ids = [], [], []
-    for sym in sorted(set(elements)):
-        best, best_name = math.nan, ""
-        for name, s, relax_cell in elemental_prototypes(sym):
-            e, _ = chgnet_energies(
-                [s], relax=True, steps=steps, fmax=fmax, relax_cell=relax_cell, device=device, threads=threads,
-                task="",
-            )
-            if np.isfinite(e[0]) and not (e[0] >= best):
-                best, best_name = float(e[0]), name
+    task = f"elemental end points ({len(elemental_prototypes('Si'))} prototype relaxations each)"
+    report(task, 0, len(syms))
+    for k, sym in enumerate(syms):
+        key = f"{sym}|steps={steps}|fmax={fmax}"
+        if key in known:
+            best, best_name = known[key]["energy_per_atom"], known[key]["prototype"]
+            best = math.nan if best is None else float(best)
+        else:
+            best, best_name = math.nan, ""
+            for name, s, relax_cell in elemental_prototypes(sym):
+                e, _ = chgnet_energies(
+                    [s], relax=True, steps=steps, fmax=fmax, relax_cell=relax_cell, device=device, threads=threads,
+                    task="",
+                )
+                if np.isfinite(e[0]) and not (e[0] >= best):
+                    best, best_name = float(e[0]), name
+            if cache is not None:
+                known[key] = {"energy_per_atom": best if np.isfinite(best) else None, "prototype": best_name}
+                Path(cache).parent.mkdir(parents=True, exist_ok=True)
+                Path(cache).write_text(json.dumps(known, indent=0, sort_keys=True))
+        report(task, k + 1, len(syms))
         if np.isfinite(best):
             formulas.append(sym)
             energies.append(best)
@@ -410,6 +435,7 @@ def reference_hull(
     device: str | None = None,
     threads: int | None = None,
     endpoint_steps: int = 200,
+    endpoint_cache: str | Path | None = None,
 ) -> HullReference:
     """CHGNet hull reference of a set of structures, read from / written to a JSON cache.
 
@@ -424,6 +450,7 @@ def reference_hull(
         device: Torch device.
         threads: Torch CPU threads (None: unchanged).
         endpoint_steps: Most relaxation steps of each elemental end-point prototype.
+        endpoint_cache: JSON file of relaxed elemental end points (see :func:`elemental_endpoints`).
 
     Returns:
         The reference, elemental end points included.
@@ -441,9 +468,8 @@ def reference_hull(
         elements = {el.symbol for s in structures for el in s.composition.elements}
         missing = ref.missing_endpoints(elements)
         if missing:
-            report("elemental end points", 0, len(missing))
-            ref = ref.extend(elemental_endpoints(missing, steps=endpoint_steps, device=device, threads=threads))
-            report("elemental end points", len(missing), len(missing))
+            ref = ref.extend(elemental_endpoints(missing, steps=endpoint_steps, device=device, threads=threads,
+                                                 cache=endpoint_cache))
     if cache is not None:
         ref.save(cache)
     return ref
@@ -459,6 +485,7 @@ def stability(
     add_endpoints: bool = True,
     threads: int | None = None,
     workers: int = 1,
+    endpoint_cache: str | Path | None = None,
 ) -> dict:
     """CHGNet energy and energy above ``hull`` of each structure.
 
@@ -473,6 +500,7 @@ def stability(
             returned).
         threads: Torch CPU threads (None: unchanged).
         workers: Processes that relax at once (see :func:`chgnet_energies`).
+        endpoint_cache: JSON file of relaxed elemental end points (see :func:`elemental_endpoints`).
 
     Returns:
         ``{"energy_per_atom": (N,), "e_above_hull": (N,) eV/atom (NaN: no hull), "structures": [...],
@@ -487,9 +515,8 @@ def stability(
         elements = {el.symbol for s in finals for el in s.composition.elements}
         missing = hull.missing_endpoints(elements)
         if missing:
-            report("elemental end points", 0, len(missing))
-            hull = hull.extend(elemental_endpoints(missing, steps=steps, fmax=fmax, device=device, threads=threads))
-            report("elemental end points", len(missing), len(missing))
+            hull = hull.extend(elemental_endpoints(missing, steps=steps, fmax=fmax, device=device, threads=threads,
+                                                   cache=endpoint_cache))
     ehull = np.array(
         [hull.e_above_hull(s.composition, e) for s, e in zip(finals, energies)], dtype=np.float64
     )

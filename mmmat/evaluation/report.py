@@ -516,6 +516,7 @@ def evaluate_folder(
     limit_reference: int | None = None,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    endpoint_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a generated folder against a shard folder; write ``out_json``, a ``.md`` report and plots.
 
@@ -538,6 +539,8 @@ def evaluate_folder(
         limit_reference: Use only the first this many reference (and coverage-reference) crystals.
         cache_dir: Folder for the coverage fingerprints and the CHGNet hull, reused by later runs.
         threads: Torch CPU threads for CHGNet (None: unchanged).
+        endpoint_cache: JSON file of CHGNet-relaxed elemental end points, reused across evaluations (default:
+            ``cache_dir/chgnet_endpoints.json`` when ``cache_dir`` is given).
 
     Returns:
         The report as written to ``out_json`` (JSON-ready: ``evaluate_generated``'s report without
@@ -599,6 +602,8 @@ def evaluate_folder(
     )
 
     cache = Path(cache_dir) if cache_dir is not None else None
+    if endpoint_cache is None and cache is not None:
+        endpoint_cache = cache / "chgnet_endpoints.json"
     fp_cache = cache / f"coverage_fps_{cov_split}.npz" if cache is not None else None
     if "stability" in stages:
         t0 = time.perf_counter()
@@ -610,6 +615,7 @@ def evaluate_folder(
                 device=device,
                 threads=threads,
                 endpoint_steps=relax_steps,
+                endpoint_cache=endpoint_cache,
             )
         elif hull is not None and not isinstance(hull, HullReference):
             hp = Path(hull)
@@ -638,6 +644,7 @@ def evaluate_folder(
         threads=threads,
         workers=workers,
         fingerprint_cache=fp_cache,
+        endpoint_cache=endpoint_cache,
     )
     res.pop("structures", None)
     metrics = dict(res["metrics"])
