@@ -60,11 +60,10 @@ def test_empty_input_fails(tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
-def test_search_queries_folder_and_list_skip_bad_ones(tmp_path):
+def test_search_queries_folder_and_list_skip_bad_ones(tmp_path, web_env):
     from pymatgen.io.cif import CifWriter
-    from web_fixtures import build_env
 
-    env = build_env(tmp_path / "env")
+    env = web_env
     recs = list(env["records"].values())[:3]
     q = tmp_path / "q"
     q.mkdir()
@@ -125,13 +124,12 @@ def test_predict_skips_bad_and_disordered_cifs_and_plots_parity(tmp_path, nacl, 
     assert r.exit_code == 0 and "1 of 4 files skipped" in r.output and "over 3 labelled files" in r.output
 
 
-def test_plot_commands(tmp_path):
+def test_plot_commands(tmp_path, web_env):
     from pymatgen.io.cif import CifWriter
-    from web_fixtures import build_env
 
     from mmmat.data.xrd import TWO_THETA
 
-    env = build_env(tmp_path / "env")
+    env = web_env
     r = CliRunner().invoke(app, ["plot", "latent", "--index", str(env["index"]), "--out", str(tmp_path / "l.png"),
                                  "--color", "density"])
     assert r.exit_code == 0, r.output

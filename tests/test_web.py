@@ -10,10 +10,8 @@ pytest.importorskip("dash")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from web_fixtures import build_env
-
-    return build_env(tmp_path_factory.mktemp("web"))
+def env(web_env):
+    return web_env
 
 
 @pytest.fixture(scope="module")

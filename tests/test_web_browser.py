@@ -26,10 +26,8 @@ if not (CHROMIUM and DRIVER):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from web_fixtures import build_env
-
-    return build_env(tmp_path_factory.mktemp("webb"))
+def env(web_env):
+    return web_env
 
 
 @pytest.fixture(scope="module")
