@@ -618,7 +618,8 @@ def evaluate_generated(
                 note(
                     f"stability: CHGNet energies of {len(keep_ref)} of {len(ref)} reference crystals (those in the "
                     f"samples' chemical systems, about 0.15 s each on one CPU core); elemental end points for the "
-                    f"elements they lack (6 prototype relaxations each, about 10-60 s per element{where})"
+                    f"elements they lack (6 prototype relaxations each, about a minute of CPU per element on first "
+                    f"use{where})"
                 )
                 hull = reference_hull(
                     [ref.structures[i] for i in keep_ref], [ref.ids[i] for i in keep_ref], device=dev,
