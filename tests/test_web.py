@@ -244,3 +244,39 @@ def test_identify_page_follows_the_agreed_interface(app, monkeypatch):
     monkeypatch.delitem(sys.modules, "mmmat.xrd.identify")
     r = client.post("/_dash-update-component", json=_identify_body("scan.xy", _data_url(scan), ""))
     assert "needs mmmat.xrd.identify" in json.dumps(r.get_json())
+
+
+def test_mmmat_serve_binds_localhost_and_serves(env, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mmmat.cli", "serve", "--index", str(env["index"]), "--port",
+                             str(port)], cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin",
+                                                        "HOME": str(tmp_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() - t0 < 240, "mmmat serve did not answer"
+                time.sleep(0.5)
+        assert "_dash-config" in page and "https://" not in page and "http://" not in page
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}/" in out
+    r = subprocess.run([sys.executable, "-m", "mmmat.cli", "serve", "--index", str(tmp_path)], cwd=root,
+                       env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert r.returncode == 2 and "not an index folder" in r.stderr
