@@ -650,7 +650,8 @@ def serve(
 ) -> None:
     """Run the app with Flask's threaded server on ``host:port`` until interrupted."""
     app = create_app(index, model, design_runs, generator, max_upload_mb)
-    _ = app.mmmat.model  # load the model now, not on the first query
+    _ = app.mmmat.model  # load the model and the indexed crystals now, not on the first query
+    app.mmmat.records()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     app.run(host=host, port=port, debug=debug, use_reloader=False, dev_tools_ui=debug, dev_tools_props_check=debug)
 
