@@ -15,9 +15,59 @@ data_app = typer.Typer(no_args_is_help=True, help="Build and inspect webdataset 
 app.add_typer(data_app, name="data")
 
 
+def quiet_warnings() -> None:
+    """Silence library chatter a user cannot act on (deprecations inside dependencies, pymatgen's element notes).
+
+    ``MMMAT_WARNINGS=1`` keeps every warning.
+    """
+    import os
+    import warnings
+
+    if os.environ.get("MMMAT_WARNINGS") == "1":
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*electronegativit.*")
+    warnings.filterwarnings("ignore", message=".*[Oo]xidation state.*")
+    warnings.filterwarnings("ignore", message=".*No Pauling.*")
+    warnings.filterwarnings("ignore", message=".*CifParser.*")
+    warnings.filterwarnings("ignore", message=".*Issues encountered while parsing CIF.*")
+    os.environ.setdefault(  # the same for worker processes
+        "PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning,ignore:No Pauling electronegativity"
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mmmat import __version__
+
+        typer.echo(f"mmmat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """mmmat: multimodal models for crystals."""
+    quiet_warnings()
+
+
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def _console() -> Any:
+    """A rich console as wide as the terminal, or 200 columns (``$COLUMNS``) when the output is not one."""
+    import os
+    import sys
+
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=int(os.environ.get("COLUMNS", "200")))
 
 
 @data_app.command("build")
@@ -26,7 +76,7 @@ def data_build(
     root: Path | None = typer.Option(None, help="Raw data: a folder (mp20: ../shared/data/mp_20) or CSV."),
     out: Path = typer.Option(..., help="Output folder for shards and manifest.json."),
     workers: int = typer.Option(1, help="Worker processes."),
-    limit: int | None = typer.Option(None, help="At most this many rows per split."),
+    limit: int | None = typer.Option(None, help="At most this many rows in EACH split (train, val, test)."),
     shard_size: int = typer.Option(256, help="Rows per shard."),
     xrd: bool = typer.Option(True, help="Compute powder XRD patterns."),
     image: bool = typer.Option(True, help="Simulate Z-contrast images."),
@@ -44,11 +94,19 @@ def data_build(
         _fail(str(exc.args[0]))
     if root is None and source != "builtin":
         _fail(f"source {source!r} needs --root")
+    if root is not None and not root.exists():
+        _fail(f"--root {root} not found")
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be at least 1 (rows per split; leave it out for every row), got {limit}")
+    if workers < 1 or shard_size < 1 or max_atoms < 0:
+        _fail("--workers and --shard-size must be at least 1, --max-atoms at least 0")
     kw = {} if joins is None else {"joins": joins}
     try:
         data = loader(root, limit=limit, **kw)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    if not sum(len(v) for v in data.splits.values()):
+        _fail(f"{root if root is not None else source}: no rows to build (an empty folder or table?)")
     opts = BuildOptions(xrd=xrd, image=image, describe=describe, max_atoms=max_atoms)
     cmd = f"mmmat data build {source} --out {shlex.quote(str(out))} --workers {workers} --shard-size {shard_size}"
     cmd += f" --root {shlex.quote(str(root))}" if root is not None else ""
@@ -59,7 +117,6 @@ def data_build(
 
 
 def _print_summary(manifest: dict, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"{manifest['source']} -> {out}")
@@ -72,7 +129,7 @@ def _print_summary(manifest: dict, out: Path) -> None:
             name, str(s["rows"]), str(s["samples"]), str(s["failures"]),
             *[str(cov.get(m, 0)) for m in mods], str(len(s["shards"])),
         )
-    c = Console()
+    c = _console()
     c.print(t)
     b = manifest["build"]
     c.print(
@@ -157,6 +214,49 @@ def _retrieval_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         _fail(str(exc))
 
 
+def _check_index_dir(index: Path) -> None:
+    if not index.is_dir():
+        _fail(f"index directory {index} not found")
+    if not (index / "index.json").is_file():
+        _fail(f"{index}: not an index folder (no index.json); build one with `mmmat index build`")
+
+
+def _check_model_dir(model: Path) -> None:
+    if not model.is_dir():
+        _fail(f"model directory {model} not found")
+    if not (model / "config.json").is_file():
+        _fail(f"{model}: not a model folder (no config.json)")
+
+
+def _with_progress(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` with a progress bar (and time left) for every task it reports (:mod:`mmmat.progress`)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from mmmat.progress import listening
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("left"), TimeRemainingColumn(), console=_console()) as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(task: str, done: int, total: int) -> None:
+            if task not in tasks:
+                tasks[task] = bar.add_task(task, total=total)
+            bar.update(tasks[task], completed=done, total=total)
+
+        def on_note(message: str) -> None:
+            bar.console.print(f"[cyan]{message}[/cyan]")
+
+        with listening(on_progress, on_note):
+            return fn(*args, **kwargs)
+
+
 @app.command()
 def embed(
     model: Path = typer.Option(..., help="Model folder (config.json + model.safetensors)."),
@@ -170,8 +270,13 @@ def embed(
     from mmmat.retrieval import embed_shards, load_model
 
     t0 = time.perf_counter()
+    _check_model_dir(model)
+    if not shards.is_dir():
+        _fail(f"shard directory {shards} not found")
+    if batch_size < 1:
+        _fail(f"--batch-size must be at least 1, got {batch_size}")
     m = _retrieval_call(load_model, model)
-    table = _retrieval_call(embed_shards, m, shards, modality, split, batch_size)
+    table = _with_progress(_retrieval_call, embed_shards, m, shards, modality, split, batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out, index=False)
     dim = len(table["embedding"].iloc[0]) if len(table) else 0
@@ -195,9 +300,14 @@ def index_build(
     from mmmat.retrieval import build_index
 
     kind = "auto" if exact is None else ("exact" if exact else "ivf")
+    _check_model_dir(model)
+    if not shards.is_dir():
+        _fail(f"shard directory {shards} not found")
+    if batch_size < 1 or nprobe < 1:
+        _fail("--batch-size and --nprobe must be at least 1")
     t0 = time.perf_counter()
-    idx = _retrieval_call(
-        build_index, model, shards, out, split=split, kind=kind, nprobe=nprobe,
+    idx = _with_progress(
+        _retrieval_call, build_index, model, shards, out, split=split, kind=kind, nprobe=nprobe,
         approx_threshold=approx_threshold, batch_size=batch_size,
     )
     extra = f", {idx.nlist} lists, nprobe {idx.nprobe}" if idx.kind == "ivf" else ""
@@ -221,11 +331,40 @@ def index_add(
     """Append the crystals of another shard folder to an index without rebuilding it."""
     from mmmat.retrieval import add_to_index
 
-    added, skipped = _retrieval_call(
-        add_to_index, index, shards, model, split=split, skip_duplicates=skip_duplicates,
+    _check_index_dir(index)
+    if not shards.is_dir():
+        _fail(f"shard directory {shards} not found")
+    added, skipped = _with_progress(
+        _retrieval_call, add_to_index, index, shards, model, split=split, skip_duplicates=skip_duplicates,
         batch_size=batch_size,
     )
     typer.echo(f"{added} crystals added, {skipped} already indexed and skipped -> {index}")
+
+
+def _check_query(kind: str, value: Any, wavelength: float | None) -> None:
+    """Read one query the way the search will, before any model loads (fails fast with the file named)."""
+    if kind == "text":
+        if not str(value).strip():
+            _fail("empty text: give a sentence to search with")
+        return
+    p = Path(value)
+    if not p.is_file():
+        _fail(f"{ {'cif': 'CIF', 'xrd': 'XRD', 'image': 'image'}[kind]} file {p} not found")
+    if kind == "cif":
+        from mmmat.data.schema import MaterialRecord, RecordError, parse_cif
+
+        try:
+            MaterialRecord.from_structure(parse_cif(p.read_text(encoding="utf-8", errors="replace"), str(p)),
+                                          str(p)).validate()
+        except RecordError as exc:
+            _fail(f"{p}: {exc.reason}")
+    elif kind == "xrd":
+        from mmmat.data.xrd import read_pattern
+
+        try:
+            read_pattern(p, wavelength=wavelength)
+        except (ValueError, OSError) as exc:
+            _fail(f"unusable XRD pattern {p}: {exc}")
 
 
 @app.command()
@@ -236,36 +375,50 @@ def search(
     xrd: Path | None = typer.Option(None, help="Query: a measured powder pattern (xy, csv, powder CIF)."),
     image: Path | None = typer.Option(None, help="Query: an image (PNG, TIFF, ... or .npy)."),
     text: str | None = typer.Option(None, help="Query: a sentence."),
+    queries: Path | None = typer.Option(
+        None, help="Many queries, one model load: a folder of query files (by suffix: .cif, .xy/.csv/.dat, "
+        ".png/.tif/.npy) or a list file with one path or 'text: a sentence' per line."
+    ),
     text_modality: str = typer.Option("literature_text", help="literature_text or processing_text (--text)."),
     wavelength: float | None = typer.Option(None, help="X-ray wavelength of --xrd in Å (default: Cu Kα)."),
     k: int = typer.Option(10, "-k", "--k", help="Number of hits."),
     nprobe: int | None = typer.Option(None, help="IVF lists to scan (default: the index's)."),
     csv: Path | None = typer.Option(None, help="Also write the hits to this CSV file."),
 ) -> None:
-    """Find the indexed crystals nearest to a CIF, a powder pattern, an image or a sentence."""
-    from rich.console import Console
+    """Find the indexed crystals nearest to a CIF, a powder pattern, an image or a sentence (or many)."""
     from rich.table import Table
+
+    options = (("--cif", cif), ("--xrd", xrd), ("--image", image), ("--text", text), ("--queries", queries))
+    given = [name for name, v in options if v is not None]
+    if len(given) != 1:
+        _fail(f"give exactly one query: --cif, --xrd, --image, --text or --queries (got {', '.join(given) or 'none'})")
+    if k < 1:
+        _fail(f"-k must be at least 1, got {k}")
+    if wavelength is not None and not 0.1 <= wavelength <= 5.0:
+        _fail(f"--wavelength is in Å (0.1 to 5), got {wavelength}")
+    _check_index_dir(index)
+    if model is not None:
+        _check_model_dir(model)
+    if queries is not None:
+        return _search_many(index, model, queries, k, nprobe, wavelength, text_modality, csv)
+    kind = given[0][2:]
+    _check_query(kind, text if kind == "text" else (cif or xrd or image), wavelength)
 
     from mmmat.retrieval import search as run_search
 
-    options = (("--cif", cif), ("--xrd", xrd), ("--image", image), ("--text", text))
-    given = [name for name, v in options if v is not None]
-    if len(given) != 1:
-        _fail(f"give exactly one query of --cif, --xrd, --image, --text (got {', '.join(given) or 'none'})")
-    if k < 1:
-        _fail(f"-k must be at least 1, got {k}")
+    t0 = time.perf_counter()
     hits = _retrieval_call(
         run_search, index, model, cif=cif, xrd=xrd, image=image, text=text, text_modality=text_modality,
         k=k, nprobe=nprobe, wavelength=wavelength,
     )
     query = given[0] + " " + (repr(text) if text is not None else str(cif or xrd or image))
-    t = Table(title=f"{query} -> {index}")
+    t = Table(title=f"{query} -> {index} ({time.perf_counter() - t0:.1f} s)")
     for col, just in (("rank", "right"), ("material_id", "left"), ("formula", "left"),
                       ("space group", "left"), ("score", "right")):
         t.add_column(col, justify=just)
     for h in hits:
         t.add_row(str(h.rank), h.material_id, h.formula, h.spacegroup, f"{h.score:.4f}")
-    Console().print(t)
+    _console().print(t)
     if csv is not None:
         import pandas as pd
 
@@ -275,26 +428,73 @@ def search(
         typer.echo(f"hits -> {csv}")
 
 
+def _search_many(index: Path, model: Path | None, queries: Path, k: int, nprobe: int | None,
+                 wavelength: float | None, text_modality: str, csv: Path | None) -> None:
+    from rich.table import Table
+
+    from mmmat.retrieval import collect_queries, search_queries
+
+    if not queries.exists():
+        _fail(f"--queries {queries} not found")
+    found, skipped = _retrieval_call(collect_queries, queries)
+    if not found:
+        _fail(f"--queries {queries}: no usable query" + (f" ({len(skipped)} entries skipped)" if skipped else ""))
+    t0 = time.perf_counter()
+    table, failed = _retrieval_call(search_queries, index, found, model, k=k, nprobe=nprobe, wavelength=wavelength,
+                                    text_modality=text_modality)
+    dt = time.perf_counter() - t0
+    top = table[table["rank"] == 1]
+    t = Table(title=f"{len(found) - len(failed)} queries -> {index}: best hit each ({dt:.1f} s with the model load)")
+    for col in ("query", "kind", "material_id", "formula", "space group", "score"):
+        t.add_column(col, justify="right" if col == "score" else "left")
+    for r in top.itertuples(index=False):
+        t.add_row(str(r.query), r.kind, r.material_id, r.formula, r.spacegroup, f"{r.score:.4f}")
+    c = _console()
+    c.print(t)
+    bad = skipped + failed
+    if bad:
+        c.print(f"[red]{len(bad)} queries skipped:[/red]")
+        for q, why in bad:
+            c.print(f"  {why}" if str(q) in why else f"  {q}: {why}")
+    if csv is not None:
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv, index=False)
+        typer.echo(f"{len(table)} hits ({k} per query) -> {csv}")
+
+
 @app.command()
 def predict(
     model: Path = typer.Option(..., help="A fine-tuned property model directory (config.json + model.safetensors)."),
     input: list[Path] = typer.Option(..., "--input", help="CIF files or folders of CIFs."),
     csv: Path | None = typer.Option(None, help="Also write the table to this CSV file."),
+    labels: Path | None = typer.Option(
+        None, help="CSV of true values (a 'file' or 'material_id' = file stem column, one column per target): "
+        "writes a parity plot per target. Default: properties.csv inside an input folder, when there is one."
+    ),
+    plot_dir: Path | None = typer.Option(None, help="Folder for parity plots (default: beside --csv, else .)."),
+    order: bool = typer.Option(
+        False, help="Order disordered crystals (partial occupancies) with pymatgen instead of skipping them."
+    ),
 ) -> None:
-    """Predict the model's properties (with uncertainty) for CIF files and print a table."""
-    from rich.console import Console
+    """Predict the model's properties (with uncertainty) for CIF files; bad files are skipped and listed."""
     from rich.table import Table
-
-    from mmmat.data.schema import RecordError
-    from mmmat.heads.predict import predict_files
 
     if not (model / "config.json").exists():
         _fail(f"{model}: not a model directory (no config.json)")
     missing = [str(p) for p in input if not p.exists()]
     if missing:
         _fail(f"input not found: {', '.join(missing)}")
+    if labels is None:
+        found = [p / "properties.csv" for p in input if p.is_dir() and (p / "properties.csv").is_file()]
+        labels = found[0] if found else None
+    elif not labels.is_file():
+        _fail(f"--labels {labels} not found")
+    from mmmat.data.schema import RecordError
+    from mmmat.heads.predict import predict_files
+
     try:
-        df = predict_files(str(model), [str(p) for p in input], csv=str(csv) if csv else None)
+        df = predict_files(str(model), [str(p) for p in input], csv=str(csv) if csv else None, on_error="skip",
+                           order=order)
     except (RecordError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     t = Table()
@@ -302,7 +502,112 @@ def predict(
         t.add_column(str(col), justify="right" if df[col].dtype.kind in "fi" else "left")
     for row in df.itertuples(index=False):
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
-    Console().print(t)
+    c = _console()
+    c.print(t)
+    failures = df.attrs.get("failures", [])
+    if failures:
+        c.print(f"[red]{len(failures)} of {len(failures) + len(df)} files skipped:[/red]")
+        for f, why in failures:
+            c.print(f"  {f}: {why}")
+    if labels is not None and len(df):
+        _parity_plots(df, labels, plot_dir or (csv.parent if csv is not None else Path(".")))
+    if not len(df):
+        _fail("no file could be predicted")
+
+
+def _parity_plots(df: Any, labels: Path, out: Path) -> None:
+    """Join predictions to true values by file path or file stem; one parity + error plot per target."""
+    import pandas as pd
+
+    from mmmat.plots import parity_error_plot, unit_of
+
+    try:
+        lab = pd.read_csv(labels)
+    except (OSError, ValueError) as exc:
+        _fail(f"--labels {labels}: {exc}")
+    if "file" in lab.columns:
+        lab["_key"] = lab["file"].map(lambda f: Path(str(f)).stem)
+    elif "material_id" in lab.columns:
+        lab["_key"] = lab["material_id"].astype(str)
+    else:
+        _fail(f"--labels {labels}: needs a 'file' or 'material_id' column (found {', '.join(lab.columns)})")
+    pred = df.assign(_key=df["file"].map(lambda f: Path(str(f)).stem))
+    targets = [c for c in df.columns if c not in ("file", "formula") and not c.endswith(("_std", "_prob"))]
+    shared = [t for t in targets if t in lab.columns]
+    if not shared:
+        typer.echo(f"{labels}: no column named like a target ({', '.join(targets)}): no parity plot")
+        return
+    joined = pred.merge(lab[["_key", *shared]], on="_key", how="inner", suffixes=("", "_true"))
+    out.mkdir(parents=True, exist_ok=True)
+    for t in shared:
+        std = joined[f"{t}_std"] if f"{t}_std" in joined else None
+        path = out / f"parity_{t}.png"
+        m = parity_error_plot(joined[f"{t}_true"], joined[t], path, t, unit_of(t), std)
+        u = unit_of(t)
+        typer.echo(f"{t}: MAE {m['mae']:.4g} {u}, RMSE {m['rmse']:.4g} {u}, R² {m['r2']:.3f} "
+                   f"over {m['n']} labelled files -> {path}")
+
+
+plot_app = typer.Typer(no_args_is_help=True, help="PNG plots: latent map of an index, pattern overlay.")
+app.add_typer(plot_app, name="plot")
+
+
+@plot_app.command("latent")
+def plot_latent(
+    index: Path = typer.Option(..., help="Index folder written by `mmmat index build`."),
+    out: Path = typer.Option(..., help="PNG file to write."),
+    color: str | None = typer.Option(None, help="Property column to colour by (default: the first one)."),
+    limit: int = typer.Option(20000, help="At most this many points (a fixed random subset above it)."),
+) -> None:
+    """A 2D map (first two principal components) of an index's embeddings, coloured by a property."""
+    if not (index / "index.json").is_file():
+        _fail(f"{index}: not an index folder (no index.json)")
+    if limit < 2:
+        _fail(f"--limit must be at least 2, got {limit}")
+    import numpy as np
+    import pandas as pd
+
+    from mmmat.plots import latent_map_plot
+    from mmmat.retrieval import open_index
+
+    idx = _retrieval_call(open_index, index)
+    m = idx.meta
+    props = [c for c in m.columns if c not in ("material_id", "formula", "spacegroup_number", "spacegroup_symbol",
+                                                  "split") and pd.api.types.is_numeric_dtype(m[c])]
+    if color is not None and color not in props:
+        _fail(f"--color {color!r} is not a numeric column of the index (has: {', '.join(props) or 'none'})")
+    color = color or (props[0] if props else None)
+    n = len(idx)
+    rows = np.arange(n) if n <= limit else np.sort(np.random.default_rng(0).choice(n, limit, replace=False))
+    vec = np.stack([idx.index.reconstruct(int(i)) for i in rows])
+    values = m[color].to_numpy(dtype=float, na_value=np.nan)[rows] if color else None
+    latent_map_plot(vec, out, values, color or "", f"{len(rows)} crystals of {index}")
+    typer.echo(f"latent map of {len(rows)} crystals" + (f" coloured by {color}" if color else "") + f" -> {out}")
+
+
+@plot_app.command("overlay")
+def plot_overlay(
+    pattern: Path = typer.Option(..., help="Measured pattern (xy/csv/dat, powder CIF; more with mmmat.io)."),
+    cif: Path = typer.Option(..., help="Crystal whose computed pattern goes on top."),
+    out: Path = typer.Option(..., help="PNG file to write."),
+    wavelength: float | None = typer.Option(None, help="Wavelength in Å if the file has none (default: Cu Kα)."),
+) -> None:
+    """The measured pattern over a crystal's computed pattern at the measured wavelength."""
+    for name, p in (("--pattern", pattern), ("--cif", cif)):
+        if not p.is_file():
+            _fail(f"{name} {p} not found")
+    from mmmat.data.xrd import CU_KA
+    from mmmat.plots import pattern_overlay_plot
+    from mmmat.web.readers import ReadError, read_pattern_file, read_structure_file
+
+    try:
+        pat = read_pattern_file(pattern, wavelength)
+        s = read_structure_file(cif)
+    except ReadError as exc:
+        _fail(str(exc))
+    lam = float(pat.wavelength or CU_KA)
+    pattern_overlay_plot(pat.two_theta, pat.intensity, lam, s, out, s.composition.reduced_formula, pattern.name)
+    typer.echo(f"{pattern.name} over computed {s.composition.reduced_formula} (λ {lam:.5f} Å) -> {out}")
 
 
 @app.command()
@@ -374,7 +679,8 @@ def evaluate(
     stages: str | None = typer.Option(
         None,
         help="Comma-separated stages in order, from validity, uniqueness, novelty, coverage, distribution, "
-        "stability (default: validity,coverage,distribution,uniqueness,novelty,stability).",
+        "stability (default: validity,coverage,distribution,uniqueness,novelty,stability; coverage and "
+        "distribution are left out below 100 samples).",
     ),
     hull: Path | None = typer.Option(None, help="CHGNet hull JSON (default: built from the reference)."),
     relax: bool = typer.Option(True, help="Relax samples with CHGNet in the stability stage."),
@@ -383,13 +689,15 @@ def evaluate(
     device: str | None = typer.Option(None, help="CHGNet device: cpu or cuda (default: cuda if any)."),
     limit_reference: int | None = typer.Option(None, help="Use the first N reference crystals only."),
     cache_dir: Path | None = typer.Option(None, help="Cache for reference fingerprints and hull."),
+    endpoint_cache: Path | None = typer.Option(
+        None, help="JSON file of CHGNet-relaxed elemental end points, reused by later evaluations (default: "
+        "$MMMAT_CACHE/chgnet_endpoints.json, else ~/.cache/mmmat/chgnet_endpoints.json; --cache-dir puts it there)."
+    ),
 ) -> None:
     """Staged evaluation of generated crystals (validity, uniqueness, novelty, coverage, stability, CSP)."""
-    from rich.console import Console
     from rich.table import Table
 
     from mmmat.evaluation.generation import DEFAULT_STAGES
-    from mmmat.evaluation.report import EvaluationInputError, evaluate_folder
 
     if not generated.is_dir():
         _fail(f"generated folder {generated} not found")
@@ -403,10 +711,21 @@ def evaluate(
         _fail(f"unknown stages {', '.join(unknown) or '(none given)'}; known: {', '.join(DEFAULT_STAGES)}")
     if relax_steps < 0 or workers < 1:
         _fail("--relax-steps must be >= 0 and --workers >= 1")
+    if limit_reference is not None and limit_reference < 1:
+        _fail(f"--limit-reference must be at least 1, got {limit_reference}")
+    from mmmat.evaluation.report import EvaluationInputError, evaluate_folder
+
+    if endpoint_cache is None and cache_dir is None:
+        import os
+
+        endpoint_cache = Path(os.environ.get("MMMAT_CACHE") or Path.home() / ".cache" / "mmmat") / \
+            "chgnet_endpoints.json"
+    c = _console()
     try:
-        rep = evaluate_folder(
-            generated, reference, out, stages=names, hull=hull, relax=relax, relax_steps=relax_steps,
-            workers=workers, device=device, limit_reference=limit_reference, cache_dir=cache_dir,
+        rep = _with_progress(
+            evaluate_folder, generated, reference, out, stages=names if stages else None, hull=hull, relax=relax,
+            relax_steps=relax_steps, workers=workers, device=device, limit_reference=limit_reference,
+            cache_dir=cache_dir, endpoint_cache=endpoint_cache,
         )
     except EvaluationInputError as exc:
         _fail(str(exc))
@@ -421,7 +740,6 @@ def evaluate(
     for s in rep["stages"]:
         t.add_row(s["stage"], str(s["n_in"]), str(s["n_out"]), fmt(s["wall_s"]), fmt(s["s_per_sample"]),
                   fmt(s["gpu_s_per_sample"]))
-    c = Console()
     c.print(t)
     keys = (
         "valid", "unique_rate", "novel_rate", "cov_recall", "cov_precision", "wdist_density",
@@ -432,6 +750,44 @@ def evaluate(
     if shown:
         c.print("; ".join(shown))
     c.print(f"report -> {out} and {out.with_suffix('.md')}")
+
+
+@app.command()
+def serve(
+    index: Path = typer.Option(..., help="Index folder written by `mmmat index build`."),
+    model: Path | None = typer.Option(None, help="Model folder (default: the one recorded in the index)."),
+    design_runs: Path | None = typer.Option(None, help="A design run folder, or a folder of them."),
+    generator: Path | None = typer.Option(None, help="A generator folder for the Generate page."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but 127.0.0.1 opens the app to others."),
+    port: int = typer.Option(8050, help="TCP port."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload in MB."),
+) -> None:
+    """A local web app: search, identify, generate, design runs and the model, in the browser."""
+    if not (index / "index.json").is_file():
+        _fail(f"{index}: not an index folder (no index.json); build one with `mmmat index build`")
+    for name, path in (("--model", model), ("--design-runs", design_runs), ("--generator", generator)):
+        if path is not None and not path.is_dir():
+            _fail(f"{name} folder {path} not found")
+    if not 0 < port < 65536:
+        _fail(f"--port must be 1 to 65535, got {port}")
+    if not 0 < max_upload_mb <= 2000:
+        _fail(f"--max-upload-mb must be above 0 and at most 2000, got {max_upload_mb}")
+    try:
+        import dash  # noqa: F401
+    except ImportError:
+        _fail("`mmmat serve` needs Dash: pip install 'dash>=2.17'")
+    from mmmat.retrieval import RetrievalError
+    from mmmat.web.app import serve as run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(f"warning: binding {host}: anyone who can reach this address can use the app", fg="yellow",
+                    err=True)
+    typer.echo(f"mmmat serve: http://{'[' + host + ']' if ':' in host else host}:{port}/ (Ctrl+C stops it); "
+               f"uploads up to {max_upload_mb:g} MB go to a private temporary folder removed at exit")
+    try:
+        run_server(index, model, design_runs, generator, host=host, port=port, max_upload_mb=max_upload_mb)
+    except RetrievalError as exc:
+        _fail(str(exc))
 
 
 def main() -> None:

@@ -59,3 +59,11 @@ def csv_rows(structures: dict, props: dict | None = None) -> str:
         cif = s if isinstance(s, str) else str(CifWriter(s))
         w.writerow([mid, cif, *[props.get(mid, {}).get(n, "") for n in names]])
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def web_env(tmp_path_factory):
+    """Builtin shards, a tiny model, its index, a generator and a design run, built once per session."""
+    from web_fixtures import build_env
+
+    return build_env(tmp_path_factory.mktemp("web_env"))

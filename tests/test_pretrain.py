@@ -185,3 +185,19 @@ def test_lr_scale_sets_a_learning_rate_per_modality():
     assert len(lr_of) == sum(1 for p in module.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="lr_scale names modalities without an encoder"):
         ContrastivePretraining(enc, embed_dim=8, lr_scale={"image": 0.5})
+
+
+def test_run_dir_moves_every_output_and_prints_a_summary(tmp_path, tiny_shards, monkeypatch, capsys):
+    import train
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run = tmp_path / "run"
+    train.main(["fit", "--config", TINY, f"--data.shards={tiny_shards}", f"--run_dir={run}",
+                "--trainer.max_epochs=1"])
+    assert (run / "model" / "config.json").is_file() and (run / "tokenizer").is_dir()
+    assert list((run / "pretrain").rglob("metrics.csv")) and list(run.rglob("config.yaml"))
+    assert not any(cwd.rglob("*"))  # nothing under the config's own runs/tiny
+    out = capsys.readouterr().out
+    assert "val/loss" in out and f"model -> {run / 'model'}" in out

@@ -201,7 +201,7 @@ class MaterialRecord:
     def from_structure(cls, structure: Any, material_id: str, **kwargs: Any) -> MaterialRecord:
         """Build from a pymatgen ``Structure`` (ordered; disordered sites raise :class:`RecordError`)."""
         if not structure.is_ordered:
-            raise RecordError(material_id, "disordered structure (partial occupancies) is not supported")
+            raise RecordError(material_id, order_policy_message())
         numbers = [site.specie.Z for site in structure]
         return cls(
             material_id=material_id,
@@ -346,6 +346,56 @@ def as_records(items: Any) -> list[MaterialRecord]:
             out.append(MaterialRecord.from_ase(x, f"input-{i}"))
         else:
             raise TypeError(f"input {i}: cannot use a {type(x).__name__} as a crystal")
+    return out
+
+
+#: The one policy for partial occupancies, everywhere a crystal goes in.
+ORDER_POLICY = (
+    "disordered structure (partial occupancies) is not supported: order it first (one species per site, e.g. "
+    "with pymatgen's OrderDisorderedStructureTransformation on a supercell), or ask mmmat to order it "
+    "(`--order` on the command line, order_structure() in Python)"
+)
+
+
+def order_policy_message(name: str | None = None) -> str:
+    """The refusal message for a disordered crystal (``name``: the file or record it came from)."""
+    return f"{name}: {ORDER_POLICY}" if name else ORDER_POLICY
+
+
+def order_structure(structure: Any, max_supercell: int = 8, name: str = "?") -> Any:
+    """An ordered version of a disordered ``structure`` (pymatgen's lowest-Ewald-energy ordering).
+
+    Oxidation states are guessed when the structure has none; the cell is enlarged (up to ``max_supercell``
+    times) until every site's occupancy times its multiplicity is a whole number of atoms. An ordered
+    structure is returned unchanged.
+
+    Raises:
+        RecordError: No ordering was found (the message names ``name``).
+
+    """
+    import warnings
+
+    from pymatgen.transformations.standard_transformations import OrderDisorderedStructureTransformation
+
+    if structure.is_ordered:
+        return structure
+    s = structure.copy()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not any(hasattr(sp, "oxi_state") for site in s for sp in site.species):
+                s.add_oxidation_state_by_guess()
+            for n in range(1, max_supercell + 1):
+                occ = [float(v) * n for site in s for v in site.species.values()]
+                if all(abs(o - round(o)) < 1e-3 for o in occ):
+                    break
+            else:
+                raise ValueError(f"occupancies need a supercell larger than {max_supercell} cells")
+            cell = s * (n, 1, 1) if n > 1 else s
+            out = OrderDisorderedStructureTransformation(algo=0).apply_transformation(cell)
+            out.remove_oxidation_states()
+    except Exception as exc:  # pymatgen raises many types here
+        raise RecordError(name, f"could not order the disordered structure ({type(exc).__name__}: {exc})") from None
     return out
 
 

@@ -43,6 +43,7 @@ from mmmat.evaluation.generation_fingerprints import (
     standardise,
 )
 from mmmat.evaluation.generation_stability import HullReference, reference_hull, resolve_device, stability
+from mmmat.progress import note
 
 #: StructureMatcher tolerances for uniqueness and novelty (pymatgen's defaults, as in the field).
 MATCH_TOLERANCES: dict[str, float] = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
@@ -477,6 +478,21 @@ def csp_match(
 
 
 # --------------------------------------------------------------------------------------------- staged run
+def hull_relevant(reference: Sequence, samples: Sequence) -> list[int]:
+    """Indices of the reference crystals whose elements all occur in some sample.
+
+    Only those can lie on the hull under a sample's composition, so a hull built from them gives every sample
+    the same energy above hull as one built from the whole reference.
+    """
+    systems = {frozenset(el.symbol for el in s.composition.elements) for s in samples if s is not None}
+    out = []
+    for i, r in enumerate(reference):
+        els = frozenset(el.symbol for el in r.composition.elements)
+        if any(els <= sys_ for sys_ in systems):
+            out.append(i)
+    return out
+
+
 def evaluate_generated(
     structures: Sequence,
     reference,
@@ -496,6 +512,7 @@ def evaluate_generated(
     threads: int | None = None,
     workers: int = 1,
     fingerprint_cache: str | Path | None = None,
+    endpoint_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation stages in order, each on the survivors of the one before.
 
@@ -523,6 +540,7 @@ def evaluate_generated(
         threads: Torch CPU threads for CHGNet (None: unchanged).
         workers: Processes for matching, fingerprints and CHGNet relaxations.
         fingerprint_cache: ``.npz`` file for the coverage reference's fingerprints.
+        endpoint_cache: JSON file of CHGNet-relaxed elemental end points, reused across evaluations.
 
     Returns:
         ``{"n_generated", "stages": [per-stage {"stage", "n_in", "n_out", "wall_s", "reference_s",
@@ -578,6 +596,10 @@ def evaluate_generated(
             put("novel", idx, keep)
             metrics["novel_rate"] = float(keep.mean()) if len(idx) else math.nan
         elif stage == "coverage":
+            if cov_ref._fps is None and not (fingerprint_cache is not None and Path(fingerprint_cache).exists()):
+                note(f"coverage: fingerprints of {len(cov_ref)} reference crystals, about 0.35 s each on one CPU "
+                     f"core (~{len(cov_ref) * 0.35 / 60 / max(workers, 1):.0f} min with {workers} worker(s)"
+                     + (f"; cached in {fingerprint_cache}" if fingerprint_cache is not None else "") + ")")
             tr = time.perf_counter()
             rs, rc = cov_ref.fingerprints(fingerprint_cache, workers)
             ref_s = time.perf_counter() - tr
@@ -591,13 +613,26 @@ def evaluate_generated(
         elif stage == "stability":
             tr = time.perf_counter()
             if hull is None:
-                hull = reference_hull(ref.structures, ref.ids, device=dev, threads=threads)
-            elif not isinstance(hull, HullReference):
+                keep_ref = hull_relevant(ref.structures, cur)
+                where = f", kept in {endpoint_cache}" if endpoint_cache else ""
+                note(
+                    f"stability: CHGNet energies of {len(keep_ref)} of {len(ref)} reference crystals (those in the "
+                    f"samples' chemical systems, about 0.15 s each on one CPU core); elemental end points for the "
+                    f"elements they lack (6 prototype relaxations each, about a minute of CPU per element on first "
+                    f"use{where})"
+                )
+                hull = reference_hull(
+                    [ref.structures[i] for i in keep_ref], [ref.ids[i] for i in keep_ref], device=dev,
+                    threads=threads, endpoint_steps=relax_steps, endpoint_cache=endpoint_cache,
+                )
+            note(f"stability: {len(cur)} relaxations of at most {relax_steps} FIRE steps (about 1-10 s each)")
+            if not isinstance(hull, HullReference):
                 hull = HullReference.load(hull)
             ref_s = time.perf_counter() - tr
             on_gpu = dev.startswith("cuda")
             res = stability(
-                cur, hull, relax=relax, steps=relax_steps, fmax=fmax, device=dev, threads=threads, workers=workers
+                cur, hull, relax=relax, steps=relax_steps, fmax=fmax, device=dev, threads=threads, workers=workers,
+                endpoint_cache=endpoint_cache,
             )
             hull = res["hull"]
             e, eh = res["energy_per_atom"], res["e_above_hull"]
@@ -674,6 +709,7 @@ __all__ = [
     "DEFAULT_STAGES",
     "MATCH_TOLERANCES",
     "ReferenceSet",
+    "hull_relevant",
     "compositional_validity",
     "coverage",
     "csp_match",

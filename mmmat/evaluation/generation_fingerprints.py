@@ -170,12 +170,21 @@ def fingerprints(structures: Sequence, workers: int = 1, chunksize: int = 8) -> 
     """
     if not structures:
         return np.zeros((0, STRUCT_FP_DIM)), np.zeros((0, COMP_FP_DIM))
-    if workers > 1 and len(structures) > chunksize:
+    from mmmat.progress import report
+
+    n = len(structures)
+    out = []
+    if workers > 1 and n > chunksize:
         ctx = mp.get_context("fork")
         with ctx.Pool(workers) as pool:
-            out = pool.map(_fp_one, structures, chunksize=chunksize)
+            for o in pool.imap(_fp_one, structures, chunksize=chunksize):
+                out.append(o)
+                if len(out) % chunksize == 0 or len(out) == n:
+                    report("fingerprints", len(out), n)
     else:
-        out = [_fp_one(s) for s in structures]
+        for s in structures:
+            out.append(_fp_one(s))
+            report("fingerprints", len(out), n)
     return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
 
 

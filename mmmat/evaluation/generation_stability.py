@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from mmmat.progress import report
 
 #: Prefix of the ids of elemental end points built by :func:`elemental_endpoints`.
 PROTO_PREFIX = "proto:"
@@ -77,6 +80,7 @@ def chgnet_energies(
     threads: int | None = None,
     min_volume_per_atom: float = 2.0,
     workers: int = 1,
+    task: str = "CHGNet",
 ) -> tuple[np.ndarray, list]:
     """CHGNet energies (eV/atom), optionally after a FIRE relaxation of positions and cell.
 
@@ -96,6 +100,7 @@ def chgnet_energies(
             Relaxations run one structure at a time, so the processes work on different structures side by
             side (chunks of at most 8, handed out as processes free up). Each process uses ``threads`` torch
             threads (1 when None).
+        task: Name under which progress is reported (:mod:`mmmat.progress`).
 
     Returns:
         ``(energy_per_atom (N,), final_structures)``; a structure CHGNet fails on (or too dense a cell) gets
@@ -107,10 +112,10 @@ def chgnet_energies(
     todo = [structures[i] for i in ok]
     dev = resolve_device(device)
     if relax and workers > 1 and len(todo) > 1:
-        e_ok, f_ok = _parallel_relax(todo, steps, fmax, relax_cell, dev, batch_size, threads or 1, workers)
+        e_ok, f_ok = _parallel_relax(todo, steps, fmax, relax_cell, dev, batch_size, threads or 1, workers, task)
     else:
         with torch_threads(threads):
-            e_ok, f_ok = _chgnet_energies(todo, relax, steps, fmax, relax_cell, dev, batch_size)
+            e_ok, f_ok = _chgnet_energies(todo, relax, steps, fmax, relax_cell, dev, batch_size, task)
     energies = np.full(len(structures), np.nan)
     energies[ok] = e_ok
     finals = list(structures)
@@ -125,7 +130,7 @@ def _relax_chunk(structures, steps, fmax, relax_cell, device, batch_size, thread
 
 
 def _parallel_relax(
-    structures, steps, fmax, relax_cell, device, batch_size, threads, workers
+    structures, steps, fmax, relax_cell, device, batch_size, threads, workers, task="CHGNet"
 ) -> tuple[np.ndarray, list]:
     """:func:`_chgnet_energies` with relaxation over ``workers`` fresh processes, in small chunks."""
     import multiprocessing as mp
@@ -141,15 +146,19 @@ def _parallel_relax(
             ex.submit(_relax_chunk, structures[a : a + size], steps, fmax, relax_cell, device, batch_size, threads)
             for a in starts
         ]
+        done = 0
+        report(f"{task} relaxations", 0, n)
         for a, fut in zip(starts, futs):
             e, f = fut.result()
             energies[a : a + len(e)] = e
             finals[a : a + len(f)] = f
+            done += len(e)
+            report(f"{task} relaxations", done, n)
     return energies, finals
 
 
 def _chgnet_energies(
-    structures, relax, steps, fmax, relax_cell, device, batch_size
+    structures, relax, steps, fmax, relax_cell, device, batch_size, task=None
 ) -> tuple[np.ndarray, list]:
     model = load_chgnet(device)
     finals = list(structures)
@@ -166,6 +175,8 @@ def _chgnet_energies(
                 finals[i] = out["final_structure"]
             except Exception:  # noqa: BLE001 - a failed relaxation keeps the input structure
                 finals[i] = s
+            if task:
+                report(f"{task} relaxations (≤ {steps} steps)", i + 1, len(finals))
     energies = np.full(len(finals), np.nan)
     for start in range(0, len(finals), batch_size):
         chunk = finals[start : start + batch_size]
@@ -183,6 +194,8 @@ def _chgnet_energies(
                     energies[start + j] = float(np.asarray(p["e"]).reshape(-1)[0])
                 except Exception:  # noqa: BLE001
                     energies[start + j] = np.nan
+        if task and len(finals) > batch_size:
+            report(f"{task} energies", start + len(chunk), len(finals))
     return energies, finals
 
 
@@ -369,17 +382,42 @@ def elemental_endpoints(
     fmax: float = 0.1,
     device: str | None = None,
     threads: int | None = None,
+    cache: str | Path | None = None,
 ) -> HullReference:
-    """Elemental end points from CHGNet-relaxed prototypes: the lowest of :func:`elemental_prototypes`."""
+    """Elemental end points from CHGNet-relaxed prototypes: the lowest of :func:`elemental_prototypes`.
+
+    ``cache``: a JSON file of end points already relaxed (keyed by element, ``steps`` and ``fmax``), read and
+    extended after each element; they do not depend on the reference, so one file serves every evaluation.
+    """
+    syms = sorted(set(elements))
+    known: dict[str, Any] = {}
+    if cache is not None and Path(cache).is_file():
+        try:
+            known = json.loads(Path(cache).read_text())
+        except (OSError, ValueError):
+            known = {}
     formulas, energies, ids = [], [], []
-    for sym in sorted(set(elements)):
-        best, best_name = math.nan, ""
-        for name, s, relax_cell in elemental_prototypes(sym):
-            e, _ = chgnet_energies(
-                [s], relax=True, steps=steps, fmax=fmax, relax_cell=relax_cell, device=device, threads=threads
-            )
-            if np.isfinite(e[0]) and not (e[0] >= best):
-                best, best_name = float(e[0]), name
+    task = f"elemental end points ({len(elemental_prototypes('Si'))} prototype relaxations each)"
+    report(task, 0, len(syms))
+    for k, sym in enumerate(syms):
+        key = f"{sym}|steps={steps}|fmax={fmax}"
+        if key in known:
+            best, best_name = known[key]["energy_per_atom"], known[key]["prototype"]
+            best = math.nan if best is None else float(best)
+        else:
+            best, best_name = math.nan, ""
+            for name, s, relax_cell in elemental_prototypes(sym):
+                e, _ = chgnet_energies(
+                    [s], relax=True, steps=steps, fmax=fmax, relax_cell=relax_cell, device=device, threads=threads,
+                    task="",
+                )
+                if np.isfinite(e[0]) and not (e[0] >= best):
+                    best, best_name = float(e[0]), name
+            if cache is not None:
+                known[key] = {"energy_per_atom": best if np.isfinite(best) else None, "prototype": best_name}
+                Path(cache).parent.mkdir(parents=True, exist_ok=True)
+                Path(cache).write_text(json.dumps(known, indent=0, sort_keys=True))
+        report(task, k + 1, len(syms))
         if np.isfinite(best):
             formulas.append(sym)
             energies.append(best)
@@ -396,6 +434,8 @@ def reference_hull(
     add_endpoints: bool = True,
     device: str | None = None,
     threads: int | None = None,
+    endpoint_steps: int = 200,
+    endpoint_cache: str | Path | None = None,
 ) -> HullReference:
     """CHGNet hull reference of a set of structures, read from / written to a JSON cache.
 
@@ -409,6 +449,8 @@ def reference_hull(
         add_endpoints: Add :func:`elemental_endpoints` for every element that has no elemental reference.
         device: Torch device.
         threads: Torch CPU threads (None: unchanged).
+        endpoint_steps: Most relaxation steps of each elemental end-point prototype.
+        endpoint_cache: JSON file of relaxed elemental end points (see :func:`elemental_endpoints`).
 
     Returns:
         The reference, elemental end points included.
@@ -419,13 +461,15 @@ def reference_hull(
         ref = HullReference.load(cache)
         if set(ids) <= set(ref.ids):
             return ref
-    energies, _ = chgnet_energies(structures, relax=relax, steps=steps, device=device, threads=threads)
+    energies, _ = chgnet_energies(structures, relax=relax, steps=steps, device=device, threads=threads,
+                                  task="hull reference")
     ref = HullReference([s.composition.formula for s in structures], energies, ids)
     if add_endpoints:
         elements = {el.symbol for s in structures for el in s.composition.elements}
         missing = ref.missing_endpoints(elements)
         if missing:
-            ref = ref.extend(elemental_endpoints(missing, device=device, threads=threads))
+            ref = ref.extend(elemental_endpoints(missing, steps=endpoint_steps, device=device, threads=threads,
+                                                 cache=endpoint_cache))
     if cache is not None:
         ref.save(cache)
     return ref
@@ -441,6 +485,7 @@ def stability(
     add_endpoints: bool = True,
     threads: int | None = None,
     workers: int = 1,
+    endpoint_cache: str | Path | None = None,
 ) -> dict:
     """CHGNet energy and energy above ``hull`` of each structure.
 
@@ -455,6 +500,7 @@ def stability(
             returned).
         threads: Torch CPU threads (None: unchanged).
         workers: Processes that relax at once (see :func:`chgnet_energies`).
+        endpoint_cache: JSON file of relaxed elemental end points (see :func:`elemental_endpoints`).
 
     Returns:
         ``{"energy_per_atom": (N,), "e_above_hull": (N,) eV/atom (NaN: no hull), "structures": [...],
@@ -462,13 +508,15 @@ def stability(
 
     """
     energies, finals = chgnet_energies(
-        structures, relax=relax, steps=steps, fmax=fmax, device=device, threads=threads, workers=workers
+        structures, relax=relax, steps=steps, fmax=fmax, device=device, threads=threads, workers=workers,
+        task="samples",
     )
     if add_endpoints:
         elements = {el.symbol for s in finals for el in s.composition.elements}
         missing = hull.missing_endpoints(elements)
         if missing:
-            hull = hull.extend(elemental_endpoints(missing, device=device, threads=threads))
+            hull = hull.extend(elemental_endpoints(missing, steps=steps, fmax=fmax, device=device, threads=threads,
+                                                   cache=endpoint_cache))
     ehull = np.array(
         [hull.e_above_hull(s.composition, e) for s, e in zip(finals, energies)], dtype=np.float64
     )

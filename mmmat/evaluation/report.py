@@ -35,6 +35,7 @@ from mmmat.evaluation.generation import (
     csp_match_details,
     evaluate_generated,
 )
+from mmmat.progress import note
 
 #: Name of the manifest of a generated folder.
 MANIFEST_NAME = "manifest.json"
@@ -496,6 +497,11 @@ def _markdown(rep: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- entry point
+#: Below this many samples the default stages leave out the population metrics (:data:`POPULATION_STAGES`).
+POPULATION_MIN = 100
+POPULATION_STAGES = ("coverage", "distribution")
+
+
 def evaluate_folder(
     generated_dir: str | Path,
     reference_shards: str | Path,
@@ -510,6 +516,7 @@ def evaluate_folder(
     limit_reference: int | None = None,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    endpoint_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a generated folder against a shard folder; write ``out_json``, a ``.md`` report and plots.
 
@@ -519,7 +526,8 @@ def evaluate_folder(
             novelty and the hull; its test split (the train split when there is none) the one for coverage
             and distributions.
         out_json: The JSON report; ``<stem>.md`` and ``<stem>_*.png`` are written beside it.
-        stages: Stage names in order (default :data:`~mmmat.evaluation.generation.DEFAULT_STAGES`).
+        stages: Stage names in order (default :data:`~mmmat.evaluation.generation.DEFAULT_STAGES`, without
+            coverage and distribution when there are fewer than :data:`POPULATION_MIN` samples).
         truth: Where CSP targets are looked up by material id: a shard folder, or ``{id: Structure}``
             (default: every split of ``reference_shards``). Used only when samples name a ``target_id``.
         hull: A :class:`~mmmat.evaluation.generation_stability.HullReference` or the JSON file of one;
@@ -531,6 +539,8 @@ def evaluate_folder(
         limit_reference: Use only the first this many reference (and coverage-reference) crystals.
         cache_dir: Folder for the coverage fingerprints and the CHGNet hull, reused by later runs.
         threads: Torch CPU threads for CHGNet (None: unchanged).
+        endpoint_cache: JSON file of CHGNet-relaxed elemental end points, reused across evaluations (default:
+            ``cache_dir/chgnet_endpoints.json`` when ``cache_dir`` is given).
 
     Returns:
         The report as written to ``out_json`` (JSON-ready: ``evaluate_generated``'s report without
@@ -543,6 +553,7 @@ def evaluate_folder(
     from mmmat.evaluation.generation_stability import HullReference, reference_hull
 
     t_all = time.perf_counter()
+    auto_stages = stages is None
     stages = list(DEFAULT_STAGES if stages is None else stages)
     unknown = [s for s in stages if s not in DEFAULT_STAGES]
     if unknown:
@@ -554,6 +565,12 @@ def evaluate_folder(
     t0 = time.perf_counter()
     structures, manifest = read_generated(generated_dir)
     n = len(structures)
+    if auto_stages and n < POPULATION_MIN:
+        stages = [s for s in stages if s not in POPULATION_STAGES]
+        note(
+            f"{n} samples: coverage and distribution compare populations (CDVAE uses 10,000 samples) and are "
+            f"left out below {POPULATION_MIN}; name them in --stages (`stages=` in Python) to run them anyway"
+        )
     cost.append(
         {
             "step": "read samples",
@@ -585,6 +602,8 @@ def evaluate_folder(
     )
 
     cache = Path(cache_dir) if cache_dir is not None else None
+    if endpoint_cache is None and cache is not None:
+        endpoint_cache = cache / "chgnet_endpoints.json"
     fp_cache = cache / f"coverage_fps_{cov_split}.npz" if cache is not None else None
     if "stability" in stages:
         t0 = time.perf_counter()
@@ -595,6 +614,8 @@ def evaluate_folder(
                 cache=cache / f"chgnet_hull_{ref_split}.json",
                 device=device,
                 threads=threads,
+                endpoint_steps=relax_steps,
+                endpoint_cache=endpoint_cache,
             )
         elif hull is not None and not isinstance(hull, HullReference):
             hp = Path(hull)
@@ -623,6 +644,7 @@ def evaluate_folder(
         threads=threads,
         workers=workers,
         fingerprint_cache=fp_cache,
+        endpoint_cache=endpoint_cache,
     )
     res.pop("structures", None)
     metrics = dict(res["metrics"])

@@ -30,14 +30,22 @@ def _expand(files: Iterable[str | Path] | str | Path) -> list[Path]:
     return out
 
 
-def read_cif_file(path: str | Path) -> MaterialRecord:
-    """Parse and validate one CIF file; a malformed file raises :class:`RecordError` naming the file."""
+def read_cif_file(path: str | Path, order: bool = False) -> MaterialRecord:
+    """Parse and validate one CIF file; a malformed file raises :class:`RecordError` naming the file.
+
+    A disordered crystal (partial occupancies) is refused with :data:`~mmmat.data.schema.ORDER_POLICY`, or,
+    with ``order=True``, ordered by :func:`~mmmat.data.schema.order_structure`.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise RecordError(str(path), f"cannot read file ({exc})") from None
     structure = parse_cif(text, str(path))
+    if order and not structure.is_ordered:
+        from mmmat.data.schema import order_structure
+
+        structure = order_structure(structure, name=str(path))
     record = MaterialRecord.from_structure(structure, str(path))
     record.validate()
     return record
@@ -49,6 +57,8 @@ def predict_files(
     csv: str | Path | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    on_error: str = "raise",
+    order: bool = False,
 ) -> Any:
     """Predict every target of the model at ``model_dir`` for the crystals in ``files``.
 
@@ -58,6 +68,9 @@ def predict_files(
         csv: Also write the table to this CSV file.
         batch_size: Crystals per forward pass.
         device: Torch device (default: CUDA when available, else CPU).
+        on_error: ``raise`` (the first unusable file stops the batch) or ``skip`` (it is left out and listed in
+            ``df.attrs["failures"]`` as ``(file, reason)``; the good files are predicted).
+        order: Order disordered crystals (partial occupancies) instead of refusing them.
 
     Returns:
         A pandas DataFrame with columns ``file``, ``formula`` (reduced), and per target ``<target>`` and
@@ -75,17 +88,27 @@ def predict_files(
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    all_paths = _expand(files)
+    paths, records, failures = [], [], []
+    for p in all_paths:
+        try:
+            records.append(read_cif_file(p, order=order))
+            paths.append(p)
+        except RecordError as exc:
+            if on_error == "raise":
+                raise
+            failures.append((str(p), exc.reason))
     model = PropertyModel.from_pretrained(model_dir, map_location=device)
-    paths = _expand(files)
-    records = [read_cif_file(p) for p in paths]
-    pred = model.predict_records(records, batch_size=batch_size)
+    pred = model.predict_records(records, batch_size=batch_size) if records else {}
     table: dict[str, Any] = {"file": [str(p) for p in paths], "formula": [r.formula for r in records]}
     for t in model.targets:
-        table[t.name] = pred[t.name]
-        table[f"{t.name}_std" if t.kind == "regression" else f"{t.name}_prob"] = pred[
-            f"{t.name}_std" if t.kind == "regression" else f"{t.name}_prob"
-        ]
+        extra = f"{t.name}_std" if t.kind == "regression" else f"{t.name}_prob"
+        table[t.name] = pred[t.name] if records else []
+        table[extra] = pred[extra] if records else []
     df = pd.DataFrame(table)
+    df.attrs["failures"] = failures
     if csv is not None:
         Path(csv).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(csv, index=False)

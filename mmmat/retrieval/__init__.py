@@ -8,6 +8,7 @@ from mmmat.retrieval.api import (
     add_to_index,
     build_index,
     check_model,
+    collect_queries,
     embed_query,
     embed_records,
     embed_shards,
@@ -18,6 +19,7 @@ from mmmat.retrieval.api import (
     model_fingerprint,
     open_index,
     search,
+    search_queries,
     shard_records,
 )
 from mmmat.retrieval.index import (
@@ -41,6 +43,7 @@ __all__ = [
     "add_to_index",
     "build_index",
     "check_model",
+    "collect_queries",
     "default_nlist",
     "embed_query",
     "embed_records",
@@ -52,6 +55,7 @@ __all__ = [
     "model_fingerprint",
     "open_index",
     "search",
+    "search_queries",
     "set_threads",
     "shard_records",
 ]

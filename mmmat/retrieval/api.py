@@ -175,6 +175,8 @@ def embed_records(
 
     Records without the modality are left out (text modalities use each record's first text).
     """
+    from mmmat.progress import report
+
     _require(model, modality)
     rows, inputs = _modality_inputs(records, modality)
     kept = [records[i] for i in rows]
@@ -182,7 +184,14 @@ def embed_records(
     if not rows:
         table["embedding"] = pd.Series([], dtype=object)
         return table
-    emb = model.embed(modality, inputs, batch_size=batch_size).float().cpu().numpy()
+    chunk = max(batch_size, 16 * batch_size)  # progress every few batches; results do not depend on it
+    parts = []
+    task = f"embedding {modality}"
+    report(task, 0, len(rows))
+    for start in range(0, len(rows), chunk):
+        parts.append(model.embed(modality, inputs[start : start + chunk], batch_size=batch_size).float().cpu().numpy())
+        report(task, min(start + chunk, len(rows)), len(rows))
+    emb = np.concatenate(parts)
     table["embedding"] = list(emb.astype(np.float32))
     return table
 
@@ -531,3 +540,108 @@ def search(
     _, q = embed_query(model, cif=cif, xrd=xrd, image=image, text=text, text_modality=text_modality,
                        wavelength=wavelength)
     return index.search(q, k)
+
+
+# ---------------------------------------------------------------------- batch queries
+#: Query kinds by file suffix for :func:`collect_queries`.
+QUERY_SUFFIXES = {
+    "cif": (".cif", ".mcif"),
+    "xrd": (".xy", ".xye", ".csv", ".dat", ".txt"),
+    "image": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy"),
+}
+
+
+def query_kind(path: str | Path) -> str | None:
+    """``cif``, ``xrd`` or ``image`` for a query file by its suffix (None: unknown)."""
+    suf = Path(path).suffix.lower()
+    return next((k for k, v in QUERY_SUFFIXES.items() if suf in v), None)
+
+
+def collect_queries(source: str | Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Queries from a folder (every file with a known suffix) or a list file (one query per line).
+
+    In a list file, a line naming an existing file (absolute, or relative to the list's folder) is a file
+    query; ``text: ...`` is a sentence; empty lines and lines starting with ``#`` are skipped.
+
+    Returns:
+        ``(queries, skipped)``: ``(kind, value)`` pairs with kind ``cif``/``xrd``/``image``/``text``, and
+        ``(entry, reason)`` for entries that are not usable queries.
+
+    """
+    src = Path(source)
+    queries: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    if src.is_dir():
+        for f in sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")):
+            kind = query_kind(f)
+            if kind is None:
+                skipped.append((str(f), "unknown suffix"))
+            else:
+                queries.append((kind, str(f)))
+    elif src.is_file():
+        for line in src.read_text(encoding="utf-8", errors="replace").splitlines():
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            if entry.lower().startswith("text:"):
+                queries.append(("text", entry[5:].strip()))
+                continue
+            p = Path(entry) if Path(entry).is_absolute() else src.parent / entry
+            kind = query_kind(p)
+            if not p.is_file():
+                skipped.append((entry, "file not found (write 'text: ...' for a sentence)"))
+            elif kind is None:
+                skipped.append((entry, "unknown suffix"))
+            else:
+                queries.append((kind, str(p)))
+    else:
+        raise RetrievalError(f"--queries {src}: neither a folder nor a list file")
+    return queries, skipped
+
+
+def search_queries(
+    index_dir: str | Path,
+    queries: Sequence[tuple[str, Any]],
+    model_dir: str | Path | None = None,
+    k: int = 10,
+    nprobe: int | None = None,
+    wavelength: float | None = None,
+    text_modality: str = "literature_text",
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Search many queries with one model load; a bad query is skipped and reported, never fatal.
+
+    Args:
+        index_dir: Index folder.
+        queries: ``(kind, value)`` pairs, kind ``cif``, ``xrd``, ``image`` or ``text``.
+        model_dir: The index's model (default: the path recorded in the index).
+        k: Hits per query.
+        nprobe: IVF lists to scan.
+        wavelength: X-ray wavelength in Å for pattern files that do not say (default Cu Kα).
+        text_modality: ``literature_text`` or ``processing_text``.
+
+    Returns:
+        ``(hits, failures)``: one row per hit (``query``, ``kind``, ``rank``, ``material_id``, ``formula``,
+        ``spacegroup``, ``score``) and ``(query, reason)`` for each query that could not be embedded.
+
+    """
+    index = open_index(index_dir, nprobe=nprobe)
+    mdir = _model_dir(index, model_dir)
+    model = load_model(mdir)
+    check_model(index, mdir)
+    vecs, names, kinds, failures = [], [], [], []
+    for kind, value in queries:
+        try:
+            _, q = embed_query(model, text_modality=text_modality, wavelength=wavelength, **{kind: value})
+        except (RetrievalError, ValueError) as exc:
+            failures.append((str(value), str(exc)))
+            continue
+        vecs.append(q)
+        names.append(str(value))
+        kinds.append(kind)
+    cols = ["query", "kind", "rank", "material_id", "formula", "spacegroup", "score"]
+    if not vecs:
+        return pd.DataFrame(columns=cols), failures
+    scores, rows = index.search_batch(np.stack(vecs), k)
+    recs = [{"query": names[i], "kind": kinds[i], **h.to_dict()} for i, hs in enumerate(index.hits(scores, rows))
+            for h in hs]
+    return pd.DataFrame(recs, columns=cols), failures
