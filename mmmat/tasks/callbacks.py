@@ -381,10 +381,10 @@ class ScaleLearningRate(pl.Callback):
         power = 0.5 if self.rule == "sqrt" else 1.0
         self.lr = base_lr * (self.global_batch / self.base_batch) ** power
         pl_module.hparams.lr = self.lr
-        from pytorch_lightning.utilities import rank_zero_info
-
-        rank_zero_info(
-            f"ScaleLearningRate: global batch {self.global_batch} ({batch} x {trainer.world_size} ranks x "
-            f"{trainer.accumulate_grad_batches} accumulated), lr {base_lr:g} at {self.base_batch} -> {self.lr:g} "
-            f"({self.rule})"
-        )
+        if getattr(trainer, "global_rank", 0) == 0:
+            print(
+                f"ScaleLearningRate: global batch {self.global_batch} ({batch} x {trainer.world_size} ranks x "
+                f"{trainer.accumulate_grad_batches} accumulated), lr {base_lr:g} at {self.base_batch} -> "
+                f"{self.lr:g} ({self.rule})",
+                flush=True,
+            )

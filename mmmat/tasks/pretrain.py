@@ -199,10 +199,8 @@ class ContrastivePretraining(pl.LightningModule):
         from mmmat.tasks.fsdp import apply_fsdp
 
         units = apply_fsdp(self)
-        if units:
-            from pytorch_lightning.utilities import rank_zero_info
-
-            rank_zero_info(f"FSDP: {units} units sharded over {self.device_mesh}")
+        if units and self.global_rank == 0:
+            print(f"FSDP: {units} units sharded over {self.device_mesh}", flush=True)
 
     def on_train_epoch_start(self) -> None:
         """Let streaming loaders know the epoch (their shard order depends on it)."""
