@@ -1,0 +1,182 @@
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "design" / "tiny.yaml"
+
+
+def tiny_config(out, **over):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["out"] = str(out)
+    cfg["oracle"]["cache"] = str(Path(out).parent / "hull_cache")
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def test_config_rejects_unknown_keys_and_test_split(tmp_path):
+    from mmmat.design import ConfigError, load_config
+
+    cfg = tiny_config(tmp_path / "run")
+    cfg["select"]["stratgy"] = "ucb"
+    with pytest.raises(ConfigError, match="stratgy"):
+        load_config(cfg)
+    cfg = tiny_config(tmp_path / "run")
+    cfg["data"]["train_splits"] = ["train", "test"]
+    with pytest.raises(ConfigError, match="test"):
+        load_config(cfg)
+    cfg = tiny_config(tmp_path / "run", budget="many")
+    with pytest.raises(ConfigError, match="budget"):
+        load_config(cfg)
+
+
+def test_family_substitution_stays_in_li_tm_o():
+    from mmmat.design.config import ChemistryConfig
+    from mmmat.design.propose import in_family, similarity, substitution_map
+
+    tms = ["Sc", "Ti", "V", "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn"]
+    chem = ChemistryConfig(allowed=["Li", "O", *tms], required=["Li", "O"], required_any=[tms], max_elements=3)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        m = substitution_map(["Na", "Al", "S"], chem.allowed, chem, rng)
+        assert m is not None
+        new = set(m.values())
+        assert {"Li", "O"} <= new and len(new & set(tms)) == 1 and len(new) == 3
+    assert similarity("Na", "K") > similarity("Na", "O")
+
+    from pymatgen.core import Lattice, Structure
+
+    s = Structure(Lattice.cubic(4.0), ["Li", "Co", "O", "O"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0], [0, 0.5, 0]])
+    assert in_family(s, chem) is None
+    s2 = Structure(Lattice.cubic(4.0), ["Na", "Co", "O"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0]])
+    assert in_family(s2, chem) == "outside_family"
+
+
+def test_selection_strategies_and_qei():
+    from mmmat.design.config import Objective
+    from mmmat.design.select import gp_inputs, select
+
+    rng = np.random.default_rng(0)
+    objs = [Objective("gap", surrogate="gap", min=1.5, max=2.5)]
+    n = 200
+    emb = rng.normal(size=(n, 4))
+    mean = (2.0 + emb[:, :1]).astype(float)
+    std = np.full((n, 1), 0.2)
+    picks, _, used = select("greedy", 5, mean, std, emb, objs, rng)
+    assert used == "greedy" and all(1.5 <= mean[i, 0] <= 2.5 for i in picks)
+    picks, _, used = select("ucb", 5, mean, std, emb, objs, rng, kappa=1.0)
+    assert used == "ucb" and len(set(picks)) == 5
+    # qei with too few labels falls back to UCB and says so
+    picks, _, used = select("qei", 5, mean, std, emb, objs, rng)
+    assert used.startswith("ucb")
+    # with labels: y is high where the first embedding coordinate is near 0
+    lab = rng.choice(n, 30, replace=False)
+    y = -np.abs(emb[lab, 0])
+    picks, vals, used = select("qei", 6, mean, std, emb, objs, rng, labelled=(gp_inputs(emb[lab], mean[lab], std[lab]), y))
+    assert used == "qei" and len(set(picks)) == 6 and np.all(np.isfinite(vals))
+    assert np.mean(np.abs(emb[picks, 0])) < np.mean(np.abs(emb[:, 0]))
+
+
+def test_tiny_loop_report_and_ledger(tmp_path):
+    from mmmat.design import run
+
+    out = tmp_path / "run"
+    doc = run(tiny_config(out))
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["strategy"] == "ucb" and rep["config"]["name"] == "tiny"
+    assert [r["round"] for r in rep["rounds"]] == [0, 1, 2]
+    for r in rep["rounds"]:
+        for key in ("oracle_calls", "cumulative_oracle_calls", "hits", "cumulative_hits", "guards", "surrogate_mae",
+                    "disagreement", "ood_share", "unique_compositions", "seconds"):
+            assert key in r
+        assert r["oracle_calls"] == 8 and r["surrogate_mae"] is not None
+        assert {"invalid_charge", "duplicate_seen", "methods_disagree", "single_element", "ood"} <= set(r["guards"])
+        assert {"proposal", "screening", "oracle"} <= set(r["seconds"])
+    assert rep["rounds"][-1]["cumulative_oracle_calls"] == 24
+    assert sum(r["guards"]["invalid_charge"] for r in rep["rounds"]) > 0  # the screen removes something
+    assert len(doc["hits"]) == rep["rounds"][-1]["cumulative_hits"]
+    for h in rep["hits"]:
+        assert (out / h["cif"]).is_file() and set(h["e_hull"]) == {"stand_in_a", "stand_in_b"}
+        assert all(v <= 0.05 for v in h["e_hull"].values())
+    for png in ("hits_vs_calls.png", "pareto.png", "diversity.png", "surrogate_error.png"):
+        assert (out / png).stat().st_size > 1000
+    db = sqlite3.connect(out / "ledger.sqlite")
+    statuses = dict(db.execute("SELECT status, COUNT(*) FROM candidates GROUP BY status").fetchall())
+    assert statuses["verified"] == 24 and statuses["rejected"] > 0
+    assert db.execute("SELECT COUNT(*) FROM candidates WHERE is_hit = 1").fetchone()[0] == len(rep["hits"])
+    assert "not physics" in (out / "report.md").read_text()
+    # a second run into the same folder without --resume is refused
+    from mmmat.design import DesignError
+
+    with pytest.raises(DesignError, match="resume"):
+        run(tiny_config(out))
+
+
+def test_kill_mid_round_and_resume_calls_no_oracle_twice(tmp_path):
+    from mmmat.design import run
+
+    out = tmp_path / "run"
+    log = tmp_path / "calls.log"
+    cfg = tiny_config(out)
+    cfg["oracle"]["options"] = {"delay": 0.4, "call_log": str(log)}
+    path = tmp_path / "design.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "mmmat.cli", "design", "--config", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 240:
+            n = len(log.read_text().splitlines()) if log.exists() else 0
+            if n >= 11:  # in the middle of round 1 (8 calls per round)
+                break
+            if proc.poll() is not None:
+                pytest.fail("the design run ended before it could be killed")
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = log.read_text().splitlines()
+    assert 11 <= len(before) < 24
+    db = sqlite3.connect(out / "ledger.sqlite")
+    assert db.execute("SELECT phase FROM rounds WHERE round = 1").fetchone()[0] == "selected"
+    db.close()
+    doc = run(path, resume=True)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 24 == len(set(calls))  # every pick verified once, none twice
+    assert doc["rounds"][-1]["cumulative_oracle_calls"] == 24
+    assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
+
+
+def test_mlip_oracle_chgnet_and_sevennet(tmp_path):
+    from pymatgen.core import Lattice, Structure
+
+    from mmmat.design import KnownPhases, MLIPOracle
+
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    cscl_type = Structure(Lattice.cubic(3.4), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    na = Structure(Lattice.cubic(4.23), ["Na", "Na"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    cl2 = Structure(Lattice.cubic(8.0), ["Cl", "Cl"], [[0.5, 0.5, 0.5], [0.5, 0.5, 0.75]])
+    known = KnownPhases([nacl, na, cl2], ["mp-22862", "na-bcc", "cl2-box"])
+    oracle = MLIPOracle(known, methods=["chgnet", "sevennet"], steps=3, device="cpu", cache=tmp_path / "cache")
+    res = oracle.evaluate([cscl_type])[0]
+    assert res["error"] is None and res["n_known_phases"] == 3
+    for m in ("chgnet", "sevennet"):
+        assert np.isfinite(res["energy_per_atom"][m]) and res["e_hull"][m] > -0.5
+    # the known phase's energy is cached under a key of the method and the structure
+    cached = {p.name for p in (tmp_path / "cache").iterdir()}
+    assert any(n.startswith("chgnet-") for n in cached) and any(n.startswith("sevennet-") for n in cached)
+    entry = json.loads(next((tmp_path / "cache").glob("chgnet-*.json")).read_text())["entries"]
+    assert any(k.startswith("mp-22862:") for k in entry) and len(entry) == 3
