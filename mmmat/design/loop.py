@@ -103,19 +103,25 @@ def _labels(rows: Sequence[tuple[Any, str, dict]], targets: Sequence[str]) -> np
     return y
 
 
-def build_surrogate(cfg: DesignConfig, train: Sequence[tuple[Any, str, dict]]):
-    """The configured surrogate, trained (ensemble) or loaded (property models) and ready to predict."""
+def build_surrogate(cfg: DesignConfig, train: Sequence[tuple[Any, str, dict]], features: np.ndarray | None = None):
+    """The configured surrogate, trained (ensemble) or loaded (property models) and ready to predict.
+
+    ``features``: precomputed :func:`~mmmat.design.surrogate.crystal_features` of ``train`` (ensemble only).
+    """
     sc = cfg.surrogate
     rng = np.random.default_rng(cfg.seed)
     rows = list(train)
+    sel = np.arange(len(rows))
     if sc.max_train and len(rows) > sc.max_train:
-        rows = [rows[i] for i in sorted(rng.permutation(len(rows))[: sc.max_train])]
+        sel = np.sort(rng.permutation(len(rows))[: sc.max_train])
+        rows = [rows[i] for i in sel]
     if sc.kind == "ensemble":
         y = _labels(rows, sc.targets)
         keep = np.isfinite(y).any(1)
+        feats = None if features is None else np.asarray(features)[sel][keep]
         rows = [r for r, k in zip(rows, keep) if k]
         return EnsembleSurrogate(sc.targets, sc.members, sc.hidden, sc.epochs, sc.finetune_epochs, cfg.seed).fit(
-            [s for s, _, _ in rows], y[keep]
+            [s for s, _, _ in rows], y[keep], feats
         )
     import torch
 
@@ -186,8 +192,10 @@ def _oracle_label(cfg: DesignConfig, orc: dict, target: str) -> float:
 class DesignLoop:
     """One design run over a folder; :meth:`run` goes round by round, resuming from the ledger."""
 
-    def __init__(self, config: str | Path | dict | DesignConfig, resume: bool = False):
+    def __init__(self, config: str | Path | dict | DesignConfig, resume: bool = False,
+                 reference: dict[str, Any] | None = None):
         self.cfg = load_config(config)
+        self._reference = reference
         self.out = Path(self.cfg.out)
         ledger_path = self.out / "ledger.sqlite"
         if ledger_path.exists() and not resume:
@@ -208,12 +216,12 @@ class DesignLoop:
     # ---------------------------------------------------------------- setup
     def _setup(self) -> None:
         t0 = time.perf_counter()
-        self.ref = load_reference(self.cfg.data)
+        self.ref = self._reference or load_reference(self.cfg.data)
         self.known: KnownPhases = self.ref["known"]
         allowed = self.cfg.chemistry.allowed or default_allowed(self.known.elements())
         self.allowed = sorted(allowed)
         t1 = time.perf_counter()
-        self.surrogate = build_surrogate(self.cfg, self.ref["train"])
+        self.surrogate = build_surrogate(self.cfg, self.ref["train"], self.ref.get("train_features"))
         self.ood_thr = ood_threshold(self.surrogate.train_embeddings(), self.cfg.guards.ood_quantile, self.cfg.seed)
         t2 = time.perf_counter()
         cache = self.cfg.oracle.cache or str(self.out.parent / "hull_cache")
@@ -548,10 +556,12 @@ class DesignLoop:
         return write_report(self)
 
 
-def run(config: str | Path | dict | DesignConfig, resume: bool = False) -> dict[str, Any]:
+def run(config: str | Path | dict | DesignConfig, resume: bool = False,
+        reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a design loop from a config (YAML path, dict or :class:`DesignConfig`); resume from its ledger.
 
-    Returns report.json's content; the run folder (``config.out``) holds ledger.sqlite, report.json,
-    report.md, the PNGs and hits/*.cif.
+    ``reference``: the output of :func:`load_reference` for the config's data (to share one load between runs;
+    may hold ``train_features``). Returns report.json's content; the run folder (``config.out``) holds
+    ledger.sqlite, report.json, report.md, the PNGs and hits/*.cif.
     """
-    return DesignLoop(config, resume=resume).run()
+    return DesignLoop(config, resume=resume, reference=reference).run()

@@ -88,9 +88,10 @@ class EnsembleSurrogate(Surrogate):
         self.x_mean = self.x_std = self.y_mean = self.y_std = None
         self._train_emb = None
 
-    def fit(self, structures: Sequence[Any], labels: np.ndarray) -> EnsembleSurrogate:
-        """Train from scratch on structures and labels (N, T)."""
-        self.x = crystal_features(structures)
+    def fit(self, structures: Sequence[Any], labels: np.ndarray, features: np.ndarray | None = None
+            ) -> EnsembleSurrogate:
+        """Train from scratch on structures and labels (N, T) (``features``: precomputed crystal features)."""
+        self.x = crystal_features(structures) if features is None else np.asarray(features, dtype=np.float64)
         self.y = np.asarray(labels, dtype=np.float64).reshape(len(self.x), len(self.targets))
         self.x_mean = np.nanmean(self.x, 0)
         self.x_std = np.nanstd(self.x, 0) + 1e-6
