@@ -73,6 +73,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_design")
     ap.add_argument("--result", default=None)
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from mmmat.design import run
     from mmmat.design.config import load_config

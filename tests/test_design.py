@@ -82,53 +82,19 @@ def test_selection_strategies_and_qei():
     # with labels: y is high where the first embedding coordinate is near 0
     lab = rng.choice(n, 30, replace=False)
     y = -np.abs(emb[lab, 0])
-    picks, vals, used = select("qei", 6, mean, std, emb, objs, rng, labelled=(gp_inputs(emb[lab], mean[lab], std[lab]), y))
+    labelled = (gp_inputs(emb[lab], mean[lab], std[lab]), y)
+    picks, vals, used = select("qei", 6, mean, std, emb, objs, rng, labelled=labelled)
     assert used == "qei" and len(set(picks)) == 6 and np.all(np.isfinite(vals))
     assert np.mean(np.abs(emb[picks, 0])) < np.mean(np.abs(emb[:, 0]))
 
 
-def test_tiny_loop_report_and_ledger(tmp_path):
-    from mmmat.design import run
-
-    out = tmp_path / "run"
-    doc = run(tiny_config(out))
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["strategy"] == "ucb" and rep["config"]["name"] == "tiny"
-    assert [r["round"] for r in rep["rounds"]] == [0, 1, 2]
-    for r in rep["rounds"]:
-        for key in ("oracle_calls", "cumulative_oracle_calls", "hits", "cumulative_hits", "guards", "surrogate_mae",
-                    "disagreement", "ood_share", "unique_compositions", "seconds"):
-            assert key in r
-        assert r["oracle_calls"] == 8 and r["surrogate_mae"] is not None
-        assert {"invalid_charge", "duplicate_seen", "methods_disagree", "single_element", "ood"} <= set(r["guards"])
-        assert {"proposal", "screening", "oracle"} <= set(r["seconds"])
-    assert rep["rounds"][-1]["cumulative_oracle_calls"] == 24
-    assert sum(r["guards"]["invalid_charge"] for r in rep["rounds"]) > 0  # the screen removes something
-    assert len(doc["hits"]) == rep["rounds"][-1]["cumulative_hits"]
-    for h in rep["hits"]:
-        assert (out / h["cif"]).is_file() and set(h["e_hull"]) == {"stand_in_a", "stand_in_b"}
-        assert all(v <= 0.05 for v in h["e_hull"].values())
-    for png in ("hits_vs_calls.png", "pareto.png", "diversity.png", "surrogate_error.png"):
-        assert (out / png).stat().st_size > 1000
-    db = sqlite3.connect(out / "ledger.sqlite")
-    statuses = dict(db.execute("SELECT status, COUNT(*) FROM candidates GROUP BY status").fetchall())
-    assert statuses["verified"] == 24 and statuses["rejected"] > 0
-    assert db.execute("SELECT COUNT(*) FROM candidates WHERE is_hit = 1").fetchone()[0] == len(rep["hits"])
-    assert "not physics" in (out / "report.md").read_text()
-    # a second run into the same folder without --resume is refused
-    from mmmat.design import DesignError
-
-    with pytest.raises(DesignError, match="resume"):
-        run(tiny_config(out))
-
-
-def test_kill_mid_round_and_resume_calls_no_oracle_twice(tmp_path):
+def test_tiny_loop_killed_mid_round_resumes_without_repeating_oracle_calls(tmp_path):
     from mmmat.design import run
 
     out = tmp_path / "run"
     log = tmp_path / "calls.log"
     cfg = tiny_config(out)
-    cfg["oracle"]["options"] = {"delay": 0.4, "call_log": str(log)}
+    cfg["oracle"]["options"] = {"delay": 0.25, "call_log": str(log)}
     path = tmp_path / "design.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -158,6 +124,37 @@ def test_kill_mid_round_and_resume_calls_no_oracle_twice(tmp_path):
     assert len(calls) == 24 == len(set(calls))  # every pick verified once, none twice
     assert doc["rounds"][-1]["cumulative_oracle_calls"] == 24
     assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
+    # the resumed run's report and ledger are complete
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["strategy"] == "ucb" and rep["config"]["name"] == "tiny"
+    assert [r["round"] for r in rep["rounds"]] == [0, 1, 2]
+    for r in rep["rounds"]:
+        for key in ("oracle_calls", "cumulative_oracle_calls", "hits", "cumulative_hits", "guards", "surrogate_mae",
+                    "disagreement", "ood_share", "unique_compositions", "seconds"):
+            assert key in r
+        assert r["oracle_calls"] == 8 and r["surrogate_mae"] is not None
+        assert {"invalid_charge", "duplicate_seen", "methods_disagree", "single_element", "ood"} <= set(r["guards"])
+        assert "oracle" in r["seconds"]
+        if r["round"] != 1:  # round 1 was resumed after its selection: its proposal ran in the killed process
+            assert {"proposal", "screening"} <= set(r["seconds"])
+    assert rep["rounds"][-1]["cumulative_oracle_calls"] == 24
+    assert sum(r["guards"]["invalid_charge"] for r in rep["rounds"]) > 0  # the screen removes something
+    assert len(doc["hits"]) == rep["rounds"][-1]["cumulative_hits"]
+    for h in rep["hits"]:
+        assert (out / h["cif"]).is_file() and set(h["e_hull"]) == {"stand_in_a", "stand_in_b"}
+        assert all(v <= 0.05 for v in h["e_hull"].values())
+    for png in ("hits_vs_calls.png", "pareto.png", "diversity.png", "surrogate_error.png"):
+        assert (out / png).stat().st_size > 1000
+    db = sqlite3.connect(out / "ledger.sqlite")
+    statuses = dict(db.execute("SELECT status, COUNT(*) FROM candidates GROUP BY status").fetchall())
+    assert statuses["verified"] == 24 and statuses["rejected"] > 0
+    assert db.execute("SELECT COUNT(*) FROM candidates WHERE is_hit = 1").fetchone()[0] == len(rep["hits"])
+    assert "not physics" in (out / "report.md").read_text()
+    # a second run into the same folder without --resume is refused
+    from mmmat.design import DesignError
+
+    with pytest.raises(DesignError, match="resume"):
+        run(path)
 
 
 def test_mlip_oracle_chgnet_and_sevennet(tmp_path):

@@ -16,6 +16,7 @@ See :func:`run`. Each round:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ BLOCKING = ("oracle_error", "unstable", "methods_disagree", "single_element", "i
 #: Screening rejections, in the order they are checked.
 SCREEN_REASONS = ("invalid_distance", "invalid_charge", "outside_family", "single_element", "implausible_density",
                   "duplicate_seen", "known_phase")
+log = logging.getLogger("mmmat.design")
 MATCH_TOL = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0}
 
 
@@ -226,6 +228,7 @@ class DesignLoop:
         t2 = time.perf_counter()
         cache = self.cfg.oracle.cache or str(self.out.parent / "hull_cache")
         self.oracle = build_oracle(self.cfg.oracle, self.known, cache)
+        log.info("setup: reference %.1f s, surrogate %.1f s", t1 - t0, t2 - t1)
         self.setup_seconds = {"reference": t1 - t0, "surrogate": t2 - t1, "oracle_setup": time.perf_counter() - t2}
         self.generator = None
         g = self.cfg.propose.generator
@@ -383,6 +386,7 @@ class DesignLoop:
         for lo in range(0, len(pending), chunk):
             part = pending[lo : lo + chunk]
             results = self.oracle.evaluate([_structure(p["cif"]) for p in part])
+            log.debug("oracle: %s done", [p["id"] for p in part])
             for p, res in zip(part, results):
                 self.ledger.set_oracle(p["id"], res)
 
@@ -528,6 +532,8 @@ class DesignLoop:
                     rows = self._screen(proposals, r)
                     self.ledger.add_candidates(rows, replace_round=r)
                     self.ledger.set_phase(r, "screened")
+                    log.info("round %d: %d proposed, %d screened in", r, len(rows),
+                             sum(x["status"] == "screened" for x in rows))
                     sec["screening"] = time.perf_counter() - t2
                     sec["proposal"] = t2 - t
                     phase = "screened"
@@ -541,6 +547,7 @@ class DesignLoop:
                 if phase == "selected":
                     t = time.perf_counter()
                     self._verify(r)
+                    log.info("round %d: oracle %.1f s", r, time.perf_counter() - t)
                     sec["oracle"] = time.perf_counter() - t
                     self.ledger.set_phase(r, "verified")
                 t = time.perf_counter()

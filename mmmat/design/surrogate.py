@@ -111,6 +111,12 @@ class EnsembleSurrogate(Surrogate):
         return torch.as_tensor(np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0), dtype=torch.float32)
 
     def _train(self, epochs: int, g: torch.Generator) -> None:
+        from mmmat.evaluation.generation_stability import torch_threads
+
+        with torch_threads(1):  # a small MLP: threads only contend, above all on a busy CPU
+            self._train_members(epochs, g)
+
+    def _train_members(self, epochs: int, g: torch.Generator) -> None:
         x = self._xt(self.x)
         y = torch.as_tensor((self.y - self.y_mean) / self.y_std, dtype=torch.float32)
         n = len(x)
@@ -120,8 +126,8 @@ class EnsembleSurrogate(Surrogate):
             m.train()
             for _ in range(epochs):
                 perm = idx[torch.randperm(n, generator=g)]
-                for lo in range(0, n, 256):
-                    b = perm[lo : lo + 256]
+                for lo in range(0, n, 512):
+                    b = perm[lo : lo + 512]
                     pred, _ = m(x[b])
                     yb = y[b]
                     mask = torch.isfinite(yb)
