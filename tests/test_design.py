@@ -177,3 +177,29 @@ def test_mlip_oracle_chgnet_and_sevennet(tmp_path):
     assert any(n.startswith("chgnet-") for n in cached) and any(n.startswith("sevennet-") for n in cached)
     entry = json.loads(next((tmp_path / "cache").glob("chgnet-*.json")).read_text())["entries"]
     assert any(k.startswith("mp-22862:") for k in entry) and len(entry) == 3
+
+
+def test_property_model_surrogate_heads_variance_and_finetune(tmp_path, nacl, gan, triclinic):
+    from mmmat.design.surrogate import PropertyModelSurrogate, nearest_distance
+    from mmmat.heads.property import PropertyModel
+
+    enc = {"name": "crystal/schnet", "hidden": 16, "num_interactions": 1, "cutoff": 4.0, "num_rbf": 8}
+    for k in range(2):
+        import torch
+
+        torch.manual_seed(k)
+        PropertyModel(enc, ["density"], head_hidden=8).save_pretrained(tmp_path / f"m{k}")
+    one = PropertyModelSurrogate([str(tmp_path / "m0")], ["density"], finetune_epochs=30, reference=[nacl, gan])
+    p = one.predict([nacl, gan, triclinic])
+    assert p["mean"].shape == (3, 1) and np.all(p["std"] > 0) and p["embedding"].shape == (3, 16)
+    assert np.allclose(p["disagreement"], p["std"])  # one model: the heads' own variance
+    labels = np.array([[s.density] for s in (nacl, gan, triclinic)])
+    err0 = np.abs(p["mean"] - labels).mean()
+    one.update([nacl, gan, triclinic], labels)
+    err1 = np.abs(one.predict([nacl, gan, triclinic])["mean"] - labels).mean()
+    assert err1 < err0
+    two = PropertyModelSurrogate([str(tmp_path / "m0"), str(tmp_path / "m1")], ["density"], reference=[nacl, gan])
+    q = two.predict([nacl, triclinic])
+    assert np.all(q["disagreement"] > 0) and np.all(q["std"] >= q["disagreement"])
+    d = nearest_distance(q["embedding"], two.train_embeddings())
+    assert d.shape == (2,) and d[0] < 1e-4  # NaCl is in the reference
