@@ -203,3 +203,20 @@ def test_property_model_surrogate_heads_variance_and_finetune(tmp_path, nacl, ga
     assert np.all(q["disagreement"] > 0) and np.all(q["std"] >= q["disagreement"])
     d = nearest_distance(q["embedding"], two.train_embeddings())
     assert d.shape == (2,) and d[0] < 1e-4  # NaCl is in the reference
+
+
+def test_stand_in_oracle_single_point_method_uses_the_relaxed_structure(tmp_path, nacl):
+    from pymatgen.core import Lattice, Structure
+
+    from mmmat.design import KnownPhases
+    from mmmat.design.oracle import HullOracle, StandInMethod
+
+    known = KnownPhases([nacl], ["nacl"])
+    a, b = StandInMethod("a", 0.0), StandInMethod("b", 0.0)
+    oracle = HullOracle([a, b], known, steps=5, cache=tmp_path, relax_methods=["a"])
+    s = Structure(Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    res = oracle.evaluate([s])[0]
+    assert res["relaxed_by"] == ["a"]
+    assert res["energy_per_atom"]["a"] == pytest.approx(res["energy_per_atom"]["b"])
+    assert res["e_hull"]["a"] == pytest.approx(res["e_hull"]["b"])
+    assert {p.name for p in tmp_path.glob("*.json")} == {"a-0.0.json", "b-0.0@a-0.0.json"}

@@ -33,6 +33,8 @@ class DataConfig:
         known_splits: Splits whose crystals are the known phases (hull, novelty, templates).
         template_splits: Splits whose crystals serve as templates (default: ``train_splits``).
         limit: At most this many rows per split (None: all).
+        cache: Folder for the parsed structures (arrays keyed by the source files; parsing every CIF of
+            mp20p takes minutes on a busy CPU), or None.
     """
 
     source: str = "builtin"
@@ -41,6 +43,7 @@ class DataConfig:
     known_splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     template_splits: list[str] | None = None
     limit: int | None = None
+    cache: str | None = None
 
 
 @dataclass
@@ -191,6 +194,8 @@ class OracleConfig:
         device: Torch device (None: CUDA when available).
         workers: Processes that relax at once on CPU (each holds its own models).
         cache: Folder of the known phases' energy cache (None: ``<out>/../hull_cache``).
+        relax_methods: Methods that relax (None: all); the others take a single point of the structure the
+            first of these relaxed (cheaper where one MLIP is slow; the report says which relaxed).
         options: Extra keyword arguments of a user oracle or the stand-in.
     """
 
@@ -201,6 +206,7 @@ class OracleConfig:
     device: str | None = None
     workers: int = 1
     cache: str | None = None
+    relax_methods: list[str] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 

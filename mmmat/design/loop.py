@@ -48,6 +48,51 @@ class DesignError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- data
+def _cache_key(data) -> str:
+    import hashlib
+
+    files = []
+    if data.root:
+        for f in sorted(Path(data.root).glob("*.csv*")):
+            st = f.stat()
+            files.append([f.name, st.st_size, int(st.st_mtime)])
+    doc = [data.source, str(Path(data.root).resolve()) if data.root else None, data.limit, files, 1]
+    return hashlib.sha1(json.dumps(doc).encode()).hexdigest()[:16]
+
+
+def _save_structures(path: Path, entries: dict[str, tuple[Any, str, dict]]) -> None:
+    ids, lat, counts, z, frac, props = [], [], [], [], [], []
+    for mid, (s, _, p) in entries.items():
+        if s is None:
+            continue
+        ids.append(mid)
+        lat.append(s.lattice.matrix)
+        counts.append(len(s))
+        z.extend(site.specie.Z for site in s)
+        frac.append(s.frac_coords)
+        props.append(p)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, ids=np.asarray(ids), lattice=np.asarray(lat), counts=np.asarray(counts),
+                        z=np.asarray(z), frac=np.concatenate(frac) if frac else np.zeros((0, 3)),
+                        props=np.asarray(json.dumps(props, default=float)))
+    tmp.replace(path)
+
+
+def _load_structures(path: Path) -> dict[str, tuple[Any, str, dict]]:
+    from pymatgen.core import Lattice, Structure
+
+    d = np.load(path, allow_pickle=False)
+    props = json.loads(str(d["props"]))
+    out = {}
+    off = np.concatenate([[0], np.cumsum(d["counts"])])
+    for i, mid in enumerate(d["ids"]):
+        a, b = off[i], off[i + 1]
+        s = Structure(Lattice(d["lattice"][i]), d["z"][a:b].tolist(), d["frac"][a:b])
+        out[str(mid)] = (s, str(mid), props[i])
+    return out
+
+
 def load_reference(data) -> dict[str, Any]:
     """Known phases, surrogate training rows and templates of a :class:`~mmmat.design.config.DataConfig`."""
     from pymatgen.core import Structure
@@ -63,6 +108,9 @@ def load_reference(data) -> dict[str, Any]:
     else:
         raise DesignError(f"data.source must be mp20 or builtin, got {data.source!r}")
     cache: dict[str, tuple[Any, str, dict]] = {}
+    cache_file = Path(data.cache) / f"structures_{data.source}_{_cache_key(data)}.npz" if data.cache else None
+    if cache_file is not None and cache_file.exists():
+        cache.update(_load_structures(cache_file))
 
     def rows(splits: Sequence[str]) -> list[tuple[Any, str, dict]]:
         out = []
@@ -85,6 +133,8 @@ def load_reference(data) -> dict[str, Any]:
     train = rows(data.train_splits)
     templates = rows(data.template_splits or data.train_splits)
     skipped = sum(v[0] is None for v in cache.values())
+    if cache_file is not None and not cache_file.exists():
+        _save_structures(cache_file, cache)
     return {
         "known": KnownPhases([s for s, _, _ in known], [i for _, i, _ in known]),
         "train": train,
@@ -382,7 +432,7 @@ class DesignLoop:
     # ---------------------------------------------------------------- verify
     def _verify(self, r: int) -> None:
         pending = self.ledger.candidates("round = ? AND status = 'selected'", (r,))
-        chunk = max(1, self.cfg.oracle.workers)
+        chunk = max(1, 2 * self.cfg.oracle.workers) if self.cfg.oracle.workers > 1 else 1
         for lo in range(0, len(pending), chunk):
             part = pending[lo : lo + chunk]
             results = self.oracle.evaluate([_structure(p["cif"]) for p in part])

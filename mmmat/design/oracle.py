@@ -245,11 +245,13 @@ class MethodHull:
     """Hull of the known phases for one method: energies computed for touched systems only, cached on disk."""
 
     def __init__(self, method: EnergyMethod, known: KnownPhases, cache_dir: str | Path | None,
-                 steps: int = 200, fmax: float = 0.1):
+                 steps: int = 200, fmax: float = 0.1, relaxer: EnergyMethod | None = None):
         self.method = method
+        self.relaxer = relaxer
         self.known = known
         self.steps, self.fmax = steps, fmax
-        self.path = None if cache_dir is None else Path(cache_dir) / f"{method.cache_key()}.json"
+        key = method.cache_key() + ("" if relaxer is None else f"@{relaxer.cache_key()}")
+        self.path = None if cache_dir is None else Path(cache_dir) / f"{key}.json"
         self.energy: dict[str, float] = {}
         self.proto: dict[str, tuple[str, float]] = {}
         self._cache: dict[str, dict] = {}
@@ -301,7 +303,11 @@ class MethodHull:
 
                 best, best_name = math.nan, ""
                 for name, s, _ in elemental_prototypes(el):
-                    e, _ = self.method.relax([s], steps=self.steps, fmax=self.fmax)
+                    if self.relaxer is None:
+                        e, _ = self.method.relax([s], steps=self.steps, fmax=self.fmax)
+                    else:  # relaxed by another method, then a single point of this one
+                        _, f = self.relaxer.relax([s], steps=self.steps, fmax=self.fmax)
+                        e = self.method.single_points(f)
                     if np.isfinite(e[0]) and not (e[0] >= best):
                         best, best_name = float(e[0]), name
                 self._cache[key] = {"e": best if np.isfinite(best) else None, "name": best_name}
@@ -369,15 +375,27 @@ def _make_method(kind: str, kw: dict) -> EnergyMethod:
     return StandInMethod(**kw)
 
 
-def _worker_relax(cif: str, steps: int, fmax: float) -> list[tuple[float, str]]:
+def _relax_with(methods, relaxing, structures, steps, fmax) -> list[list[tuple[float, Any]]]:
+    """Per structure, per method: (energy per atom, final structure).
+
+    Methods not in ``relaxing`` take single points of the first relaxing method's final structures.
+    """
+    res: dict[str, tuple[np.ndarray, list]] = {}
+    for m in methods:
+        if m.name in relaxing:
+            res[m.name] = m.relax(structures, steps, fmax)
+    finals = res[relaxing[0]][1]
+    for m in methods:
+        if m.name not in res:
+            res[m.name] = (m.single_points(finals), list(finals))
+    return [[(float(res[m.name][0][i]), res[m.name][1][i]) for m in methods] for i in range(len(structures))]
+
+
+def _worker_relax(cif: str, steps: int, fmax: float, relaxing: list[str]) -> list[tuple[float, str]]:
     from pymatgen.core import Structure
 
     s = Structure.from_str(cif, fmt="cif")
-    out = []
-    for m in _WORKER["methods"]:
-        e, f = m.relax([s], steps, fmax)
-        out.append((float(e[0]), f[0].to(fmt="cif")))
-    return out
+    return [(e, f.to(fmt="cif")) for e, f in _relax_with(_WORKER["methods"], relaxing, [s], steps, fmax)[0]]
 
 
 class HullOracle(Oracle):
@@ -392,16 +410,26 @@ class HullOracle(Oracle):
         workers: Processes that relax at once (1: this process).
         method_specs: ``[(kind, kwargs)]`` that rebuild ``methods`` in worker processes (needed when
             ``workers > 1``).
+        relax_methods: Methods that relax (None: all). The others compute a single point of the structure the
+            first relaxing method relaxed (and of elemental prototypes relaxed the same way): cheaper where a
+            method is slow, and stated in the results (``relaxed_by``).
     """
 
     def __init__(self, methods: Sequence[EnergyMethod], known: KnownPhases, steps: int = 200, fmax: float = 0.1,
                  cache: str | Path | None = None, workers: int = 1,
-                 method_specs: Sequence[tuple[str, dict]] | None = None):
+                 method_specs: Sequence[tuple[str, dict]] | None = None,
+                 relax_methods: Sequence[str] | None = None):
         self._methods = list(methods)
         self.methods = tuple(m.name for m in self._methods)
         self.known = known
         self.steps, self.fmax = int(steps), float(fmax)
-        self.hulls = {m.name: MethodHull(m, known, cache, steps, fmax) for m in self._methods}
+        relaxing = list(self.methods) if relax_methods is None else [m for m in self.methods if m in relax_methods]
+        if not relaxing:
+            raise ValueError(f"relax_methods {relax_methods} names none of {self.methods}")
+        self.relaxing = relaxing
+        first = self._methods[self.methods.index(relaxing[0])]
+        self.hulls = {m.name: MethodHull(m, known, cache, steps, fmax, None if m.name in relaxing else first)
+                      for m in self._methods}
         self.workers = int(workers)
         self.method_specs = list(method_specs or [])
         self._pool = None
@@ -419,15 +447,11 @@ class HullOracle(Oracle):
                     self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                     initargs=(self.method_specs, 1),
                 )
-            futs = [self._pool.submit(_worker_relax, s.to(fmt="cif"), self.steps, self.fmax) for s in structures]
+            futs = [self._pool.submit(_worker_relax, s.to(fmt="cif"), self.steps, self.fmax, self.relaxing)
+                    for s in structures]
             res = [f.result() for f in futs]
             return [[(e, Structure.from_str(c, fmt="cif")) for e, c in r] for r in res]
-        out: list[list[tuple[float, Any]]] = [[] for _ in structures]
-        for m in self._methods:
-            e, f = m.relax(structures, self.steps, self.fmax)
-            for i in range(len(structures)):
-                out[i].append((float(e[i]), f[i]))
-        return out
+        return _relax_with(self._methods, self.relaxing, structures, self.steps, self.fmax)
 
     def evaluate(self, structures: Sequence[Any]) -> list[dict[str, Any]]:
         """Relax and place on each method's hull; see :meth:`Oracle.evaluate`."""
@@ -441,7 +465,7 @@ class HullOracle(Oracle):
             els = [el.symbol for el in s.composition.elements]
             res: dict[str, Any] = {k: {} for k in ("energy_per_atom", "e_hull", "rmsd", "volume_change")}
             res.update(relaxed_cif=None, n_known_phases=len(self.known.in_system(els)), properties={},
-                       seconds=dt, error=None)
+                       seconds=dt, error=None, relaxed_by=list(self.relaxing))
             errors = []
             for m, (e, f) in zip(self.methods, per):
                 res["energy_per_atom"][m] = e if np.isfinite(e) else None
@@ -476,12 +500,15 @@ class MLIPOracle(HullOracle):
         device: Torch device (None: CUDA when available).
         cache: Folder of the known phases' energy cache.
         workers: Processes that relax at once (each loads its own models; on a GPU they share it).
+        relax_methods: MLIPs that relax (None: both); see :class:`HullOracle`.
     """
 
     def __init__(self, known: KnownPhases, methods: Sequence[str] = ("chgnet", "sevennet"), steps: int = 200,
-                 fmax: float = 0.1, device: str | None = None, cache: str | Path | None = None, workers: int = 1):
+                 fmax: float = 0.1, device: str | None = None, cache: str | Path | None = None, workers: int = 1,
+                 relax_methods: Sequence[str] | None = None):
         specs = [("mlip", {"name": m, "device": device}) for m in methods]
-        super().__init__([MLIPMethod(m, device) for m in methods], known, steps, fmax, cache, workers, specs)
+        super().__init__([MLIPMethod(m, device) for m in methods], known, steps, fmax, cache, workers, specs,
+                         relax_methods)
 
 
 class StandInOracle(HullOracle):
@@ -524,7 +551,8 @@ class StandInOracle(HullOracle):
 def build_oracle(cfg, known: KnownPhases, cache: str | Path | None) -> Oracle:
     """The oracle an :class:`~mmmat.design.config.OracleConfig` names."""
     if cfg.kind == "mlip":
-        return MLIPOracle(known, cfg.methods, cfg.steps, cfg.fmax, cfg.device, cache, cfg.workers)
+        return MLIPOracle(known, cfg.methods, cfg.steps, cfg.fmax, cfg.device, cache, cfg.workers,
+                          cfg.relax_methods)
     if cfg.kind == "stand_in":
         return StandInOracle(known, steps=cfg.steps, cache=cache, **cfg.options)
     mod, _, cls = cfg.kind.partition(":")
