@@ -225,6 +225,9 @@ class GuardConfig:
         ood_action: ``flag`` (count only), ``penalize`` (subtract ``ood_penalty`` from the acquisition score)
             or ``exclude``.
         ood_penalty: Penalty in acquisition-score units.
+        min_e_hull: A candidate that any method places deeper than this below the hull (eV/atom, negative) is
+            flagged ``far_below_hull`` and is no hit: far below the known hull, a gap in the hull (a missing known
+            phase) is likelier than a discovery.
         min_known_phases: Hits whose chemical system holds fewer known phases are counted as sparse-hull; they
             stay hits unless ``sparse_hull_blocks``.
         sparse_hull_blocks: A sparse-hull candidate is no hit.
@@ -237,6 +240,7 @@ class GuardConfig:
     ood_quantile: float = 0.99
     ood_action: str = "flag"
     ood_penalty: float = 1.0
+    min_e_hull: float = -0.2
     min_known_phases: int = 1
     sparse_hull_blocks: bool = False
 

@@ -34,7 +34,7 @@ from mmmat.design.surrogate import EnsembleSurrogate, PropertyModelSurrogate, ne
 
 #: Guard flags that stop a verified candidate from counting as a hit (``sparse_hull`` only when configured;
 #: ``ood`` never: it is counted, and acted on at selection).
-BLOCKING = ("oracle_error", "unstable", "methods_disagree", "single_element", "implausible_density",
+BLOCKING = ("oracle_error", "unstable", "far_below_hull", "methods_disagree", "single_element", "implausible_density",
             "large_rmsd", "off_target", "not_novel", "duplicate_hit")
 #: Screening rejections, in the order they are checked.
 SCREEN_REASONS = ("invalid_distance", "invalid_charge", "outside_family", "single_element", "implausible_density",
@@ -452,6 +452,7 @@ class DesignLoop:
             eh = orc.get("e_hull") or {}
             vals = [v for v in eh.values() if v is not None]
             flags["oracle_error"] = bool(orc.get("error")) or len(vals) < len(self.oracle.methods)
+            flags["far_below_hull"] = bool(vals) and min(vals) < g.min_e_hull
             if vals and max(vals) - min(vals) > g.method_tolerance:
                 flags["methods_disagree"] = True
             for o in cfg.objectives:

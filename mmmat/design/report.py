@@ -23,6 +23,7 @@ GUARD_NOTES = {
     "known_phase": "screen: matches a known phase (not novel)",
     "oracle_error": "oracle: a method gave no energy",
     "unstable": "oracle: E_hull above the window by at least one method",
+    "far_below_hull": "oracle: deeper below the known hull than guards.min_e_hull (a hull gap is likelier)",
     "methods_disagree": "oracle: the methods' E_hull differ by more than guards.method_tolerance",
     "large_rmsd": "oracle: the relaxation moved the cell beyond guards.max_rmsd",
     "off_target": "a property outside its window (surrogate prediction unless the oracle measures it)",
