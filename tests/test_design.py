@@ -220,3 +220,17 @@ def test_stand_in_oracle_single_point_method_uses_the_relaxed_structure(tmp_path
     assert res["energy_per_atom"]["a"] == pytest.approx(res["energy_per_atom"]["b"])
     assert res["e_hull"]["a"] == pytest.approx(res["e_hull"]["b"])
     assert {p.name for p in tmp_path.glob("*.json")} == {"a-0.0.json", "b-0.0@a-0.0.json"}
+
+
+def test_reference_structure_cache_round_trips(tmp_path):
+    from mmmat.design.config import DataConfig
+    from mmmat.design.loop import load_reference
+
+    data = DataConfig(source="builtin", limit=12, cache=str(tmp_path))
+    first = load_reference(data)
+    assert len(list(tmp_path.glob("structures_builtin_*.npz"))) == 1
+    second = load_reference(data)
+    assert second["known"].ids == first["known"].ids
+    for a, b in zip(first["known"].structures, second["known"].structures):
+        assert a.composition == b.composition and np.allclose(a.lattice.matrix, b.lattice.matrix)
+    assert [p for _, _, p in second["train"]] == [p for _, _, p in first["train"]]

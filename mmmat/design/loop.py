@@ -82,7 +82,8 @@ def _save_structures(path: Path, entries: dict[str, tuple[Any, str, dict]]) -> N
 def _load_structures(path: Path) -> dict[str, tuple[Any, str, dict]]:
     from pymatgen.core import Lattice, Structure
 
-    d = np.load(path, allow_pickle=False)
+    with np.load(path, allow_pickle=False) as z:
+        d = {k: z[k] for k in z.files}  # read each array once
     props = json.loads(str(d["props"]))
     out = {}
     off = np.concatenate([[0], np.cumsum(d["counts"])])
