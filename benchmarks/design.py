@@ -37,6 +37,8 @@ def arm_config(base: dict, arm: str, args, seed: int, out: Path, generator: str 
                out=str(out / f"{arm}_seed{seed}"), name=f"{cfg['name']}_{arm}_seed{seed}")
     cfg["data"]["root"] = args.data
     cfg["select"]["per_round"] = args.per_round
+    if args.methods:
+        cfg["oracle"]["methods"] = args.methods
     cfg["oracle"].update(steps=args.steps, workers=args.workers, device=args.device, relax_methods=args.relax_methods,
                          cache=str(Path(args.cache) / "hull"))
     cfg["propose"]["templates"] = args.templates
@@ -65,6 +67,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=30, help="most FIRE steps per relaxation")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="MLIPs of the oracle (default: the config's, CHGNet and SevenNet-0)")
     ap.add_argument("--relax-methods", nargs="+", default=None,
                     help="MLIPs that relax (default: both); the others take single points of the relaxed cell")
     ap.add_argument("--device", default=None)
@@ -144,7 +148,8 @@ def _write(args, runs: dict, t_ref: float, out: Path) -> None:
         "reference_load_s": t_ref,
         "oracle_structures_per_s": float(np.mean(sps)) if sps else None,
         "oracle_steps": args.steps,
-        "relax_methods": args.relax_methods or ["chgnet", "sevennet"],
+        "methods": args.methods or ["chgnet", "sevennet"],
+        "relax_methods": args.relax_methods or args.methods or ["chgnet", "sevennet"],
     }
     _plot(out, args.task)
     write_result("design", metrics, {
