@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_design", help="run folders (an existing one is resumed)")
     ap.add_argument("--cache", default="runs/bench_design_cache", help="parsed mp20p structures, MLIP hull energies")
     ap.add_argument("--result", default=None)
+    ap.add_argument("--from-ledgers", action="store_true",
+                    help="run nothing: summarise the run folders under --out from their ledgers (judged rounds only; "
+                         "unfinished runs are marked partial)")
     args = ap.parse_args()
     import logging
 
@@ -90,6 +93,9 @@ def main() -> None:
     from mmmat.design.loop import load_reference
     from mmmat.design.surrogate import crystal_features
 
+    if args.from_ledgers:
+        _from_ledgers(args)
+        return
     root = Path(__file__).resolve().parents[1]
     base = yaml.safe_load((root / "configs" / "design" / f"{args.task}.yaml").read_text())
     base["data"]["root"] = args.data
@@ -164,6 +170,59 @@ def _write(args, runs: dict, t_ref: float, out: Path) -> None:
             "null when no baseline found a hit."
         ),
     }, out=args.result)
+
+
+def _from_ledgers(args) -> None:
+    """Result from the ledgers of the run folders under ``--out`` (what a stopped benchmark got done)."""
+    import sqlite3
+
+    out = Path(args.out)
+    runs: dict[str, list[dict]] = {}
+    for db in sorted(out.glob("*_seed*/ledger.sqlite")):
+        arm, seed = db.parent.name.rsplit("_seed", 1)
+        con = sqlite3.connect(db)
+        done = [r[0] for r in con.execute("SELECT round FROM rounds WHERE phase = 'done'")]
+        stats = [json.loads(r[0]) for r in con.execute("SELECT stats FROM rounds WHERE phase = 'done' ORDER BY round")]
+        calls = sum(s["oracle_calls"] for s in stats)
+        hits = con.execute("SELECT COUNT(*) FROM candidates WHERE is_hit = 1").fetchone()[0]
+        verified = con.execute("SELECT COUNT(*) FROM candidates WHERE status = 'verified'").fetchone()[0]
+        osec = [json.loads(r[0]).get("seconds") for r in con.execute(
+            "SELECT oracle FROM candidates WHERE status = 'verified'")]
+        con.close()
+        sec: dict[str, float] = {}
+        for s in stats:
+            for k, v in s["seconds"].items():
+                sec[k] = sec.get(k, 0.0) + v
+        runs.setdefault(arm, []).append({
+            "seed": int(seed), "oracle_calls": calls, "hits": hits, "verified_including_unjudged": verified,
+            "hits_per_1000_calls": 1000.0 * hits / calls if calls else None, "rounds_done": len(done),
+            "partial": calls < args.budget, "seconds": sec,
+            "seconds_per_round": {k: v / max(1, len(stats)) for k, v in sec.items()},
+            "oracle_seconds_per_structure_mean": float(np.mean([s for s in osec if s])) if osec else None,
+            "guards": {k: sum(s["guards"].get(k, 0) for s in stats) for k in (stats[0]["guards"] if stats else {})},
+            "surrogate_mae_per_round": [s["surrogate_mae"] for s in stats],
+            "ood_share_per_round": [s["ood_share"] for s in stats],
+            "unique_compositions": stats[-1]["unique_compositions"] if stats else 0,
+        })
+    mean = {a: float(np.mean([r["hits_per_1000_calls"] for r in v if r["hits_per_1000_calls"] is not None]))
+            for a, v in runs.items() if any(r["hits_per_1000_calls"] is not None for r in v)}
+    base_best = max((v for a, v in mean.items() if a != "loop"), default=0.0)
+    metrics = {
+        "hits_per_1000_calls": mean.get("loop"),
+        "hits_per_1000_calls_best_baseline": base_best,
+        "hits_ratio_vs_best_baseline": mean["loop"] / base_best if base_best > 0 and "loop" in mean else None,
+        "hits_per_1000_calls_by_arm": mean,
+        "oracle_calls_per_arm_and_seed_planned": args.budget,
+        "oracle_calls_by_arm": {a: sum(r["oracle_calls"] for r in v) for a, v in runs.items()},
+        "seeds_done": sorted({r["seed"] for v in runs.values() for r in v if not r["partial"]}),
+        "oracle_seconds_per_structure": float(np.mean([r["oracle_seconds_per_structure_mean"] for v in runs.values()
+                                                       for r in v if r["oracle_seconds_per_structure_mean"]])),
+        "oracle_steps": args.steps,
+        "methods": args.methods or ["chgnet", "sevennet"],
+    }
+    _plot(out, args.task)
+    write_result("design", metrics, {"task": args.task, "runs": runs, "summarised_from_ledgers": str(out)},
+                 out=args.result)
 
 
 def _plot(out: Path, task: str) -> None:
