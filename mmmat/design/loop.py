@@ -221,7 +221,8 @@ def _objective_values(cfg: DesignConfig, row: dict) -> np.ndarray:
     for k, o in enumerate(cfg.objectives):
         if o.oracle == "e_hull":
             eh = [v for v in (orc.get("e_hull") or {}).values() if v is not None]
-            vals[k] = max(eh) if eh else np.nan
+            # deeper than guards.min_e_hull is a hull gap, not a better candidate: no reward beyond it
+            vals[k] = max(max(eh), cfg.guards.min_e_hull) if eh else np.nan
         elif o.oracle and o.oracle in (orc.get("properties") or {}):
             vals[k] = orc["properties"][o.oracle]
         elif o.surrogate and o.surrogate in sur.get("mean", {}):
@@ -235,7 +236,7 @@ def _oracle_label(cfg: DesignConfig, orc: dict, target: str) -> float:
         if o.surrogate == target and o.oracle:
             if o.oracle == "e_hull":
                 eh = [v for v in (orc.get("e_hull") or {}).values() if v is not None]
-                return float(np.mean(eh)) if eh else math.nan
+                return max(float(np.mean(eh)), cfg.guards.min_e_hull) if eh else math.nan
             v = (orc.get("properties") or {}).get(o.oracle)
             return math.nan if v is None else float(v)
     return math.nan
@@ -328,7 +329,11 @@ class DesignLoop:
         if not rows:
             return []
         scored = []
+        suspect = ("far_below_hull", "methods_disagree", "single_element", "implausible_density", "large_rmsd",
+                   "oracle_error")
         for row in rows:
+            if any((row.get("guards") or {}).get(k) for k in suspect):
+                continue  # a guard caught it: not a parent
             v = violation(_objective_values(self.cfg, row)[None], self.cfg.objectives)[0]
             cif = (row.get("oracle") or {}).get("relaxed_cif") or row["cif"]
             scored.append((-int(row["is_hit"]), v, row["id"], cif))
