@@ -222,8 +222,9 @@ class GuardConfig:
             the matcher cannot map back also counts as moved far.
         ood_quantile: A pick is out of distribution when its latent distance to the nearest training crystal
             exceeds this quantile of the training crystals' own nearest-neighbour distances.
-        ood_action: ``flag`` (count only), ``penalize`` (subtract ``ood_penalty`` from the acquisition score)
-            or ``exclude``.
+        ood_action: ``flag`` (count only), ``penalize`` (subtract ``ood_penalty`` from the acquisition score;
+            with ``qei``, whose GP takes no penalty, out-of-distribution candidates leave the choice set while
+            enough remain) or ``exclude``.
         ood_penalty: Penalty in acquisition-score units.
         min_e_hull: A candidate that any method places deeper than this below the hull (eV/atom, negative) is
             flagged ``far_below_hull`` and is no hit: far below the known hull, a gap in the hull (a missing known

@@ -421,6 +421,9 @@ class DesignLoop:
                 y = np.asarray([-violation(_objective_values(cfg, d)[None], cfg.objectives)[0] for d in done])
                 ok = np.isfinite(y)
                 labelled = (x[ok], y[ok])
+        if cfg.select.strategy == "qei" and penalty is not None and int((~ood).sum()) >= k:
+            # the GP acquisition takes no penalty: out-of-distribution candidates leave the choice set instead
+            penalty = np.where(ood, np.inf, 0.0)
         if penalty is not None and np.isinf(penalty).any():
             keep = np.flatnonzero(~np.isinf(penalty))
             sub, vals, used = select(cfg.select.strategy, k, mean[keep], std[keep], emb[keep], cfg.objectives,
