@@ -790,6 +790,27 @@ def serve(
         _fail(str(exc))
 
 
+@app.command()
+def design(
+    config: Path = typer.Option(..., help="A design config (configs/design/NAME.yaml)."),
+    resume: bool = typer.Option(False, help="Resume the run in the config's out folder from its ledger."),
+    out: Path | None = typer.Option(None, help="Run folder (overrides the config's out)."),
+) -> None:
+    """Closed-loop inverse design: propose, screen, select, verify with the oracle, learn; ledger and report."""
+    from mmmat.design import ConfigError, DesignError, load_config, run
+
+    try:
+        cfg = load_config(config, **({"out": str(out)} if out else {}))
+        doc = run(cfg, resume=resume)
+    except (ConfigError, DesignError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    last = doc["rounds"][-1] if doc["rounds"] else {}
+    typer.echo(
+        f"{last.get('cumulative_oracle_calls', 0)} oracle calls, {len(doc['hits'])} hits, "
+        f"{last.get('unique_compositions', 0)} unique compositions -> {cfg.out}/report.md"
+    )
+
+
 def main() -> None:
     """Entry point."""
     app()
