@@ -329,6 +329,39 @@ def add_to_index(
     return added, len(table) - added
 
 
+def add_structures_to_index(
+    index_dir: str | Path,
+    structures: Sequence[tuple[str, Any]],
+    model_dir: str | Path | None = None,
+    skip_duplicates: bool = False,
+    batch_size: int = 128,
+) -> tuple[int, int]:
+    """Embed crystals given as ``(material_id, pymatgen Structure)`` and append them to an index.
+
+    Returns:
+        ``(added, skipped)`` counts.
+
+    """
+    from mmmat.data.schema import MaterialRecord, RecordError
+
+    index = open_index(index_dir)
+    mdir = _model_dir(index, model_dir)
+    model = load_model(mdir)
+    check_model(index, mdir)
+    records = []
+    for mid, s in structures:
+        try:
+            rec = MaterialRecord.from_structure(s, mid)
+            rec.validate()
+        except RecordError as exc:
+            raise RetrievalError(f"{mid}: {exc.reason}") from None
+        records.append(rec)
+    table = embed_records(model, records, "crystal", batch_size)
+    added = index.add(embedding_matrix(table), table.drop(columns="embedding"), skip_duplicates=skip_duplicates)
+    index.save(index_dir)
+    return added, len(table) - added
+
+
 # ---------------------------------------------------------------------- queries
 def _read_cif(cif: str | Path) -> Any:
     from mmmat.data.schema import MaterialRecord, RecordError, parse_cif

@@ -41,6 +41,8 @@ from torch import Tensor
 SCHERRER_K = 0.9
 #: A peak contributes nothing further than this many FWHMs (of its wider half) from its centre.
 CUTOFF_FWHM = 12.0
+#: A peak contributes nothing further than this many degrees from its centre, whatever its width.
+MAX_CUTOFF = 5.0
 #: Default bound on (peak, grid point) pairs held at once.
 MAX_PAIRS = 1 << 22
 _FOUR_LN2 = 4.0 * math.log(2.0)
@@ -253,7 +255,7 @@ def peak_positions(d: Tensor, wavelength: Tensor, params: InstrumentParams) -> t
     return torch.rad2deg(2.0 * theta) + shift + params.zero_shift.reshape(-1, 1), theta
 
 
-def render(
+def bragg_profiles(
     d: Tensor,
     intensity: Tensor,
     mask: Tensor,
@@ -261,33 +263,13 @@ def render(
     grid: Tensor,
     cos_alpha: Tensor | None = None,
     lp: bool = False,
-    noise: bool = True,
-    normalize: bool = True,
-    generator: torch.Generator | None = None,
     max_pairs: int = MAX_PAIRS,
-    return_parts: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Render padded peak tables as measured-like patterns on ``grid`` (see the module docstring).
+) -> Tensor:
+    """The Bragg signal alone, unscaled: (B, L), each line of unit-area shape times its intensity.
 
-    Args:
-        d: (B, P) d-spacings in Å (padded).
-        intensity: (B, P) integrated intensities (any scale; ``lp=True`` when they lack the LP factor).
-        mask: (B, P) bool, True for real peaks.
-        params: The instrument setting of each pattern.
-        grid: (L,) ascending 2θ grid in degrees.
-        cos_alpha: (B, P) cos of the angle to the preferred-orientation axis, or None (no preferred
-            orientation).
-        lp: Multiply intensities by the Lorentz-polarisation factor at each line's 2θ.
-        noise: Draw Poisson counting noise (patterns with infinite ``counts`` stay noiseless).
-        normalize: Divide each pattern by its maximum (else the Bragg signal peaks at 1 before background
-            and noise are added, and background/noise are added on that scale).
-        generator: Random generator for the noise.
-        max_pairs: Bound on (peak, grid point) pairs held at once.
-        return_parts: Also return the Bragg signal alone (B, L), scaled as in the output before noise.
-
-    Returns:
-        (B, L) patterns (and the Bragg-only part when ``return_parts``).
-
+    Arguments as :func:`render`; integrated intensities are kept (the area of a line on the grid is its
+    intensity, times the Kα2 factor and, with ``lp``, the Lorentz-polarisation factor), so rows of several
+    phases can be combined with scale factors.
     """
     dtype = intensity.dtype if intensity.is_floating_point() else torch.float32
     device = d.device
@@ -325,7 +307,7 @@ def render(
     height = amp / area
 
     # ragged list of visible lines
-    cut = CUTOFF_FWHM * h * (1.0 + a.abs())
+    cut = (CUTOFF_FWHM * h * (1.0 + a.abs())).clamp(max=MAX_CUTOFF)
     keep = (height > 0) & (pos + cut >= grid[0]) & (pos - cut <= grid[-1])
     owner = torch.arange(batch, device=device).reshape(-1, 1).expand_as(pos)[keep]
     pos, h, eta, a, height, cut = pos[keep], h[keep], eta[keep], a[keep], height[keep], cut[keep]
@@ -353,7 +335,48 @@ def render(
             values = torch.where(valid, height[sl].unsqueeze(-1) * shape, torch.zeros_like(shape))
             out.index_add_(0, (owner[sl].unsqueeze(-1) * n + idx_c).reshape(-1), values.reshape(-1))
             start = stop
-    bragg = out.view(batch, n)
+    return out.view(batch, n)
+
+
+def render(
+    d: Tensor,
+    intensity: Tensor,
+    mask: Tensor,
+    params: InstrumentParams,
+    grid: Tensor,
+    cos_alpha: Tensor | None = None,
+    lp: bool = False,
+    noise: bool = True,
+    normalize: bool = True,
+    generator: torch.Generator | None = None,
+    max_pairs: int = MAX_PAIRS,
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Render padded peak tables as measured-like patterns on ``grid`` (see the module docstring).
+
+    Args:
+        d: (B, P) d-spacings in Å (padded).
+        intensity: (B, P) integrated intensities (any scale; ``lp=True`` when they lack the LP factor).
+        mask: (B, P) bool, True for real peaks.
+        params: The instrument setting of each pattern.
+        grid: (L,) ascending 2θ grid in degrees.
+        cos_alpha: (B, P) cos of the angle to the preferred-orientation axis, or None (no preferred
+            orientation).
+        lp: Multiply intensities by the Lorentz-polarisation factor at each line's 2θ.
+        noise: Draw Poisson counting noise (patterns with infinite ``counts`` stay noiseless).
+        normalize: Divide each pattern by its maximum (else the Bragg signal peaks at 1 before background
+            and noise are added, and background/noise are added on that scale).
+        generator: Random generator for the noise.
+        max_pairs: Bound on (peak, grid point) pairs held at once.
+        return_parts: Also return the Bragg signal alone (B, L), scaled as in the output before noise.
+
+    Returns:
+        (B, L) patterns (and the Bragg-only part when ``return_parts``).
+
+    """
+    bragg = bragg_profiles(d, intensity, mask, params, grid, cos_alpha, lp, max_pairs)
+    dtype, device = bragg.dtype, bragg.device
+    grid = grid.to(device=device, dtype=dtype)
     top = bragg.amax(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     bragg = bragg / top
     x = 2.0 * (grid - grid[0]) / (grid[-1] - grid[0]).clamp_min(1e-6) - 1.0
