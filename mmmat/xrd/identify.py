@@ -73,7 +73,7 @@ BACKGROUND_DEGREE = 12
 #: A phase is kept when it lowers the BIC by more than this ("very strong" evidence, Kass & Raftery 1995).
 MIN_DELTA_BIC = 10.0
 #: Function evaluations of a refinement (twice as many for the final one).
-REFINE_STEPS = 6
+REFINE_STEPS = 5
 #: Half-range of the lattice-scale refinement around the screening value.
 SCALE_REFINE = 0.01
 
@@ -195,17 +195,24 @@ def load_table(index: str | Path) -> PhaseTable:
     return _TABLES[key]
 
 
+#: Element symbols by atomic number (index 0 unused).
+ELEMENTS = (
+    "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr Rb Sr Y "
+    "Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb Lu Hf Ta W Re "
+    "Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg "
+    "Cn Nh Fl Mc Lv Ts Og"
+).split()
+
+
 def _check_elements(elements: Sequence[str] | None) -> list[str] | None:
     if elements is None:
         return None
-    from pymatgen.core.periodic_table import Element
-
     out = []
     for e in elements:
         e = str(e).strip()
         if not e:
             continue
-        if not Element.is_valid_symbol(e):
+        if e not in ELEMENTS[1:]:
             raise InputError(f"unknown element symbol {e!r} in the element list")
         out.append(e)
     if not out:
@@ -362,7 +369,9 @@ def _has_xrd_model(index: Path, model: str | Path | None) -> bool:
 
 # ====================================================================== fitting
 #: Points are averaged in bins of at least this width (degrees) for the fit.
-FIT_STEP = 0.02
+FIT_STEP = 0.025
+#: Lines reach this many FWHMs in the fit (the background absorbs the far tails).
+FIT_CUTOFF_FWHM = 6.0
 #: Lines weaker than this fraction of a phase's strongest (after Lorentz-polarisation) are left out of the fit.
 FIT_MIN_LINE = 2e-3
 #: Shape parameters refined with the phases: name -> (lower, upper) bound in the refined coordinate.
@@ -380,7 +389,7 @@ class _Fitter:
 
         self.torch = torch
         step = float(np.median(np.diff(tt)))
-        k = max(1, int(FIT_STEP / step + 1e-9))
+        k = max(1, round(FIT_STEP / step))
         if k > 1:  # average neighbouring points: the fit grid stays finer than a quarter of a peak
             m = (tt.size // k) * k
             tt, y = tt[:m].reshape(-1, k).mean(1), y[:m].reshape(-1, k).mean(1)
@@ -430,7 +439,7 @@ class _Fitter:
                                    asymmetry=sh["asymmetry"], zero_shift=sh["zero_shift"])
         dt = torch.as_tensor(d, dtype=torch.float32)
         it = torch.as_tensor(inten / np.maximum(inten.max(axis=1, keepdims=True), 1e-30), dtype=torch.float32)
-        prof = bragg_profiles(dt, it, it > 0, p, self.grid, lp=True)
+        prof = bragg_profiles(dt, it, it > 0, p, self.grid, lp=True, cutoff_fwhm=FIT_CUTOFF_FWHM)
         scale_back = np.maximum(inten.max(axis=1), 1e-30)
         return prof.double().numpy().T * scale_back[None, :]
 

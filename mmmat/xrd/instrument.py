@@ -264,12 +264,14 @@ def bragg_profiles(
     cos_alpha: Tensor | None = None,
     lp: bool = False,
     max_pairs: int = MAX_PAIRS,
+    cutoff_fwhm: float = CUTOFF_FWHM,
 ) -> Tensor:
     """The Bragg signal alone, unscaled: (B, L), each line of unit-area shape times its intensity.
 
     Arguments as :func:`render`; integrated intensities are kept (the area of a line on the grid is its
     intensity, times the Kα2 factor and, with ``lp``, the Lorentz-polarisation factor), so rows of several
-    phases can be combined with scale factors.
+    phases can be combined with scale factors.  ``cutoff_fwhm`` FWHMs bound each line's reach (fits may use
+    fewer than :data:`CUTOFF_FWHM` for speed).
     """
     dtype = intensity.dtype if intensity.is_floating_point() else torch.float32
     device = d.device
@@ -307,7 +309,7 @@ def bragg_profiles(
     height = amp / area
 
     # ragged list of visible lines
-    cut = (CUTOFF_FWHM * h * (1.0 + a.abs())).clamp(max=MAX_CUTOFF)
+    cut = (cutoff_fwhm * h * (1.0 + a.abs())).clamp(max=MAX_CUTOFF)
     keep = (height > 0) & (pos + cut >= grid[0]) & (pos - cut <= grid[-1])
     owner = torch.arange(batch, device=device).reshape(-1, 1).expand_as(pos)[keep]
     pos, h, eta, a, height, cut = pos[keep], h[keep], eta[keep], a[keep], height[keep], cut[keep]
