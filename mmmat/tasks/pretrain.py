@@ -50,6 +50,10 @@ class ContrastivePretraining(pl.LightningModule):
             (Gaussian noise on every atom), "strain": largest |ε| of a random symmetric strain of the cell}``.
             Small distortions should not move a crystal in the latent space; they keep the crystal encoder
             from memorising exact coordinates of the training set. None (default) leaves crystals untouched.
+        mixture_loss_weight: Weight of the multi-label objective on mixed XRD patterns (``xrd_augment`` with
+            ``p_mixture`` > 0): every pattern is scored against every crystal of the batch,
+            ``σ(s · x·c + b)`` with a learned scale s and bias b (SigLIP-style), and trained by binary
+            cross-entropy to say which crystals are phases of the pattern.  0 turns it off.
         save_dir: Where ``save_pretrained`` writes the model at the end of fit (default: the logger's folder
             + ``/model``).
         seed: Random state (augmentations, dropout) is reseeded from (seed, epoch, rank) at every epoch
@@ -73,6 +77,7 @@ class ContrastivePretraining(pl.LightningModule):
         lr_scale: dict[str, float] | None = None,
         xrd_augment: dict[str, Any] | None = None,
         crystal_augment: dict[str, float] | None = None,
+        mixture_loss_weight: float = 0.0,
         save_dir: str | None = None,
         seed: int = 0,
     ):
@@ -92,6 +97,14 @@ class ContrastivePretraining(pl.LightningModule):
         if unknown:
             raise ValueError(f"crystal_augment: unknown keys {unknown} (displacement, strain)")
         self._val: list[dict[str, Any]] = []
+        self._mixture: torch.Tensor | None = None
+        if mixture_loss_weight < 0:
+            raise ValueError(f"mixture_loss_weight must be >= 0, got {mixture_loss_weight}")
+        if mixture_loss_weight > 0:
+            if self.augment is None or self.augment.p_mixture <= 0:
+                raise ValueError("mixture_loss_weight needs xrd_augment with p_mixture > 0 (and an xrd encoder)")
+            # scale (log) and bias of the multi-label logits, SigLIP's initial values
+            self.mixture_logit = torch.nn.Parameter(torch.tensor([math.log(10.0), -10.0]))
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -126,7 +139,11 @@ class ContrastivePretraining(pl.LightningModule):
             self._perturb_crystals(batch)
         if self.augment is None or not bool(batch.present["xrd"].any()):
             return batch
-        prof = self.augment(batch)
+        if self.hparams.mixture_loss_weight > 0:
+            prof, params = self.augment(batch, return_params=True)
+            self._mixture = params["mixture"]
+        else:
+            prof = self.augment(batch)
         batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
         return batch
 
@@ -151,11 +168,23 @@ class ContrastivePretraining(pl.LightningModule):
         emb = self.model(batch, modalities=self.model.modalities)
         loss, logs = self.loss(emb, {m: batch.present[m] for m in emb})
         bs = len(batch)
+        if self.hparams.mixture_loss_weight > 0 and self._mixture is not None and {"xrd", "crystal"} <= set(emb):
+            mix_loss = self._mixture_loss(emb["xrd"], emb["crystal"], batch)
+            self.log("train/loss_mixture", mix_loss, batch_size=bs)
+            loss = loss + self.hparams.mixture_loss_weight * mix_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in logs.items():
             if k.startswith(("loss/", "acc/", "logit")):
                 self.log(f"train/{k}", v, batch_size=bs)
         return loss
+
+    def _mixture_loss(self, xrd: torch.Tensor, crystal: torch.Tensor, batch: MultimodalBatch) -> torch.Tensor:
+        """Binary cross-entropy of "crystal j is a phase of pattern i" over the local batch."""
+        rows = batch.present["xrd"]
+        cols = batch.present["crystal"]
+        target = (self._mixture > 0).to(xrd.dtype)[rows][:, cols]
+        logits = self.mixture_logit[0].exp() * (xrd[rows] @ crystal[cols].T) + self.mixture_logit[1]
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target.float())
 
     def validation_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
         """Embed the batch (clean inputs) and keep it for the epoch-end retrieval."""

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from mmmat.io import InputError, Pattern, read_pattern
-from mmmat.xrd.phases import PhaseTable, ensure_table
+from mmmat.xrd.phases import D_MIN, PhaseTable, ensure_table
 
 #: Lattice scales (d multiplied by s) searched for each candidate: computed cells are often 1-3 % too large.
 SCALE_RANGE = (0.96, 1.03)
@@ -540,7 +540,8 @@ def identify(
         model: Model folder for the learned route (default: the index's model, when it has an xrd encoder).
         wavelength: Kα1 (or monochromatic) wavelength in Å for a file that gives none (overrides the file's).
         learned: Use the learned route (default: whenever the index has an xrd-capable model).
-        two_theta_range: 2θ range to fit, degrees (default: the whole scan from 5°).
+        two_theta_range: 2θ range to fit, degrees (default: the whole scan from 5°, up to the angle of the
+            peak tables' smallest d-spacing).
 
     Returns:
         The phases found, Rwp (%), the fitted curves and the ranked candidates.
@@ -572,6 +573,8 @@ def identify(
     tt = np.asarray(pattern.two_theta, dtype=np.float64)
     y = np.asarray(pattern.intensity, dtype=np.float64)
     lo, hi = two_theta_range or (5.0, 180.0)
+    reach = 2 * math.degrees(math.asin(min(1.0, pattern.wavelength / (2 * D_MIN))))
+    hi = min(hi, reach)  # the peak tables stop at d = D_MIN
     sel = (tt >= lo) & (tt <= hi) & np.isfinite(y)
     tt, y = tt[sel], y[sel]
     if tt.size < 50:
