@@ -20,7 +20,8 @@ IUCr Rietveld CIFs, as peak tables (``phases.npz``, built once into ``--index`` 
     ``identify``: the phases it keeps, then the other candidates).  Weight-fraction MAE: over the true
     phases, 0 for a phase not found.
 (b) The 15 IUCr profiles: ``identify`` with the elements of the true structure and without; rank of the true
-    structure (``iucr-<file>``) among mp20p + the 15.
+    structure (``iucr-<file>``, or an mp20p crystal of the same reduced formula and space group: the same
+    phase indexed twice) among mp20p + the 15.
 (c) The 20 A-Lab XRDML scans: ``identify`` with the precursors' elements (from the file name); phases, Rwp,
     seconds; a JSON and a PNG per scan in ``--plots``.
 
@@ -232,8 +233,10 @@ def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
 def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
     """Part (b)."""
     from mmmat.io import InputError, Pattern
-    from mmmat.xrd.identify import identify
+    from mmmat.xrd.identify import identify, load_table
 
+    table = load_table(args.index)
+    id_row = {m: i for i, m in enumerate(table.material_id.tolist())}
     rows = []
     for name, s, pat in iucr_items(args.data):
         row: dict = {"file": name}
@@ -242,7 +245,10 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
             rows.append(row)
             continue
         true_id = f"iucr-{name}"
-        row.update(formula=s.composition.reduced_formula, wavelength=pat.wavelength)
+        r0 = id_row[true_id]
+        same = (table.formula == table.formula[r0]) & (table.spacegroup == table.spacegroup[r0])
+        true_ids = set(table.material_id[same].tolist()) | {true_id}  # the same phase indexed again (mp20p)
+        row.update(formula=s.composition.reduced_formula, wavelength=pat.wavelength, same_phase=sorted(true_ids))
         for tag, els in (("elements", sorted({e.symbol for e in s.composition.elements})), ("none", None)):
             try:
                 t0 = time.perf_counter()
@@ -253,8 +259,9 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
             ranking = res.ranking()
             classical = [c["material_id"] for c in sorted(res.candidates, key=lambda c: -(c["classical_score"] or -1))]
             row[tag] = {
-                "rank_identify": ranking.index(true_id) + 1 if true_id in ranking else None,
-                "rank_classical": classical.index(true_id) + 1 if true_id in classical else None,
+                "rank_identify": next((i + 1 for i, m in enumerate(ranking) if m in true_ids), None),
+                "rank_classical": next((i + 1 for i, m in enumerate(classical) if m in true_ids), None),
+                "top3_identify": ranking[:3],
                 "phases": [(p.material_id, p.formula, round(p.weight_fraction, 3)) for p in res.phases],
                 "rwp": round(res.rwp, 2),
                 "seconds": round(time.perf_counter() - t0, 2),

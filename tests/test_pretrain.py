@@ -189,7 +189,6 @@ def test_lr_scale_sets_a_learning_rate_per_modality():
 
 def test_mixture_augment_and_multilabel_objective(tmp_path, tiny_shards):
     import train
-
     from mmmat.data.augment import XRDAugment
 
     gen = torch.Generator().manual_seed(0)
