@@ -243,7 +243,7 @@ def index_add(
             add_to_index, index, shards, model, split=split, skip_duplicates=skip_duplicates,
             batch_size=batch_size,
         )
-        typer.echo(f"{added} crystals embedded, {skipped} already indexed and skipped -> {index}")
+        typer.echo(f"{added} crystals added, {skipped} already indexed and skipped -> {index}")
         if (index / "phases.npz").is_file():
             from mmmat.retrieval.api import shard_records
             from mmmat.xrd.phases import add_crystals, crystal_from_record
@@ -265,6 +265,9 @@ def index_add(
                 _fail("no readable crystal to add")
             if (index / "index.json").is_file():
                 from mmmat.retrieval.api import add_structures_to_index
+                from mmmat.xrd.phases import ensure_table
+
+                ensure_table(index)  # the peak tables of the crystals already embedded, first
 
                 added, skipped = _retrieval_call(
                     add_structures_to_index, index, [(c["material_id"], c["structure"]) for c in crystals], model,
