@@ -319,8 +319,13 @@ def index_build(
 
 @index_app.command("add")
 def index_add(
-    index: Path = typer.Option(..., help="Index folder written by `mmmat index build`."),
-    shards: Path = typer.Option(..., help="Shard folder to add."),
+    index: Path = typer.Option(..., help="Index folder (created when it does not exist and no model is needed)."),
+    shards: Path | None = typer.Option(None, help="Shard folder to add (embedded with the index's model)."),
+    cif: list[Path] | None = typer.Option(
+        None, help="CIF (or POSCAR, extxyz, ...) files, folders of them, or CSV tables with a cif column; repeat."
+    ),
+    source: str | None = typer.Option(None, help="A data source of `mmmat data build` (mp20, ...) with --root."),
+    root: Path | None = typer.Option(None, help="Raw data of --source (mp20: ../shared/data/mp_20)."),
     model: Path | None = typer.Option(None, help="Model folder (default: the one recorded in the index)."),
     split: str | None = typer.Option(None, help="Split(s), comma-separated (default: every split)."),
     skip_duplicates: bool = typer.Option(
@@ -328,17 +333,109 @@ def index_add(
     ),
     batch_size: int = typer.Option(128, help="Crystals per forward pass."),
 ) -> None:
-    """Append the crystals of another shard folder to an index without rebuilding it."""
-    from mmmat.retrieval import add_to_index
+    """Add crystals to an index: shards, CIF files/folders, or a data source, without rebuilding it.
 
-    _check_index_dir(index)
-    if not shards.is_dir():
-        _fail(f"shard directory {shards} not found")
-    added, skipped = _with_progress(
-        _retrieval_call, add_to_index, index, shards, model, split=split, skip_duplicates=skip_duplicates,
-        batch_size=batch_size,
-    )
-    typer.echo(f"{added} crystals added, {skipped} already indexed and skipped -> {index}")
+    Every crystal also gets a peak table (phases.npz, for `mmmat identify`); when the folder holds a
+    FAISS embedding index, crystals given as files or a source are embedded with its model as well.
+    """
+    from mmmat.io import InputError
+
+    if shards is None and not cif and source is None:
+        _fail("give --shards, --cif or --source (with --root)")
+    if source is not None and root is None:
+        _fail(f"--source {source} needs --root")
+    t0 = time.perf_counter()
+    splits = [x.strip() for x in split.split(",") if x.strip()] if split else None
+    if shards is not None:
+        from mmmat.retrieval import add_to_index
+
+        _check_index_dir(index)
+        if not shards.is_dir():
+            _fail(f"shard directory {shards} not found")
+        added, skipped = _with_progress(
+            _retrieval_call, add_to_index, index, shards, model, split=split, skip_duplicates=skip_duplicates,
+            batch_size=batch_size,
+        )
+        typer.echo(f"{added} crystals added, {skipped} already indexed and skipped -> {index}")
+        if (index / "phases.npz").is_file():
+            from mmmat.retrieval.api import shard_records
+            from mmmat.xrd.phases import add_crystals, crystal_from_record
+
+            recs = _retrieval_call(shard_records, shards, split)
+            n, _ = add_crystals(index, [crystal_from_record(r) for r in recs], skip_duplicates=True)
+            typer.echo(f"{n} peak tables added")
+    if cif or source is not None:
+        from mmmat.xrd.phases import add_crystals, crystals_from_source, structures_from_paths
+
+        try:
+            crystals, problems = structures_from_paths(cif) if cif else ([], [])
+            if source is not None:
+                more, probs = crystals_from_source(source, root, splits)
+                crystals, problems = crystals + more, problems + probs
+            for msg in problems:
+                typer.secho(f"skipped: {msg}", fg=typer.colors.YELLOW, err=True)
+            if not crystals:
+                _fail("no readable crystal to add")
+            if (index / "index.json").is_file():
+                from mmmat.retrieval.api import add_structures_to_index
+                from mmmat.xrd.phases import ensure_table
+
+                ensure_table(index)  # the peak tables of the crystals already embedded, first
+
+                added, skipped = _retrieval_call(
+                    add_structures_to_index, index, [(c["material_id"], c["structure"]) for c in crystals], model,
+                    skip_duplicates=skip_duplicates, batch_size=batch_size,
+                )
+                typer.echo(f"{added} crystals embedded, {skipped} already indexed and skipped")
+            what = [str(p) for p in (cif or [])] + ([source] if source else [])
+            added, skipped = add_crystals(index, crystals, skip_duplicates=skip_duplicates,
+                                          info={"last_added": what})
+        except InputError as exc:
+            _fail(str(exc))
+        typer.echo(f"{added} crystals added ({skipped} skipped, {len(problems)} unreadable) -> {index} "
+                   f"in {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def identify(
+    scan: Path = typer.Argument(..., help="Measured pattern (.xrdml, .brml, .raw, .ras, .gsa, .xy, powder CIF)."),
+    index: Path = typer.Option(..., help="Index folder with peak tables (`mmmat index add`)."),
+    elements: str | None = typer.Option(None, help="Elements the sample may contain, comma-separated."),
+    max_phases: int = typer.Option(4, help="Most phases reported."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the result (phases, curves) as JSON."),
+    png: Path | None = typer.Option(None, help="Write a PNG of measured vs fitted, residual and each phase."),
+    model: Path | None = typer.Option(None, help="Model for the learned route (default: the index's)."),
+    wavelength: float | None = typer.Option(None, help="Kα1 wavelength in Å when the file gives none."),
+    learned: bool | None = typer.Option(None, "--learned/--no-learned", help="Use the learned candidates."),
+) -> None:
+    """Identify the phases of a powder scan: weight fractions, lattice scales and Rwp (%)."""
+    from mmmat.io import InputError
+    from mmmat.xrd.identify import identify as run
+
+    els = [e.strip() for e in elements.split(",")] if elements else None
+    try:
+        res = run(scan, index, elements=els, max_phases=max_phases, model=model, wavelength=wavelength,
+                  learned=learned)
+    except InputError as exc:
+        _fail(str(exc))
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{scan.name}: Rwp {res.rwp:.2f} %, {res.seconds:.2f} s")
+    for col in ("material_id", "formula", "space group", "wt %", "lattice scale", "ΔBIC"):
+        t.add_column(col)
+    for p in res.phases:
+        t.add_row(p.material_id, p.formula, str(p.spacegroup), f"{100 * p.weight_fraction:.1f}",
+                  f"{p.lattice_scale:.4f}", f"{p.score:.1f}")
+    Console().print(t)
+    if not res.phases:
+        typer.echo("no phase improves the fit over the background alone")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res.to_dict()))
+        typer.echo(f"result -> {json_out}")
+    if png is not None:
+        typer.echo(f"plot -> {res.plot(png)}")
 
 
 def _check_query(kind: str, value: Any, wavelength: float | None) -> None:

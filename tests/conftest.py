@@ -1,3 +1,4 @@
+import os
 import warnings
 from pathlib import Path
 
@@ -6,7 +7,9 @@ import pytest
 
 warnings.filterwarnings("ignore")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(
+    os.environ.get("MMMAT_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 
 
 def shared_data(sub: str = "") -> Path:

@@ -201,3 +201,24 @@ def test_run_dir_moves_every_output_and_prints_a_summary(tmp_path, tiny_shards, 
     assert not any(cwd.rglob("*"))  # nothing under the config's own runs/tiny
     out = capsys.readouterr().out
     assert "val/loss" in out and f"model -> {run / 'model'}" in out
+
+
+def test_mixture_augment_and_multilabel_objective(tmp_path, tiny_shards):
+    import train
+    from mmmat.data.augment import XRDAugment
+
+    gen = torch.Generator().manual_seed(0)
+    peaks = torch.zeros(6, 4, 2)
+    peaks[..., 0] = torch.rand(6, 4, generator=gen) * 3 + 1.0
+    peaks[..., 1] = 100.0
+    aug = XRDAugment(p_mixture=1.0, mixture_phases=3, instrument={"counts": [1e3, 1e4]})
+    prof, params = aug(peaks=peaks, generator=gen, return_params=True)
+    m = params["mixture"]
+    assert prof.shape == (6, 1701) and torch.isfinite(prof).all()
+    assert torch.allclose(m.sum(1), torch.ones(6)) and (m.diagonal() >= 0.5).all()
+    assert ((m > 0).sum(1) >= 2).all()  # every row mixed with at least one other member
+    cli = train.main(_args(tmp_path, tiny_shards, '--model.init_args.xrd_augment={"p_mixture": 0.5, "instrument": {}}',
+                           "--model.init_args.mixture_loss_weight=0.5", "--trainer.max_epochs=1"))
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert "train/loss_mixture" in metrics and metrics["train/loss_mixture"] > 0
+    assert "val/xrd_to_crystal_R@1" in metrics

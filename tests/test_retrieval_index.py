@@ -292,6 +292,18 @@ def test_cli_embed_and_index_add(env, tmp_path):
     assert r.exit_code == 2 and "already in the index" in r.output
     r = CliRunner().invoke(app, [*add, "--split", "test", "--skip-duplicates"])
     assert r.exit_code == 0 and "0 crystals added, 20 already indexed" in r.output
+    # a user's CIF: embedded with the index's model, and a peak table beside those of the shards' crystals
+    from pymatgen.core import Lattice, Structure
+
+    cif = tmp_path / "user_nacl.cif"
+    cif.write_text(Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+                                             [[0, 0, 0], [0.5, 0.5, 0.5]]).to(fmt="cif"))
+    r = CliRunner().invoke(app, ["index", "add", "--index", str(idx_dir), "--cif", str(cif)])
+    assert r.exit_code == 0, r.output
+    assert "1 crystals embedded" in r.output and "1 crystals added" in r.output
+    from mmmat.xrd.phases import PhaseTable
+
+    assert len(EmbeddingIndex.load(idx_dir)) == 61 and len(PhaseTable.load(idx_dir)) == 61
 
 
 def _bad(args, *needles):

@@ -356,7 +356,7 @@ def test_encoder_zero_rows_and_measured_input(peaks):
     # a measured-like pattern (other step and range, sloped background), through resample
     tt = np.arange(10.0, 80.0, 0.02)
     y = render_profile(peaks["ZnO"], grid=tt, fwhm=0.15) * 1000 + 50 + 0.5 * tt
-    measured = resample(MeasuredPattern(tt, y, CU_KA, "synthetic"))
+    measured = resample(MeasuredPattern(tt, y, CU_KA, source="synthetic"))
     prof = torch.stack([torch.from_numpy(measured), torch.zeros(NUM_POINTS)])
     with torch.no_grad():
         out = enc(profile=prof)

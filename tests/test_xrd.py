@@ -378,7 +378,7 @@ def test_resample_across_wavelengths():
     tt_cu = float(d_to_two_theta(d, CU_KA))
     grid_mo = np.arange(3.0, 45.0, 0.01)
     y = _peak_pattern(grid_mo, [tt_mo], [1000.0], width=0.05, background=200.0) + 0.5 * grid_mo
-    pat = MeasuredPattern(grid_mo, y, MO_KA, "synthetic Mo")
+    pat = MeasuredPattern(grid_mo, y, MO_KA, source="synthetic Mo")
     prof = resample(pat)
     assert prof.shape == (NUM_POINTS,) and prof.dtype == np.float32 and prof.max() == pytest.approx(1.0)
     assert abs(TWO_THETA[np.argmax(prof)] - tt_cu) <= TWO_THETA_STEP
@@ -390,13 +390,13 @@ def test_resample_across_wavelengths():
     # 3° Mo is d = 13.6 Å, 6.5° at Cu: below it the profile is 0
     assert not prof[TWO_THETA < 6.4].any()
     # same wavelength: no conversion
-    same = resample(MeasuredPattern(grid_mo, _peak_pattern(grid_mo, [30.0], [1.0]), CU_KA, "cu"))
+    same = resample(MeasuredPattern(grid_mo, _peak_pattern(grid_mo, [30.0], [1.0]), CU_KA, source="cu"))
     assert abs(TWO_THETA[np.argmax(same)] - 30.0) <= TWO_THETA_STEP
 
 
 def test_resample_outside_range_is_zero():
     tt = np.arange(40.0, 50.0, 0.01)
-    pat = MeasuredPattern(tt, _peak_pattern(tt, [45.0], [100.0], background=10.0), None, "no wavelength")
+    pat = MeasuredPattern(tt, _peak_pattern(tt, [45.0], [100.0], background=10.0), None, source="no wavelength")
     prof = resample(pat)
     assert not prof[(TWO_THETA < 40.0) | (TWO_THETA > 50.0)].any()
     assert abs(TWO_THETA[np.argmax(prof)] - 45.0) <= TWO_THETA_STEP

@@ -85,6 +85,19 @@ class XRDAugment(nn.Module):
     8. Optional clipping at 0 (``clip_negative``), then division by the row maximum (rows without peaks
        stay all zeros: background and noise scale with the rendered peak maximum).
 
+    Mixtures (``p_mixture``): after step 4, a sample becomes a mixture of itself (intensity fraction
+    U(``mixture_min_primary``, 0.9)) and 1 to ``mixture_phases`` - 1 other samples of the batch sharing the
+    rest (uniform split); each phase's relative intensities are scaled by its fraction (the stored peaks carry
+    no absolute scale).  ``return_params`` then gives ``mixture``: a (B, B) matrix of the fractions of batch
+    member j in pattern i (the identity without mixtures), the target of a multi-label objective.
+
+    Instrument model (``instrument``): when given (a mapping of :class:`mmmat.xrd.instrument.InstrumentRanges`
+    ranges, ``{}`` for the defaults), steps 5-7 are replaced by :func:`mmmat.xrd.instrument.render`:
+    Kα1/Kα2, Caglioti and Scherrer widths, axial asymmetry, displacement and zero shift, Chebyshev background
+    with an amorphous hump, Poisson noise and a random 2θ range, each drawn per sample from its range (the
+    isotropic strain of step 5 still applies; intensities are used as stored, with their Cu Kα
+    Lorentz-polarisation factor).
+
     Args:
         p_strain: Probability of isotropic strain.
         max_strain: Largest |ε| of the isotropic strain (0.03 = 3 %).
@@ -113,6 +126,10 @@ class XRDAugment(nn.Module):
             have over 1,000 reflections (in mp20 under 1 % of crystals have more than 512; their 512th
             strongest peak is at most 1.5 % of the strongest).
         wavelength: X-ray wavelength in Å (the grid is 2θ at this wavelength).
+        p_mixture: Probability that a sample becomes a mixture with other samples of the batch.
+        mixture_phases: Most phases in a mixture (2 or more).
+        mixture_min_primary: Smallest intensity fraction of the sample's own phase in its mixture.
+        instrument: Ranges of the instrument model (see above), or None for steps 5-7 as listed.
 
     """
 
@@ -142,6 +159,10 @@ class XRDAugment(nn.Module):
         clip_negative: bool = False,
         max_peaks: int = 512,
         wavelength: float = CU_KA,
+        p_mixture: float = 0.0,
+        mixture_phases: int = 3,
+        mixture_min_primary: float = 0.5,
+        instrument: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         for name, p in (
@@ -155,6 +176,8 @@ class XRDAugment(nn.Module):
             ("p_background", p_background),
             ("p_noise", p_noise),
             ("eta", eta),
+            ("p_mixture", p_mixture),
+            ("mixture_min_primary", mixture_min_primary),
         ):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {p}")
@@ -182,6 +205,15 @@ class XRDAugment(nn.Module):
         self.clip_negative = bool(clip_negative)
         self.max_peaks = int(max_peaks)
         self.wavelength = float(wavelength)
+        if mixture_phases < 2:
+            raise ValueError(f"mixture_phases must be at least 2, got {mixture_phases}")
+        self.p_mixture, self.mixture_phases = float(p_mixture), int(mixture_phases)
+        self.mixture_min_primary = float(mixture_min_primary)
+        self.instrument = None
+        if instrument is not None:
+            from mmmat.xrd.instrument import InstrumentRanges
+
+            self.instrument = InstrumentRanges.from_dict(instrument)
         self.register_buffer("grid", torch.as_tensor(TWO_THETA, dtype=torch.float32), persistent=False)
         self._min_step = float(np.diff(np.asarray(TWO_THETA, dtype=np.float32)).min())  # known on the host
 
@@ -288,9 +320,18 @@ class XRDAugment(nn.Module):
             d = torch.cat([d, imp_d], dim=1)
             inten = torch.cat([inten, imp_i], dim=1)
             mask = torch.cat([mask, imp_mask], dim=1)
+        # mixtures with other samples of the batch
+        mixture = torch.eye(b, device=device)
+        if self.p_mixture > 0 and b > 1:
+            d, inten, mask, mixture = self._mix(d, inten, mask, has_peaks, gate(self.p_mixture), g, device)
         # 5. render with isotropic strain, zero shift, width
         eps = _uniform((b,), -self.max_strain, self.max_strain, g, device)
         eps = torch.where(gate(self.p_strain), eps, torch.zeros_like(eps))
+        if self.instrument is not None:
+            profile, inst = self._render_instrument(d * (1.0 + eps[:, None]), inten, mask, g, device)
+            if return_params:
+                return profile, {"strain": eps, "mixture": mixture, **inst}
+            return profile
         shift = _uniform((b,), -self.max_shift, self.max_shift, g, device)
         shift = torch.where(gate(self.p_shift), shift, torch.zeros_like(shift))
         fwhm = _uniform((b,), self.fwhm_min, self.fwhm_max, g, device)
@@ -322,8 +363,53 @@ class XRDAugment(nn.Module):
         top = profile.amax(dim=1, keepdim=True)
         profile = torch.where(top > 0, profile / top.clamp_min(1e-12), torch.zeros_like(profile))
         if return_params:
-            return profile, {"strain": eps, "shift": shift, "fwhm": fwhm, "background": amp, "noise": sigma}
+            return profile, {"strain": eps, "shift": shift, "fwhm": fwhm, "background": amp, "noise": sigma,
+                             "mixture": mixture}
         return profile
+
+    def _mix(self, d: torch.Tensor, inten: torch.Tensor, mask: torch.Tensor, has_peaks: torch.Tensor,
+             on: torch.Tensor, g: torch.Generator | None, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append other batch members' peaks to the mixed samples; returns the (B, B) fraction matrix."""
+        b = d.shape[0]
+        extra = self.mixture_phases - 1
+        n_other = torch.floor(_uniform((b,), 1.0, extra + 1.0, g, device)).clamp(max=extra)
+        on = on & has_peaks & (has_peaks.sum() > 1)
+        # partners: random other rows (an offset in 1..b-1 never picks the row itself)
+        offsets = torch.floor(_uniform((b, extra), 1.0, float(b), g, device)).long().clamp(1, b - 1)
+        partner = (torch.arange(b, device=device)[:, None] + offsets) % b
+        used = (torch.arange(extra, device=device)[None, :] < n_other[:, None]) & on[:, None]
+        used = used & has_peaks[partner]
+        primary = _uniform((b,), self.mixture_min_primary, 0.9, g, device)
+        share = _uniform((b, extra), 0.2, 1.0, g, device) * used
+        share = share / share.sum(1, keepdim=True).clamp_min(1e-12) * (1.0 - primary[:, None])
+        mixed = used.any(1)
+        primary = torch.where(mixed, primary, torch.ones_like(primary))
+        frac = torch.zeros(b, b, device=device)
+        frac[torch.arange(b, device=device), torch.arange(b, device=device)] = primary
+        frac.scatter_add_(1, partner, torch.where(used, share, torch.zeros_like(share)))
+        ds, ins, ms = [d], [inten * primary[:, None]], [mask]
+        for k in range(extra):
+            j = partner[:, k]
+            ds.append(d[j])
+            ins.append(inten[j] * share[:, k:k + 1])
+            ms.append(mask[j] & used[:, k:k + 1])
+        return torch.cat(ds, 1), torch.cat(ins, 1), torch.cat(ms, 1), frac
+
+    def _render_instrument(self, d: torch.Tensor, inten: torch.Tensor, mask: torch.Tensor,
+                           g: torch.Generator | None, device: torch.device) -> tuple[torch.Tensor, dict]:
+        """Steps 5-7 through :func:`mmmat.xrd.instrument.render` with settings drawn from ``instrument``."""
+        from dataclasses import asdict
+
+        from mmmat.xrd.instrument import render, sample_params
+
+        gen_dev = g.device if g is not None else device
+        params = sample_params(self.instrument, d.shape[0], generator=g, device=gen_dev)
+        params = type(params)(**{k: v.to(device) for k, v in asdict(params).items()})
+        noise_gen = g if g is not None and g.device == device else None
+        profile = render(d, inten, mask, params, self.grid, lp=False, generator=noise_gen).float()
+        profile = profile * mask.any(1, keepdim=True)  # rows without peaks stay all zeros
+        return profile, {"zero_shift": params.zero_shift, "W": params.W, "size_nm": params.size_nm}
 
     def _background(self, b: int, g: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """(B, L) smooth non-negative background shapes of maximum 1 (see the class docstring, step 6)."""

@@ -22,22 +22,33 @@ Rendering
     :data:`CUTOFF_FWHM` FWHMs from its centre.
 
 Measured patterns
-    :func:`read_xy` (two-column text), :func:`read_cif_powder` (powder-profile loops in CIF) and
-    :func:`read_pattern` (dispatch on suffix) return a :class:`MeasuredPattern` (2θ in degrees, intensity,
-    wavelength in Å when known); :func:`resample` puts one on the grid (converted through d-spacing when the
+    The readers are in :mod:`mmmat.io` (:func:`mmmat.io.read_pattern` reads every supported format into a
+    :class:`mmmat.io.Pattern`; ``MeasuredPattern``, ``read_xy``, ``read_cif_powder`` and ``read_pattern``
+    stay importable from here); :func:`resample` puts one on the grid (converted through d-spacing when the
     wavelength differs, background removed, max-normalised).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The readers live in mmmat.io; these names stay importable from here.
+from mmmat.io import (  # noqa: F401
+    CIF_INTENSITY_ITEMS,
+    CIF_TWO_THETA_ITEMS,
+    CIF_WAVELENGTH_ITEMS,
+    InputError,
+    Pattern,
+    read_cif_powder,
+    read_pattern,
+    read_xy,
+)
+
+#: The measured-pattern type (an alias of :class:`mmmat.io.Pattern`).
+MeasuredPattern = Pattern
 
 #: Cu Kα wavelength in Å (pymatgen's ``"CuKa"``: weighted mean of Kα1 and Kα2).
 CU_KA = 1.54184
@@ -291,303 +302,6 @@ def render_profile_torch(
     out = out.scatter_add(1, idx_c.reshape(batch, -1), values.reshape(batch, -1))
     top = out.amax(dim=1, keepdim=True)
     return torch.where(top > 0, out / top.clamp_min(torch.finfo(dtype).tiny), out)
-
-
-# ====================================================================== measured patterns
-@dataclass
-class MeasuredPattern:
-    """A measured powder pattern.
-
-    Attributes:
-        two_theta: (N,) ascending 2θ in degrees (at ``wavelength``).
-        intensity: (N,) intensities (counts or arbitrary units).
-        wavelength: X-ray wavelength in Å, None when the file does not say.
-        source: Where it came from (file path, ``"<text>"``, plus the CIF block and item names).
-
-    """
-
-    two_theta: np.ndarray
-    intensity: np.ndarray
-    wavelength: float | None
-    source: str
-
-    def __len__(self) -> int:
-        return int(self.two_theta.shape[0])
-
-    def d_spacing(self) -> np.ndarray:
-        """d-spacing in Å of every point (needs the wavelength)."""
-        if self.wavelength is None:
-            raise ValueError(f"{self.source}: wavelength unknown, cannot convert 2θ to d")
-        return two_theta_to_d(self.two_theta, self.wavelength)
-
-
-_NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eEdD][+-]?\d+)?")
-
-
-def _parse_number(token: str) -> float | None:
-    """Float from a token such as ``12.5``, ``1234(5)``, ``2.2E+02``; None if it is not a number."""
-    token = token.strip()
-    if "(" in token:
-        head, _, tail = token.partition("(")
-        if not tail.rstrip(")").isdigit():
-            return None
-        token = head
-    try:
-        return float(token)
-    except ValueError:
-        if _NUMBER.fullmatch(token):  # Fortran exponent 1.0D+03
-            return float(token.replace("d", "e").replace("D", "E"))
-        return None
-
-
-def _source_text(path_or_text: str | os.PathLike[str]) -> tuple[str, str]:
-    """(name, text): a path is read, a string holding a newline is the text itself."""
-    if isinstance(path_or_text, str) and ("\n" in path_or_text or "\r" in path_or_text):
-        return "<text>", path_or_text
-    path = Path(path_or_text)
-    return str(path_or_text), path.read_text(encoding="utf-8", errors="replace")
-
-
-def _check_two_theta(name: str, tt: np.ndarray, inten: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a (2θ, intensity) pair; return them ascending with non-finite intensities dropped."""
-    bad = np.flatnonzero(~np.isfinite(tt))
-    if bad.size:
-        raise ValueError(f"{name}: 2θ is not a finite number at data row {bad[0] + 1}")
-    if tt.size < 10:
-        raise ValueError(f"{name}: need at least 10 data rows (2θ, intensity), found {tt.size}")
-    step = np.diff(tt)
-    if not ((step > 0).all() or (step < 0).all()):
-        k = int(np.flatnonzero(step <= 0)[0] if (step > 0).sum() >= (step < 0).sum() else
-                np.flatnonzero(step >= 0)[0])
-        raise ValueError(
-            f"{name}: 2θ is not strictly monotonic (data row {k + 2}: {tt[k + 1]:g} after {tt[k]:g})"
-        )
-    if step[0] < 0:
-        tt, inten = tt[::-1], inten[::-1]
-    keep = np.isfinite(inten)
-    tt, inten = tt[keep], inten[keep]
-    if tt.size < 10:
-        raise ValueError(f"{name}: need at least 10 rows with a finite intensity, found {tt.size}")
-    return np.ascontiguousarray(tt), np.ascontiguousarray(inten)
-
-
-def read_xy(path_or_text: str | os.PathLike[str], wavelength: float | None = None) -> MeasuredPattern:
-    """Read a two-column powder pattern (``.xy``, ``.xye``, ``.csv``, ``.txt``, ``.dat``).
-
-    Columns are separated by whitespace, commas or semicolons (with semicolons, a comma inside a number is
-    read as a decimal comma).  Lines starting with ``#``, ``!`` or ``;`` are comments, lines without a
-    leading number (headers) are skipped, columns after the second (esd) are ignored, ``1234(5)`` reads as
-    1234.  A descending scan is reversed.
-
-    Args:
-        path_or_text: A file path, or the file's text itself (any string holding a newline).
-        wavelength: Wavelength in Å to attach (the format does not carry one).
-
-    Returns:
-        The pattern, 2θ ascending.
-
-    Raises:
-        ValueError: (message names the file) fewer than two numeric columns, fewer than 10 rows, or a
-            2θ column that is not finite and strictly monotonic.
-
-    """
-    name, text = _source_text(path_or_text)
-    lines = [ln.strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and ln[0] not in "#!;"]
-    semicolon = any(";" in ln for ln in lines)
-    splitter = re.compile(r"[;\s]+") if semicolon else re.compile(r"[,;\s]+")
-    rows: list[list[float]] = []
-    for ln in lines:
-        values: list[float] = []
-        for tok in splitter.split(ln):
-            if not tok:
-                continue
-            v = _parse_number(tok.replace(",", ".") if semicolon else tok)
-            if v is None:
-                break
-            values.append(v)
-        if values:
-            rows.append(values)
-    if not rows:
-        raise ValueError(f"{name}: no numeric data rows found")
-    counts = np.array([len(r) for r in rows])
-    ncols = int(np.bincount(counts).argmax())
-    if ncols < 2:
-        raise ValueError(f"{name}: need two numeric columns (2θ, intensity), found {ncols}")
-    data = np.array([r[:2] for r in rows if len(r) >= 2], dtype=np.float64)
-    tt, inten = _check_two_theta(name, data[:, 0], data[:, 1])
-    return MeasuredPattern(tt, inten, None if wavelength is None else float(wavelength), name)
-
-
-#: CIF items holding the profile's 2θ (degrees), most preferred first.
-CIF_TWO_THETA_ITEMS = ("_pd_proc_2theta_corrected", "_pd_meas_2theta_scan", "_pd_meas_angle_2theta")
-#: CIF items holding the profile's intensity, measured before processed before calculated.
-CIF_INTENSITY_ITEMS = (
-    "_pd_meas_counts_total",
-    "_pd_meas_intensity_total",
-    "_pd_proc_intensity_total",
-    "_pd_proc_intensity_net",
-    "_pd_calc_intensity_total",
-    "_pd_calc_intensity_net",
-)
-#: CIF items holding the wavelength (Å).
-CIF_WAVELENGTH_ITEMS = ("_diffrn_radiation_wavelength", "_pd_proc_wavelength")
-
-
-def _cif_numbers(values: Any) -> np.ndarray:
-    """Floats from CIF values (``1234(5)`` → 1234; ``.``/``?``/junk → NaN)."""
-    if isinstance(values, str):
-        values = [values]
-    cleaned = [v.split("(", 1)[0] for v in values]
-    try:
-        return np.array([float(v) if v not in (".", "?", "") else math.nan for v in cleaned])
-    except ValueError:
-        return np.array([math.nan if (x := _parse_number(v)) is None else x for v in values], dtype=float)
-
-
-def _cif_first_number(value: Any) -> float | None:
-    arr = _cif_numbers(value)
-    arr = arr[np.isfinite(arr)]
-    return float(arr[0]) if arr.size else None
-
-
-def _cif_range_two_theta(items: dict[str, Any], n: int) -> np.ndarray | None:
-    """2θ of n points from ``_pd_proc_2theta_range_*`` or ``_pd_meas_2theta_range_*`` (min, max, inc)."""
-    best: tuple[int, np.ndarray] | None = None
-    for kind in ("proc", "meas"):
-        lo = _cif_first_number(items.get(f"_pd_{kind}_2theta_range_min", "?"))
-        hi = _cif_first_number(items.get(f"_pd_{kind}_2theta_range_max", "?"))
-        inc = _cif_first_number(items.get(f"_pd_{kind}_2theta_range_inc", "?"))
-        if lo is None or (hi is None and (inc is None or inc <= 0)):
-            continue
-        if hi is not None and hi > lo:
-            implied = round((hi - lo) / inc) + 1 if inc and inc > 0 else n
-            tt = np.linspace(lo, hi, n)
-        elif inc is not None and inc > 0:
-            implied = n
-            tt = lo + inc * np.arange(n)
-        else:
-            continue
-        mismatch = abs(implied - n)
-        if best is None or mismatch < best[0]:
-            best = (mismatch, tt)
-    return None if best is None else best[1]
-
-
-def read_cif_powder(path_or_text: str | os.PathLike[str]) -> MeasuredPattern:
-    """Read the powder profile (2θ, intensity) from a CIF, e.g. an IUCr Rietveld CIF.
-
-    Every data block is searched for a loop with an intensity item (:data:`CIF_INTENSITY_ITEMS`, measured
-    preferred over calculated); among blocks, one with measured intensities and then the most points wins
-    (so a structure-only block or a calculated pattern is passed over).  2θ comes from a loop item in the
-    same loop (:data:`CIF_TWO_THETA_ITEMS`) or, when the loop carries only intensities, from
-    ``_pd_proc_2theta_range_{min,max,inc}`` / ``_pd_meas_2theta_range_*``.  Values such as ``1234(5)`` are
-    read without their esd.  The wavelength is the first value of ``_diffrn_radiation_wavelength`` or
-    ``_pd_proc_wavelength`` in the profile block, else in the other blocks (blocks whose name contains
-    ``simulated`` skipped), else None.
-
-    Args:
-        path_or_text: A file path, or the CIF text itself (any string holding a newline).
-
-    Returns:
-        The pattern, 2θ ascending; ``source`` names the file, block and intensity item.
-
-    Raises:
-        ValueError: (message names the file) unparseable CIF or no profile in it.
-
-    """
-    import warnings
-
-    from pymatgen.io.cif import CifFile
-
-    name, text = _source_text(path_or_text)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cif = CifFile.from_str(text)
-    except Exception as exc:  # pymatgen raises many types on bad CIFs
-        raise ValueError(f"{name}: unparseable CIF ({type(exc).__name__}: {str(exc)[:200]})") from None
-    blocks = [
-        (
-            block_name,
-            {k.lower(): v for k, v in block.data.items()},
-            [[k.lower() for k in lp] for lp in block.loops],
-        )
-        for block_name, block in cif.data.items()
-    ]
-
-    candidates = []
-    for order, (block_name, items, _) in enumerate(blocks):
-        for rank, key in enumerate(CIF_INTENSITY_ITEMS):
-            values = items.get(key)
-            if not isinstance(values, list) or len(values) < 10:
-                continue
-            inten = _cif_numbers(values)
-            if np.isfinite(inten).sum() < 10:
-                continue
-            measured = not key.startswith("_pd_calc")
-            candidates.append((not measured, -inten.size, order, rank, block_name, key, inten))
-            break
-    if not candidates:
-        raise ValueError(f"{name}: no powder profile (no loop with {', '.join(CIF_INTENSITY_ITEMS)})")
-    candidates.sort(key=lambda c: c[:4])
-
-    problems = []
-    for _, _, order, _, block_name, key, inten in candidates:
-        items, loops = blocks[order][1], blocks[order][2]
-        loop = next((lp for lp in loops if key in lp), [key])
-        tt = None
-        for tt_key in CIF_TWO_THETA_ITEMS:
-            if tt_key in loop and isinstance(items.get(tt_key), list):
-                tt = _cif_numbers(items[tt_key])
-                break
-        if tt is None:
-            tt = _cif_range_two_theta(items, inten.size)
-        if tt is None:  # range given in another block (e.g. a separate instrument block)
-            for other_name, other_items, _ in blocks:
-                if other_name != block_name and "simulated" not in other_name.lower():
-                    tt = _cif_range_two_theta(other_items, inten.size)
-                    if tt is not None:
-                        break
-        if tt is None:
-            problems.append(f"block {block_name!r} has {key} but no 2θ (loop item or *_2theta_range_*)")
-            continue
-        source = f"{name} [data_{block_name}: {key}]"
-        try:
-            tt, inten = _check_two_theta(source, tt, inten)
-        except ValueError as exc:
-            problems.append(str(exc))
-            continue
-        return MeasuredPattern(tt, inten, _cif_wavelength(blocks, order), source)
-    raise ValueError(f"{name}: no usable powder profile ({'; '.join(problems)})")
-
-
-def _cif_wavelength(blocks: list[tuple[str, dict[str, Any], list[list[str]]]], order: int) -> float | None:
-    """Wavelength (Å) from the profile block, else from the other non-simulated blocks."""
-    rest = [b for i, b in enumerate(blocks) if i != order and "simulated" not in b[0].lower()]
-    for _, items, _ in [blocks[order], *rest]:
-        for key in CIF_WAVELENGTH_ITEMS:
-            if key in items:
-                value = _cif_first_number(items[key])
-                if value is not None and 0.01 < value < 10.0:
-                    return value
-    return None
-
-
-def read_pattern(path: str | os.PathLike[str], wavelength: float | None = None) -> MeasuredPattern:
-    """Read a measured pattern, dispatching on the suffix (``.cif`` → :func:`read_cif_powder`, else xy).
-
-    Args:
-        path: File path.
-        wavelength: Wavelength in Å; overrides the one found in the file.
-
-    """
-    if Path(path).suffix.lower() == ".cif":
-        pattern = read_cif_powder(path)
-        if wavelength is not None:
-            pattern.wavelength = float(wavelength)
-        return pattern
-    return read_xy(path, wavelength=wavelength)
 
 
 # ====================================================================== resampling

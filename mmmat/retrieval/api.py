@@ -4,7 +4,7 @@ The same verbs as the command line (``mmmat embed``, ``mmmat index build``, ``mm
 ``mmmat search``).  The index holds crystal embeddings (the gallery); a query may be
 
 * a CIF file (first structure, parsed with pymatgen) → ``crystal``;
-* a measured powder pattern (two-column xy/csv or a powder CIF, :func:`mmmat.data.xrd.read_pattern`) put on
+* a measured powder pattern (any format :func:`mmmat.io.read_pattern` reads: vendor files, xy/csv, powder CIF) put on
   the model's 2θ grid (5-90°, Cu Kα, :func:`mmmat.data.xrd.resample`) → ``xrd``;
 * an image (PNG, TIFF, anything Pillow reads, or ``.npy``) turned into 8-bit grayscale and resized to the
   image encoder's side (64 px by default) → ``image``;
@@ -338,6 +338,39 @@ def add_to_index(
     return added, len(table) - added
 
 
+def add_structures_to_index(
+    index_dir: str | Path,
+    structures: Sequence[tuple[str, Any]],
+    model_dir: str | Path | None = None,
+    skip_duplicates: bool = False,
+    batch_size: int = 128,
+) -> tuple[int, int]:
+    """Embed crystals given as ``(material_id, pymatgen Structure)`` and append them to an index.
+
+    Returns:
+        ``(added, skipped)`` counts.
+
+    """
+    from mmmat.data.schema import MaterialRecord, RecordError
+
+    index = open_index(index_dir)
+    mdir = _model_dir(index, model_dir)
+    model = load_model(mdir)
+    check_model(index, mdir)
+    records = []
+    for mid, s in structures:
+        try:
+            rec = MaterialRecord.from_structure(s, mid)
+            rec.validate()
+        except RecordError as exc:
+            raise RetrievalError(f"{mid}: {exc.reason}") from None
+        records.append(rec)
+    table = embed_records(model, records, "crystal", batch_size)
+    added = index.add(embedding_matrix(table), table.drop(columns="embedding"), skip_duplicates=skip_duplicates)
+    index.save(index_dir)
+    return added, len(table) - added
+
+
 # ---------------------------------------------------------------------- queries
 def _read_cif(cif: str | Path) -> Any:
     from mmmat.data.schema import MaterialRecord, RecordError, parse_cif
@@ -358,9 +391,10 @@ def _read_cif(cif: str | Path) -> Any:
 
 
 def _read_xrd(xrd: str | Path | Any, wavelength: float | None) -> np.ndarray:
-    from mmmat.data.xrd import MeasuredPattern, read_pattern, resample
+    from mmmat.data.xrd import resample
+    from mmmat.io import InputError, Pattern, read_pattern
 
-    if isinstance(xrd, MeasuredPattern):
+    if isinstance(xrd, Pattern):
         pattern = xrd
     else:
         p = Path(xrd)
@@ -368,7 +402,7 @@ def _read_xrd(xrd: str | Path | Any, wavelength: float | None) -> np.ndarray:
             raise RetrievalError(f"XRD file {p} not found")
         try:
             pattern = read_pattern(p, wavelength=wavelength)
-        except ValueError as exc:
+        except InputError as exc:
             raise RetrievalError(f"unusable XRD pattern: {exc}") from None
     profile = resample(pattern)
     if not profile.any():
@@ -449,7 +483,7 @@ def embed_query(
     Args:
         model: A loaded :class:`~mmmat.latent.model.MultimodalModel`.
         cif: CIF file (or CIF text) → ``crystal``.
-        xrd: Powder pattern file (xy/csv/dat or powder CIF) → ``xrd``.
+        xrd: Powder pattern file (any :func:`mmmat.io.read_pattern` format) → ``xrd``.
         image: Image file (PNG/TIFF/...) or ``.npy``, or an array → ``image``.
         text: A sentence → ``text_modality``.
         text_modality: ``literature_text`` or ``processing_text``.

@@ -72,6 +72,10 @@ class ContrastivePretraining(pl.LightningModule):
             of the batch's crystals and adds ``weight`` × its loss.
         save_heads: Also write the objectives' heads (``objectives.safetensors`` + ``objectives.json``) beside
             the saved model; the model itself never carries them.
+        mixture_loss_weight: Weight of the multi-label objective on mixed XRD patterns (``xrd_augment`` with
+            ``p_mixture`` > 0): every pattern is scored against every crystal of the batch,
+            ``σ(s · x·c + b)`` with a learned scale s and bias b (SigLIP-style), and trained by binary
+            cross-entropy to say which crystals are phases of the pattern.  0 turns it off.
         save_dir: Where ``save_pretrained`` writes the model at the end of fit (default: the logger's folder
             + ``/model``).
         seed: Random state (augmentations, dropout) is reseeded from (seed, epoch, rank) at every epoch
@@ -98,6 +102,7 @@ class ContrastivePretraining(pl.LightningModule):
         engine: dict[str, bool] | None = None,
         objectives: dict[str, dict[str, Any]] | None = None,
         save_heads: bool = False,
+        mixture_loss_weight: float = 0.0,
         save_dir: str | None = None,
         seed: int = 0,
     ):
@@ -131,6 +136,14 @@ class ContrastivePretraining(pl.LightningModule):
         if unknown:
             raise ValueError(f"crystal_augment: unknown keys {unknown} (displacement, strain)")
         self._val: list[dict[str, Any]] = []
+        self._mixture: torch.Tensor | None = None
+        if mixture_loss_weight < 0:
+            raise ValueError(f"mixture_loss_weight must be >= 0, got {mixture_loss_weight}")
+        if mixture_loss_weight > 0:
+            if self.augment is None or self.augment.p_mixture <= 0:
+                raise ValueError("mixture_loss_weight needs xrd_augment with p_mixture > 0 (and an xrd encoder)")
+            # scale (log) and bias of the multi-label logits, SigLIP's initial values
+            self.mixture_logit = torch.nn.Parameter(torch.tensor([math.log(10.0), -10.0]))
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -214,7 +227,11 @@ class ContrastivePretraining(pl.LightningModule):
             return batch
         if not self.engine["sync_free"] and not bool(batch.present["xrd"].any()):
             return batch
-        prof = self.augment(batch)
+        if self.hparams.mixture_loss_weight > 0:
+            prof, params = self.augment(batch, return_params=True)
+            self._mixture = params["mixture"]
+        else:
+            prof = self.augment(batch)
         batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
         return batch
 
@@ -245,6 +262,10 @@ class ContrastivePretraining(pl.LightningModule):
         if len(self.objectives):
             loss = loss + self._objective_losses(batch, logs)
         bs = len(batch)
+        if self.hparams.mixture_loss_weight > 0 and self._mixture is not None and {"xrd", "crystal"} <= set(emb):
+            mix_loss = self._mixture_loss(emb["xrd"], emb["crystal"], batch)
+            self.log("train/loss_mixture", mix_loss, batch_size=bs)
+            loss = loss + self.hparams.mixture_loss_weight * mix_loss
         # progress-bar values are read back from the device every step: only when a bar shows them
         bar = getattr(self._trainer, "progress_bar_callback", None) is not None
         self.log("train/loss", loss, prog_bar=bar, batch_size=bs)
@@ -265,6 +286,15 @@ class ContrastivePretraining(pl.LightningModule):
             logs[f"loss/objective_{name}"] = value.detach()
             total = total + obj.weight * value
         return total
+
+    def _mixture_loss(self, xrd: torch.Tensor, crystal: torch.Tensor, batch: MultimodalBatch) -> torch.Tensor:
+        """Binary cross-entropy of "crystal j is a phase of pattern i" over the local batch."""
+        # absent rows and columns are weighted out rather than indexed away (no read-back of the masks)
+        pair = (batch.present["xrd"][:, None] & batch.present["crystal"][None, :]).float()
+        target = (self._mixture > 0).float()
+        logits = self.mixture_logit[0].exp() * (xrd @ crystal.T) + self.mixture_logit[1]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+        return (bce * pair).sum() / pair.sum().clamp_min(1.0)
 
     def validation_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
         """Embed the batch (clean inputs) and keep it for the epoch-end retrieval."""

@@ -1,0 +1,700 @@
+"""Which crystalline phases a powder scan holds, and how much of each: candidate search plus a whole-pattern fit.
+
+:func:`identify` takes a measured pattern (any format of :func:`mmmat.io.read_pattern`) and an index folder
+whose crystals carry peak tables (:mod:`mmmat.xrd.phases`), and returns an :class:`IdentifyResult`.
+
+1. **Candidates** come from two routes, restricted to crystals made only of ``elements`` when given:
+
+   * *classical*: the background-subtracted scan is put on a uniform ln(1/d) grid (an isotropic lattice
+     scale is then a shift) and widened by a running maximum of ±:data:`TOLERANCE` in d; each crystal's
+     strongest lines (Lorentz-polarised at the scan's wavelength) are read off it at every lattice scale
+     in :data:`SCALE_RANGE`.  A crystal's amplitude at a scale is a low quantile (:data:`QUANTILE`) of
+     data/line over its strongest lines, so a crystal whose strong lines are missing gets none, and its
+     score is the intensity it can explain this way (amplitude × summed line intensity ÷ the scan's net
+     intensity), at its best scale;
+   * *learned* (when the index holds crystal embeddings and its model has an ``xrd`` encoder, or
+     ``model`` is given): the scan is embedded and the nearest crystals of the index are taken.
+
+2. **Fit**: phases are added greedily.  Each step tries every pooled candidate (the best
+   :data:`POOL` classical ones plus the learned ones) against the current fit, keeps the one that lowers the
+   weighted residual most, then refines all non-linear parameters (each phase's lattice scale, zero shift,
+   Caglioti W, Scherrer size, axial asymmetry) by least squares with the linear ones (one non-negative
+   scale per phase, a Chebyshev background of degree :data:`BACKGROUND_DEGREE`) solved exactly at every
+   step (variable projection).  Peaks are rendered by :func:`mmmat.xrd.instrument.bragg_profiles` with the
+   scan's Kα1/Kα2 wavelengths and ratio.
+
+3. **Criterion**: a phase is kept only if the Bayesian information criterion falls by more than
+   :data:`MIN_DELTA_BIC`,
+   ``BIC = n_eff ln(RSS_w / n) + k ln n_eff`` with the weighted residual sum of squares (weights 1/counts),
+   k = 2 parameters per phase (scale, lattice scale) and n_eff the number of independent resolution
+   elements of the scan (its 2θ span over the fitted peak FWHM), not the number of points: neighbouring
+   points of one peak are not independent measurements, and counting them all would let every
+   systematic misfit of the peak shape add a phase.  Addition stops at ``max_phases``.  After the final
+   refinement every phase is checked again (backward): one whose removal would not raise the BIC by more
+   than :data:`MIN_DELTA_BIC` is removed.
+
+4. **Weight fractions** by Hill & Howard (J. Appl. Cryst. 20, 467, 1987): w_p = S_p (ZMV)_p / Σ S (ZMV),
+   S the fitted scale of the phase's per-cell intensities, ZM its cell mass, V its cell volume.  Rwp is
+   100·sqrt(Σ w (y - f)² / Σ w y²) with w = 1/max(y, 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmmat.io import InputError, Pattern, read_pattern
+from mmmat.xrd.phases import D_MIN, PhaseTable, ensure_table
+
+#: Lattice scales (d multiplied by s) searched for each candidate: computed cells are often 1-3 % too large.
+SCALE_RANGE = (0.96, 1.03)
+#: Relative d tolerance of the classical match (running maximum half-width).
+TOLERANCE = 1.5e-3
+#: Bin width of the ln(1/d) grid.
+LNQ_STEP = 5e-4
+#: Lines per candidate used for its amplitude, and the quantile taken over them.
+TOP_LINES = 15
+QUANTILE = 0.2
+#: Lines weaker than this fraction of a candidate's strongest are not used in screening.
+MIN_LINE = 0.03
+#: Classical candidates carried into the fit.
+POOL = 12
+#: Learned candidates carried into the fit.
+LEARNED_POOL = 10
+#: Chebyshev background terms minus one.
+BACKGROUND_DEGREE = 12
+#: A phase is kept when it lowers the BIC by more than this ("very strong" evidence, Kass & Raftery 1995).
+MIN_DELTA_BIC = 10.0
+#: Function evaluations of a refinement (twice as many for the final one).
+REFINE_STEPS = 5
+#: Half-range of the lattice-scale refinement around the screening value.
+SCALE_REFINE = 0.01
+
+
+@dataclass
+class PhaseHit:
+    """One phase found in the scan.
+
+    Attributes:
+        material_id: Id in the index.
+        formula: Reduced formula.
+        spacegroup: Space-group number (0 when unknown).
+        weight_fraction: Hill-Howard weight fraction among the phases found (0..1).
+        lattice_scale: Refined isotropic scale of the indexed cell's d-spacings (1 = as indexed).
+        score: BIC rise if the phase were removed from the final fit (larger: stronger evidence).
+
+    """
+
+    material_id: str
+    formula: str
+    spacegroup: int
+    weight_fraction: float
+    lattice_scale: float
+    score: float
+
+
+@dataclass
+class IdentifyResult:
+    """Phases found in a scan, the fit quality and the fitted curves (2θ in degrees at ``wavelength`` Å)."""
+
+    phases: list[PhaseHit]
+    rwp: float
+    two_theta: np.ndarray
+    measured: np.ndarray
+    fitted: np.ndarray
+    residual: np.ndarray
+    background: np.ndarray
+    contributions: dict[str, np.ndarray]
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    wavelength: float = 0.0
+    source: str = ""
+    instrument: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def ranking(self) -> list[str]:
+        """Material ids: the phases found (in the order added), then the other candidates by score."""
+        found = [p.material_id for p in self.phases]
+        return found + [c["material_id"] for c in self.candidates if c["material_id"] not in found]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: phases, Rwp (%), the curves as lists, contributions by material id, candidates."""
+        return {
+            "source": self.source,
+            "wavelength": self.wavelength,
+            "rwp": self.rwp,
+            "seconds": self.seconds,
+            "phases": [asdict(p) for p in self.phases],
+            "instrument": self.instrument,
+            "two_theta": self.two_theta.tolist(),
+            "measured": self.measured.tolist(),
+            "fitted": self.fitted.tolist(),
+            "residual": self.residual.tolist(),
+            "background": self.background.tolist(),
+            "contributions": {k: v.tolist() for k, v in self.contributions.items()},
+            "candidates": self.candidates,
+        }
+
+    def to_frame(self) -> Any:
+        """The phases as a pandas table."""
+        import pandas as pd
+
+        cols = ["material_id", "formula", "spacegroup", "weight_fraction", "lattice_scale", "score"]
+        return pd.DataFrame([asdict(p) for p in self.phases], columns=cols)
+
+    def plot(self, path: str | Path) -> Path:
+        """PNG of measured vs fitted pattern, the residual below, and each phase's contribution."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax, axr) = plt.subplots(2, 1, figsize=(10, 6), sharex=True, height_ratios=[3, 1])
+        ax.plot(self.two_theta, self.measured, color="0.2", lw=0.8, label="measured")
+        ax.plot(self.two_theta, self.fitted, color="tab:red", lw=0.8, label=f"fit (Rwp {self.rwp:.1f} %)")
+        ax.plot(self.two_theta, self.background, color="0.6", lw=0.8, ls="--", label="background")
+        for p in self.phases:
+            curve = self.contributions[p.material_id] + self.background
+            ax.plot(self.two_theta, curve, lw=0.8,
+                    label=f"{p.formula} {p.material_id} ({100 * p.weight_fraction:.0f} wt%)")
+        ax.set_ylabel("intensity")
+        ax.legend(fontsize=7, loc="upper right")
+        ax.set_title(Path(self.source).name, fontsize=9)
+        axr.plot(self.two_theta, self.residual, color="tab:blue", lw=0.6)
+        axr.axhline(0, color="0.5", lw=0.5)
+        axr.set_xlabel(f"2θ (degrees, λ = {self.wavelength:.4f} Å)")
+        axr.set_ylabel("residual")
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out
+
+
+# ====================================================================== index loading (cached per process)
+_TABLES: dict[tuple[str, float], PhaseTable] = {}
+
+
+def load_table(index: str | Path) -> PhaseTable:
+    """The index's peak table, kept in memory for later calls in the same process."""
+    folder = Path(index)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: index folder not found")
+    table = ensure_table(folder)
+    key = (str(folder.resolve()), (folder / "phases.npz").stat().st_mtime)
+    if key not in _TABLES:
+        _TABLES.clear()
+        _TABLES[key] = table
+    return _TABLES[key]
+
+
+#: Element symbols by atomic number (index 0 unused).
+ELEMENTS = (
+    "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr Rb Sr Y "
+    "Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb Lu Hf Ta W Re "
+    "Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg "
+    "Cn Nh Fl Mc Lv Ts Og"
+).split()
+
+
+def _check_elements(elements: Sequence[str] | None) -> list[str] | None:
+    if elements is None:
+        return None
+    out = []
+    for e in elements:
+        e = str(e).strip()
+        if not e:
+            continue
+        if e not in ELEMENTS[1:]:
+            raise InputError(f"unknown element symbol {e!r} in the element list")
+        out.append(e)
+    if not out:
+        raise InputError("the element list is empty")
+    return out
+
+
+# ====================================================================== the scan
+def _net(tt: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from mmmat.data.xrd import estimate_background
+
+    return np.clip(y - estimate_background(tt, y, window=3.0), 0.0, None)
+
+
+def _lp(two_theta: np.ndarray) -> np.ndarray:
+    th = np.radians(two_theta) / 2
+    return (1 + np.cos(2 * th) ** 2) / (np.sin(th) ** 2 * np.cos(th))
+
+
+def _running_max(x: np.ndarray, half: int) -> np.ndarray:
+    if half <= 0:
+        return x
+    padded = np.pad(x, (half, half), mode="edge")
+    return np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1).max(axis=1)
+
+
+def _fwhm_estimate(tt: np.ndarray, net: np.ndarray) -> float:
+    """FWHM (degrees) of the strongest peak of a background-free scan."""
+    i = int(np.argmax(net))
+    half = net[i] / 2
+    lo = i
+    while lo > 0 and net[lo] > half:
+        lo -= 1
+    hi = i
+    while hi < net.size - 1 and net[hi] > half:
+        hi += 1
+    return float(np.clip(tt[hi] - tt[lo], 0.02, 1.0))
+
+
+# ====================================================================== classical screening
+def classical_scores(
+    table: PhaseTable, rows: np.ndarray, tt: np.ndarray, net: np.ndarray, wavelength: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Screening score and best lattice scale of each of ``rows`` (see the module docstring)."""
+    lnq_data = np.log(2 * np.sin(np.radians(tt) / 2) / wavelength)
+    lo, hi = float(lnq_data[0]), float(lnq_data[-1])
+    grid = np.arange(lo, hi + LNQ_STEP, LNQ_STEP)
+    m = np.interp(grid, lnq_data, net / max(float(net.max()), 1e-12))
+    m_s = _running_max(m, max(1, round(TOLERANCE / LNQ_STEP)))
+    total = float(m.sum())
+    nb = grid.size
+    # lines of the candidates, inside the scan's range at any scale
+    starts, stops = table.offsets[rows], table.offsets[rows + 1]
+    lens = (stops - starts).astype(np.int64)
+    owner = np.repeat(np.arange(rows.size), lens)
+    idx = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if rows.size else np.zeros(0, int)
+    d = table.d[idx].astype(np.float64)
+    inten = table.intensity[idx].astype(np.float64)
+    s = wavelength / (2 * d)
+    ok = s < 1
+    tt_line = np.degrees(2 * np.arcsin(np.where(ok, s, 0.5)))
+    r = np.where(ok, inten * _lp(tt_line), 0.0)
+    lnq = -np.log(d)
+    inside = ok & (lnq > lo - 0.04) & (lnq < hi + 0.04)
+    r = np.where(inside, r, 0.0)
+    top = np.zeros(rows.size)
+    np.maximum.at(top, owner, r)
+    rel = r / np.maximum(top[owner], 1e-30)
+    use = rel >= MIN_LINE
+    owner, rel, lnq = owner[use], rel[use], lnq[use]
+    # the TOP_LINES strongest lines of each candidate, padded
+    order = np.lexsort((-rel, owner))
+    owner, rel, lnq = owner[order], rel[order], lnq[order]
+    first = np.searchsorted(owner, np.arange(rows.size))
+    rank = np.arange(owner.size) - first[owner]
+    keep = rank < TOP_LINES
+    n_lines = np.bincount(owner[keep], minlength=rows.size)
+    sum_rel = np.bincount(owner, weights=rel, minlength=rows.size)
+    pad_b = np.full((rows.size, TOP_LINES), -1.0)
+    pad_r = np.ones((rows.size, TOP_LINES))
+    pad_b[owner[keep], rank[keep]] = (lnq[keep] - lo) / LNQ_STEP
+    pad_r[owner[keep], rank[keep]] = rel[keep]
+    # lattice scale s: d -> d s moves ln q by -ln s, i.e. the data are read k = ln(s)/step bins lower
+    shifts = np.arange(math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1]) + LNQ_STEP, LNQ_STEP * 2) / LNQ_STEP
+    best = np.full(rows.size, -1.0)
+    best_shift = np.zeros(rows.size)
+    valid_line = pad_b >= 0
+    q_index = np.floor(QUANTILE * np.maximum(n_lines - 1, 0)).astype(np.int64)
+    for k0 in range(0, shifts.size, 16):
+        ks = shifts[k0:k0 + 16]
+        b = np.rint(pad_b[:, :, None] - ks[None, None, :]).astype(np.int64)
+        in_grid = valid_line[:, :, None] & (b >= 0) & (b < nb)
+        vals = np.where(in_grid, m_s[np.clip(b, 0, nb - 1)], 0.0)
+        ratio = np.where(valid_line[:, :, None], vals / pad_r[:, :, None], np.inf)
+        ratio.sort(axis=1)
+        amp = np.take_along_axis(ratio, q_index[:, None, None], axis=1)[:, 0, :]
+        amp = np.where(np.isfinite(amp), amp, 0.0)
+        score = amp * sum_rel[:, None]
+        j = score.argmax(axis=1)
+        sc = score[np.arange(rows.size), j]
+        better = sc > best
+        best = np.where(better, sc, best)
+        best_shift = np.where(better, ks[j], best_shift)
+    width_bins = 3.0  # nominal line width in bins: only a display normalisation
+    scores = best * width_bins / max(total, 1e-12)
+    scales = np.exp(best_shift * LNQ_STEP)
+    return np.where(n_lines > 0, scores, 0.0), scales
+
+
+# ====================================================================== learned candidates
+def learned_candidates(pattern: Pattern, index: Path, model: str | Path | None, table: PhaseTable,
+                       allowed: np.ndarray | None, k: int = LEARNED_POOL) -> list[tuple[int, float]]:
+    """(table row, cosine) of the crystals nearest to the scan in the model's latent space."""
+    from mmmat.retrieval.api import _read_xrd, _require, check_model, load_model, open_index
+
+    emb = open_index(index)
+    mdir = Path(model) if model is not None else Path(emb.info.get("model_path", ""))
+    loaded = load_model(mdir)
+    _require(loaded, "xrd")
+    check_model(emb, mdir)
+    import torch
+
+    with torch.no_grad():
+        q = loaded.embed("xrd", _read_xrd(pattern, None)[None]).float().cpu().numpy()[0]
+    want = len(emb) if allowed is not None else k
+    scores, rows = emb.search_batch(q, min(want, len(emb)))
+    id_to_row = {m: i for i, m in enumerate(table.material_id.tolist())}
+    allowed_set = None if allowed is None else set(allowed.tolist())
+    out = []
+    for s, r in zip(scores[0], rows[0]):
+        if r < 0:
+            continue
+        row = id_to_row.get(str(emb.meta.iloc[int(r)]["material_id"]))
+        if row is None or (allowed_set is not None and row not in allowed_set):
+            continue
+        out.append((row, float(s)))
+        if len(out) >= k:
+            break
+    return out
+
+
+def _has_xrd_model(index: Path, model: str | Path | None) -> bool:
+    if model is not None:
+        return True
+    meta = index / "index.json"
+    if not meta.is_file():
+        return False
+    path = json.loads(meta.read_text()).get("model_path")
+    if not path or not (Path(path) / "config.json").is_file():
+        return False
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return "xrd" in cfg.get("encoders", {})
+
+
+# ====================================================================== fitting
+#: Points are averaged in bins of at least this width (degrees) for the fit.
+FIT_STEP = 0.025
+#: Lines reach this many FWHMs in the fit (the background absorbs the far tails).
+FIT_CUTOFF_FWHM = 6.0
+#: Lines weaker than this fraction of a phase's strongest (after Lorentz-polarisation) are left out of the fit.
+FIT_MIN_LINE = 2e-3
+#: Shape parameters refined with the phases: name -> (lower, upper) bound in the refined coordinate.
+_SHAPE_BOUNDS = {"zero_shift": (-0.3, 0.3), "W": (math.log(1e-5), math.log(0.3)), "U": (0.0, 0.1),
+                 "size_nm": (math.log(20.0), math.log(1e4)), "asymmetry": (-0.3, 0.3)}
+_LOG_SHAPE = ("W", "size_nm")
+_OFFSET = 10.0
+
+
+class _Fitter:
+    """Weighted whole-pattern fit of a set of phases (variable projection)."""
+
+    def __init__(self, tt: np.ndarray, y: np.ndarray, pattern: Pattern, fwhm: float):
+        import torch
+
+        self.torch = torch
+        step = float(np.median(np.diff(tt)))
+        k = max(1, round(FIT_STEP / step))
+        if k > 1:  # average neighbouring points: the fit grid stays finer than a quarter of a peak
+            m = (tt.size // k) * k
+            tt, y = tt[:m].reshape(-1, k).mean(1), y[:m].reshape(-1, k).mean(1)
+        self.tt = tt
+        self.y = y
+        self.sw = np.sqrt(k / np.maximum(y, 1.0))
+        self.grid = torch.as_tensor(tt, dtype=torch.float32)
+        self.lam1 = float(pattern.wavelength)
+        self.lam2 = float(pattern.wavelength2 or pattern.wavelength)
+        self.ratio = float(pattern.ka2_ratio if pattern.ka2_ratio is not None else
+                           (0.5 if pattern.wavelength2 else 0.0))
+        x = 2 * (tt - tt[0]) / (tt[-1] - tt[0]) - 1
+        basis = [np.ones_like(x), x]
+        for _ in range(2, BACKGROUND_DEGREE + 1):
+            basis.append(2 * x * basis[-1] - basis[-2])
+        self.bg = np.stack(basis, axis=1)
+        self.shape = {"zero_shift": 0.0, "W": fwhm**2, "U": 0.0, "size_nm": 1000.0, "asymmetry": 0.0}
+        self.n_eff = max((tt[-1] - tt[0]) / fwhm, 10.0)
+        self._lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def lines(self, key: int, d: np.ndarray, inten: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A phase's lines that can reach the scan, strong enough to matter (cached by ``key``)."""
+        if key not in self._lines:
+            s = self.lam1 / (2 * d.astype(np.float64) * (1 - SCALE_RANGE[0] + 1))
+            tt = np.degrees(2 * np.arcsin(np.clip(s, 0, 1)))
+            w = np.where(s < 1, inten * _lp(np.clip(tt, 1e-3, None)), 0.0)
+            keep = (s < 1) & (w >= FIT_MIN_LINE * max(float(w.max()) if w.size else 0.0, 1e-30))
+            self._lines[key] = (d[keep].astype(np.float64), inten[keep].astype(np.float64))
+        return self._lines[key]
+
+    def profiles(self, lines: list[tuple[np.ndarray, np.ndarray]], scales: Sequence[float],
+                 shape: dict[str, float] | None = None) -> np.ndarray:
+        """(L, n) unit-scale profiles of phases given as (d, intensity) line lists at lattice ``scales``."""
+        from mmmat.xrd.instrument import InstrumentParams, bragg_profiles
+
+        torch = self.torch
+        sh = shape or self.shape
+        n = len(lines)
+        width = max(1, max(ln[0].size for ln in lines))
+        d = np.ones((n, width))
+        inten = np.zeros((n, width))
+        for i, ((dl, il), s) in enumerate(zip(lines, scales)):
+            d[i, : dl.size] = dl * s
+            inten[i, : il.size] = il
+        p = InstrumentParams.fixed(n, dtype=torch.float32, wavelength=self.lam1, wavelength2=self.lam2,
+                                   ka2_ratio=self.ratio, W=max(sh["W"], 1e-6), U=sh["U"], size_nm=sh["size_nm"],
+                                   asymmetry=sh["asymmetry"], zero_shift=sh["zero_shift"])
+        dt = torch.as_tensor(d, dtype=torch.float32)
+        it = torch.as_tensor(inten / np.maximum(inten.max(axis=1, keepdims=True), 1e-30), dtype=torch.float32)
+        prof = bragg_profiles(dt, it, it > 0, p, self.grid, lp=True, cutoff_fwhm=FIT_CUTOFF_FWHM)
+        scale_back = np.maximum(inten.max(axis=1), 1e-30)
+        return prof.double().numpy().T * scale_back[None, :]
+
+    def solve(self, prof: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        """Non-negative phase scales and free background by weighted least squares: (coef, RSS_w, fit).
+
+        Normal equations on unit-norm columns; a phase whose scale comes out negative is dropped (set to 0)
+        and the rest solved again (an active set over the phase columns).
+        """
+        design = np.concatenate([prof, self.bg], axis=1)
+        a = design * self.sw[:, None]
+        b = self.y * self.sw
+        norm = np.sqrt((a * a).sum(axis=0))
+        norm[norm == 0] = 1.0
+        an = a / norm
+        gram = an.T @ an
+        rhs = an.T @ b
+        n_ph = prof.shape[1]
+        active = np.ones(a.shape[1], dtype=bool)
+        coef = np.zeros(a.shape[1])
+        for _ in range(n_ph + 1):
+            g = gram[np.ix_(active, active)] + 1e-10 * np.eye(int(active.sum()))
+            coef[:] = 0.0
+            coef[active] = np.linalg.solve(g, rhs[active])
+            neg = np.flatnonzero(coef[:n_ph] < 0)
+            if neg.size == 0:
+                break
+            active[neg[np.argmin(coef[neg])]] = False
+        coef = coef / norm
+        fit = design @ coef
+        rss = float((((self.y - fit) * self.sw) ** 2).sum())
+        return coef, rss, fit
+
+    def bic(self, rss: float, n_phases: int) -> float:
+        """BIC over the scan's resolution elements (module docstring)."""
+        k = 2 * n_phases + BACKGROUND_DEGREE + 1
+        return self.n_eff * math.log(max(rss, 1e-300) / self.y.size) + k * math.log(self.n_eff)
+
+    def refine(self, lines: list[tuple[np.ndarray, np.ndarray]], scales: list[float], free_phases: Sequence[int],
+               shape_names: Sequence[str], max_nfev: int = 30) -> tuple[list[float], float]:
+        """Refine the lattice scales of ``free_phases`` and the named shape parameters by least squares.
+
+        Returns:
+            (all lattice scales, weighted RSS); the refined shape is kept in ``self.shape``.
+
+        """
+        from scipy.optimize import least_squares
+
+        s0 = np.array(scales, dtype=float)
+        sh0 = dict(self.shape)
+        free = list(free_phases)
+        names = list(shape_names)
+
+        def unpack(u: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+            v = u - _OFFSET
+            sc = s0.copy()
+            sc[free] = s0[free] * (1 + v[: len(free)])
+            sh = dict(sh0)
+            for name, x in zip(names, v[len(free):]):
+                sh[name] = math.exp(x) if name in _LOG_SHAPE else float(x)
+            return sc, sh
+
+        def resid(v: np.ndarray) -> np.ndarray:
+            sc, sh = unpack(v)
+            _, _, fit = self.solve(self.profiles(lines, sc, sh))
+            return (self.y - fit) * self.sw
+
+        v0 = [0.0] * len(free) + [math.log(sh0[nm]) if nm in _LOG_SHAPE else sh0[nm] for nm in names]
+        lo = np.array([-SCALE_REFINE] * len(free) + [_SHAPE_BOUNDS[nm][0] for nm in names])
+        hi = np.array([SCALE_REFINE] * len(free) + [_SHAPE_BOUNDS[nm][1] for nm in names])
+        v0 = np.clip(v0, lo + 1e-9, hi - 1e-9)
+        # shifted by a constant: relative finite-difference steps never collapse at a parameter equal to 0
+        res = least_squares(resid, v0 + _OFFSET, bounds=(lo + _OFFSET, hi + _OFFSET), max_nfev=max_nfev,
+                            x_scale="jac", diff_step=1e-4, method="trf")
+        sc, sh = unpack(res.x)
+        self.shape = sh
+        return list(sc), float((res.fun**2).sum())
+
+
+# ====================================================================== the entry point
+def identify(
+    pattern: Pattern | str | Path,
+    index: str | Path,
+    elements: Sequence[str] | None = None,
+    max_phases: int = 4,
+    model: str | Path | None = None,
+    wavelength: float | None = None,
+    learned: bool | None = None,
+    two_theta_range: tuple[float, float] | None = None,
+) -> IdentifyResult:
+    """Identify the crystalline phases of a powder scan and their weight fractions (module docstring).
+
+    Args:
+        pattern: A :class:`mmmat.io.Pattern` or a pattern file.
+        index: Index folder with peak tables (``mmmat index add``), optionally with crystal embeddings.
+        elements: Element symbols the sample may contain; only crystals made of them are candidates.
+        max_phases: Most phases reported.
+        model: Model folder for the learned route (default: the index's model, when it has an xrd encoder).
+        wavelength: Kα1 (or monochromatic) wavelength in Å for a file that gives none (overrides the file's).
+        learned: Use the learned route (default: whenever the index has an xrd-capable model).
+        two_theta_range: 2θ range to fit, degrees (default: the whole scan from 5°, up to the angle of the
+            peak tables' smallest d-spacing).
+
+    Returns:
+        The phases found, Rwp (%), the fitted curves and the ranked candidates.
+
+    Raises:
+        InputError: unreadable pattern, no wavelength, an element list that matches no crystal, an index
+            without peak tables.
+
+    """
+    t0 = time.perf_counter()
+    if not isinstance(pattern, Pattern):
+        pattern = read_pattern(pattern, wavelength=wavelength)
+    elif wavelength is not None:
+        pattern = Pattern(pattern.two_theta, pattern.intensity, float(wavelength), None, None, pattern.source,
+                          dict(pattern.meta))
+    if pattern.wavelength is None:
+        raise InputError(f"{pattern.source}: the file gives no wavelength; pass the Kα1 wavelength in Å "
+                         "(--wavelength 1.5406 for Cu)")
+    if max_phases < 1:
+        raise InputError(f"max_phases must be at least 1, got {max_phases}")
+    elements = _check_elements(elements)
+    index = Path(index)
+    table = load_table(index)
+    rows = table.rows_within(elements) if elements else np.arange(len(table))
+    if rows.size == 0:
+        raise InputError(f"no crystal in {index} is made only of {', '.join(elements or [])} "
+                         f"({len(table)} crystals indexed)")
+
+    tt = np.asarray(pattern.two_theta, dtype=np.float64)
+    y = np.asarray(pattern.intensity, dtype=np.float64)
+    lo, hi = two_theta_range or (5.0, 180.0)
+    reach = 2 * math.degrees(math.asin(min(1.0, pattern.wavelength / (2 * D_MIN))))
+    hi = min(hi, reach)  # the peak tables stop at d = D_MIN
+    sel = (tt >= lo) & (tt <= hi) & np.isfinite(y)
+    tt, y = tt[sel], y[sel]
+    if tt.size < 50:
+        raise InputError(f"{pattern.source}: fewer than 50 points in the 2θ range {lo}-{hi}°")
+    y = np.clip(y, 0.0, None)
+    net = _net(tt, y)
+    if not net.any():
+        raise InputError(f"{pattern.source}: no signal above the background")
+    fwhm = _fwhm_estimate(tt, net)
+
+    scores, scales = classical_scores(table, rows, tt, net, pattern.wavelength)
+    order = np.argsort(-scores, kind="stable")
+    candidates = [{"material_id": str(table.material_id[rows[i]]), "formula": str(table.formula[rows[i]]),
+                   "classical_score": round(float(scores[i]), 5), "lattice_scale": round(float(scales[i]), 5)}
+                  for i in order[: max(POOL * 3, 30)]]
+    pool = {int(rows[i]): float(scales[i]) for i in order[:POOL]}
+    scale_of_row = dict(zip(rows.tolist(), scales.tolist()))
+    use_learned = _has_xrd_model(index, model) if learned is None else learned
+    if use_learned:
+        hits = learned_candidates(pattern, index, model, table, rows if elements else None)
+        by_id = {c["material_id"]: c for c in candidates}
+        for rank, (row, cos) in enumerate(hits, 1):
+            mid = str(table.material_id[row])
+            entry = by_id.get(mid)
+            if entry is None:
+                entry = {"material_id": mid, "formula": str(table.formula[row]), "classical_score": None,
+                         "lattice_scale": round(float(scale_of_row.get(row, 1.0)), 5)}
+                candidates.append(entry)
+                by_id[mid] = entry
+            entry["learned_rank"], entry["learned_score"] = rank, round(cos, 5)
+            pool.setdefault(row, float(scale_of_row.get(row, 1.0)))
+
+    fitter = _Fitter(tt, y, pattern, fwhm)
+    lines_of = {r: fitter.lines(r, *table.peaks(r)) for r in pool}
+    pool = {r: sc for r, sc in pool.items() if lines_of[r][0].size}
+    chosen: list[int] = []
+    chosen_scales: list[float] = []
+    evidence: list[float] = []
+    _, rss, _ = fitter.solve(np.zeros((fitter.y.size, 0)))
+    bic = fitter.bic(rss, 0)
+    while len(chosen) < max_phases:
+        trial_rows = [r for r in pool if r not in chosen]
+        if not trial_rows:
+            break
+        base_lines = [lines_of[r] for r in chosen]
+        base_prof = fitter.profiles(base_lines, chosen_scales) if chosen else np.zeros((fitter.y.size, 0))
+        trial_lines, trial_scales, trial_owner = [], [], []
+        for r in trial_rows:
+            for f in (0.999, 1.0, 1.001):
+                trial_lines.append(lines_of[r])
+                trial_scales.append(pool[r] * f)
+                trial_owner.append(r)
+        prof = fitter.profiles(trial_lines, trial_scales)
+        best = (math.inf, -1, 1.0)
+        for j, r in enumerate(trial_owner):
+            coef, rss_j, _ = fitter.solve(np.concatenate([base_prof, prof[:, j:j + 1]], axis=1))
+            if coef[len(chosen)] > 0 and rss_j < best[0]:
+                best = (rss_j, r, trial_scales[j])
+        if best[1] < 0:
+            break
+        new_rows = [*chosen, best[1]]
+        new_lines = [lines_of[r] for r in new_rows]
+        new_scales = [*chosen_scales, best[2]]
+        rss_new = best[0]
+        if not fitter.bic(rss_new, len(new_rows)) < bic - MIN_DELTA_BIC:  # refine its scale and the shape first
+            shape_names = ("zero_shift", "W") if chosen else ("zero_shift", "W", "size_nm")
+            new_scales, _ = fitter.refine(new_lines, new_scales, [len(chosen)], shape_names, max_nfev=REFINE_STEPS)
+        coef, rss_new, _ = fitter.solve(fitter.profiles(new_lines, new_scales))
+        bic_new = fitter.bic(rss_new, len(new_rows))
+        if not bic_new < bic - MIN_DELTA_BIC or coef[len(chosen)] <= 0:
+            break
+        evidence.append(bic - bic_new)
+        chosen, chosen_scales, bic = new_rows, new_scales, bic_new
+        if len(chosen) == 1:  # the peak shape, from the strongest phase, before looking for minor ones
+            shape_all = ("zero_shift", "W", "U", "size_nm", "asymmetry")
+            chosen_scales, _ = fitter.refine(new_lines, chosen_scales, [0], shape_all, max_nfev=REFINE_STEPS)
+            _, rss1, _ = fitter.solve(fitter.profiles(new_lines, chosen_scales))
+            bic = fitter.bic(rss1, 1)
+        alive = [i for i in range(len(chosen)) if coef[i] > 0]
+        if len(alive) < len(chosen):  # a phase the new one made redundant
+            chosen = [chosen[i] for i in alive]
+            chosen_scales = [chosen_scales[i] for i in alive]
+            evidence = [evidence[i] for i in alive]
+
+    lines = [lines_of[r] for r in chosen]
+    if chosen:
+        chosen_scales, _ = fitter.refine(lines, chosen_scales, list(range(len(chosen))),
+                                         ("zero_shift", "W", "U", "size_nm", "asymmetry"), max_nfev=2 * REFINE_STEPS)
+    # backward check with the final peak shape: a phase whose removal does not raise the BIC by more than
+    # MIN_DELTA_BIC goes; each kept phase's score is the BIC rise its removal would cause
+    while chosen:
+        prof = fitter.profiles([lines_of[r] for r in chosen], chosen_scales)
+        _, rss_all, _ = fitter.solve(prof)
+        bic_all = fitter.bic(rss_all, len(chosen))
+        rise = []
+        for i in range(len(chosen)):
+            _, rss_i, _ = fitter.solve(np.delete(prof, i, axis=1))
+            rise.append(fitter.bic(rss_i, len(chosen) - 1) - bic_all)
+        weakest = int(np.argmin(rise))
+        if rise[weakest] > MIN_DELTA_BIC:
+            evidence = rise
+            break
+        del chosen[weakest], chosen_scales[weakest]
+    lines = [lines_of[r] for r in chosen]
+    prof = fitter.profiles(lines, chosen_scales) if chosen else np.zeros((fitter.y.size, 0))
+    coef, rss, fit = fitter.solve(prof)
+    tt, y = fitter.tt, fitter.y
+    n = len(chosen)
+    background = fitter.bg @ coef[n:]
+    mass_vol = np.array([table.mass[r] * table.volume[r] for r in chosen])
+    wf = coef[:n] * mass_vol
+    wf = wf / wf.sum() if n and wf.sum() > 0 else wf
+    w = 1.0 / np.maximum(y, 1.0)
+    rwp = 100.0 * math.sqrt(float((w * (y - fit) ** 2).sum()) / float((w * y * y).sum()))
+    phases = [PhaseHit(str(table.material_id[r]), str(table.formula[r]), int(table.spacegroup[r]), float(wf[i]),
+                       float(chosen_scales[i]), float(evidence[i])) for i, r in enumerate(chosen)]
+    contributions = {str(table.material_id[r]): prof[:, i] * coef[i] for i, r in enumerate(chosen)}
+    return IdentifyResult(
+        phases=phases, rwp=rwp, two_theta=tt, measured=y, fitted=fit, residual=y - fit, background=background,
+        contributions=contributions, candidates=candidates, wavelength=float(pattern.wavelength),
+        source=pattern.source, instrument={k: float(v) for k, v in fitter.shape.items()},
+        seconds=time.perf_counter() - t0,
+    )

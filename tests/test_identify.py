@@ -1,0 +1,126 @@
+"""Phase identification on a tiny index built in the test: synthetic mixtures, the CLI, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmmat.cli import app
+from mmmat.io import InputError
+from mmmat.xrd.identify import identify, load_table
+from mmmat.xrd.instrument import InstrumentParams, uniform_grid
+from mmmat.xrd.mixtures import as_pattern, render_mixtures
+from mmmat.xrd.phases import PhaseTable
+from tests.conftest import shared_data
+
+
+def _structures():
+    from pymatgen.core import Lattice, Structure
+
+    sg = Structure.from_spacegroup
+    return {
+        "nacl": sg("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        "kcl": sg("Fm-3m", Lattice.cubic(6.29), ["K", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        "si": sg("Fd-3m", Lattice.cubic(5.431), ["Si"], [[0, 0, 0]]),
+        "zno": sg("P6_3mc", Lattice.hexagonal(3.25, 5.21), ["Zn", "O"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.382]]),
+        "rutile": sg("P4_2/mnm", Lattice.tetragonal(4.594, 2.959), ["Ti", "O"], [[0, 0, 0], [0.305, 0.305, 0]]),
+        "mgo": sg("Fm-3m", Lattice.cubic(4.21), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+        "cu": sg("Fm-3m", Lattice.cubic(3.615), ["Cu"], [[0, 0, 0]]),
+        "gan": sg("P6_3mc", Lattice.hexagonal(3.19, 5.19), ["Ga", "N"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.375]]),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idx")
+    cifs = root / "cifs"
+    cifs.mkdir()
+    for name, s in _structures().items():
+        (cifs / f"{name}.cif").write_text(s.to(fmt="cif"))
+    (cifs / "broken.cif").write_text("data_x\n_cell_length_a 3\n")
+    r = CliRunner().invoke(app, ["index", "add", "--index", str(root / "index"), "--cif", str(cifs)])
+    assert r.exit_code == 0, r.output
+    assert "8 crystals added" in r.output and "1 unreadable" in r.output
+    return root / "index"
+
+
+def _scan(table: PhaseTable, names, fractions, scales, seed=0, **inst):
+    rows = [int(np.flatnonzero(table.material_id == n)[0]) for n in names]
+    values = dict(ka2_ratio=0.5, U=0.004, V=-0.002, W=0.003, size_nm=100.0, asymmetry=0.05, zero_shift=0.02,
+                  background=[[0.05, -0.02, 0.01]], hump_height=0.03, counts=2e4)
+    values.update(inst)
+    p = InstrumentParams.fixed(1, dtype=torch.float64, **values)
+    grid = uniform_grid(10.0, 100.0, 0.02, dtype=torch.float64)
+    y = render_mixtures(table, [(rows, fractions, scales)], p, grid, torch.Generator().manual_seed(seed))
+    return as_pattern(grid, y, p, 0, "synthetic")
+
+
+def test_two_phase_mixture(tiny_index):
+    table = load_table(tiny_index)
+    pat = _scan(table, ["zno", "rutile"], [0.7, 0.3], [1.004, 0.996])
+    res = identify(pat, tiny_index, elements=["Zn", "Ti", "O", "Mg"])
+    found = {p.material_id: p for p in res.phases}
+    assert set(found) == {"zno", "rutile"}
+    assert found["zno"].weight_fraction == pytest.approx(0.7, abs=0.05)
+    assert found["zno"].lattice_scale == pytest.approx(1.004, abs=0.001)
+    assert found["rutile"].lattice_scale == pytest.approx(0.996, abs=0.001)
+    assert res.rwp < 15 and res.ranking()[:2] == [p.material_id for p in res.phases]
+    frame = res.to_frame()
+    assert list(frame["material_id"]) == [p.material_id for p in res.phases]
+    doc = res.to_dict()
+    assert len(doc["two_theta"]) == len(doc["fitted"]) == len(doc["contributions"]["zno"])
+    # without the element list the same two come out of all eight crystals
+    res2 = identify(pat, tiny_index)
+    assert {p.material_id for p in res2.phases} == {"zno", "rutile"}
+
+
+def test_single_phase_and_bad_inputs(tiny_index, tmp_path):
+    table = load_table(tiny_index)
+    pat = _scan(table, ["si"], [1.0], [1.0], counts=5e3)
+    res = identify(pat, tiny_index, max_phases=3)
+    assert [p.material_id for p in res.phases] == ["si"] and res.phases[0].weight_fraction == pytest.approx(1.0)
+    with pytest.raises(InputError, match="no crystal in .* is made only of Xe"):
+        identify(pat, tiny_index, elements=["Xe"])
+    with pytest.raises(InputError, match="unknown element symbol 'Qq'"):
+        identify(pat, tiny_index, elements=["Qq"])
+    xy = tmp_path / "scan.xy"
+    xy.write_text("\n".join(f"{a} {b}" for a, b in zip(pat.two_theta, pat.intensity)))
+    with pytest.raises(InputError, match=r"scan\.xy: the file gives no wavelength"):
+        identify(xy, tiny_index)
+    assert [p.material_id for p in identify(xy, tiny_index, wavelength=1.5406).phases][:1] == ["si"]
+    with pytest.raises(InputError, match="index folder not found"):
+        identify(pat, tmp_path / "nothing")
+
+
+def test_cli_identify(tiny_index, tmp_path):
+    table = load_table(tiny_index)
+    pat = _scan(table, ["nacl", "mgo"], [0.5, 0.5], [1.0, 1.0])
+    xy = tmp_path / "mix.xy"
+    xy.write_text("\n".join(f"{a:.3f} {b:.1f}" for a, b in zip(pat.two_theta, pat.intensity)))
+    out = tmp_path / "res.json"
+    png = tmp_path / "res.png"
+    r = CliRunner().invoke(app, ["identify", str(xy), "--index", str(tiny_index), "--elements", "Na,Cl,Mg,O",
+                                 "--wavelength", "1.5406", "--json", str(out), "--png", str(png)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert {p["material_id"] for p in doc["phases"]} == {"nacl", "mgo"} and png.stat().st_size > 10_000
+    r = CliRunner().invoke(app, ["identify", str(xy), "--index", str(tiny_index), "--elements", "Au"])
+    assert r.exit_code == 2 and "wavelength" in r.output
+    r = CliRunner().invoke(app, ["identify", str(xy), "--index", str(tiny_index), "--elements", "Au",
+                                 "--wavelength", "1.54"])
+    assert r.exit_code == 2 and "made only of Au" in r.output
+
+
+def test_real_xrdml_scan_runs(tiny_index, tmp_path):
+    tar = shared_data("xrd_measured/alab_binary_reactions/binary_reactions_xrdml.tar.xz")
+    with tarfile.open(tar) as t:
+        t.extractall(tmp_path, filter="data")
+    scan = next(tmp_path.rglob("CoO-ZnO_1100C_60min.xrdml"))
+    res = identify(scan, tiny_index, elements=["Zn", "O", "Mg", "Ti"])
+    assert "zno" in [p.material_id for p in res.phases]
+    assert np.isfinite(res.rwp) and res.rwp < 50
