@@ -29,6 +29,7 @@ writes them; the pretraining task writes them separately when asked (``save_head
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -59,8 +60,11 @@ def create_objective(name: str, hidden: int, cutoff: float, **kwargs: Any) -> nn
 
 
 def _crystal_copy(crystal: Any, **changes: Tensor) -> Any:
-    """A shallow copy of a crystal graph batch with some fields replaced (the original is not touched)."""
-    out = crystal.clone() if hasattr(crystal, "clone") else crystal
+    """A shallow copy of a crystal graph batch with some fields replaced (the original is not touched).
+
+    The unchanged tensors (edges, lattice, ...) are shared, not copied.
+    """
+    out = copy.copy(crystal)
     for k, v in changes.items():
         out[k] = v
     if getattr(out, "computed_xrd", None) is not None and "pos" in changes:

@@ -301,6 +301,17 @@ def _model_dir(index: EmbeddingIndex, model_dir: str | Path | None) -> Path:
     return Path(recorded)
 
 
+def _crystal_index(index_dir: str | Path, model_dir: str | Path | None) -> tuple[EmbeddingIndex, Any]:
+    """The index to add crystals to and the model that built it (checked by fingerprint and modality)."""
+    index = open_index(index_dir)
+    mdir = _model_dir(index, model_dir)
+    model = load_model(mdir)
+    check_model(index, mdir)
+    if index.info.get("modality", "crystal") != "crystal":
+        raise RetrievalError(f"the index holds {index.info['modality']!r} embeddings, not crystals")
+    return index, model
+
+
 def add_to_index(
     index_dir: str | Path,
     shard_dir: str | Path,
@@ -323,12 +334,7 @@ def add_to_index(
         ``(added, skipped)`` counts.
 
     """
-    index = open_index(index_dir)
-    mdir = _model_dir(index, model_dir)
-    model = load_model(mdir)
-    check_model(index, mdir)
-    if index.info.get("modality", "crystal") != "crystal":
-        raise RetrievalError(f"the index holds {index.info['modality']!r} embeddings, not crystals")
+    index, model = _crystal_index(index_dir, model_dir)
     table = embed_shards(model, shard_dir, "crystal", split, batch_size)
     meta = table.drop(columns="embedding")
     added = index.add(embedding_matrix(table), meta, skip_duplicates=skip_duplicates)
@@ -353,10 +359,7 @@ def add_structures_to_index(
     """
     from mmmat.data.schema import MaterialRecord, RecordError
 
-    index = open_index(index_dir)
-    mdir = _model_dir(index, model_dir)
-    model = load_model(mdir)
-    check_model(index, mdir)
+    index, model = _crystal_index(index_dir, model_dir)
     records = []
     for mid, s in structures:
         try:
