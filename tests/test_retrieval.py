@@ -31,6 +31,18 @@ def test_known_ranks():
     assert m["n_queries"] == 5 and m["n_gallery"] == 5
 
 
+def test_non_finite_embeddings_are_refused():
+    # a NaN similarity compares false with everything: unguarded, every query would rank its match first
+    gallery = _unit(0, 10, 40)
+    query = _unit(0, 45)
+    query[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 of 2 query embeddings are not finite"):
+        rank_of_true(query, gallery, torch.tensor([0, 2]))
+    gallery[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="gallery embeddings are not finite"):
+        rank_of_true(_unit(0, 45), gallery, torch.tensor([0, 2]))
+
+
 def test_even_count_median_and_scale_invariance():
     gallery = _unit(0, 30, 60)
     query = _unit(0, 0)

@@ -203,8 +203,13 @@ class TextEncoder(nn.Module):
         if self.full_attention_mask and getattr(self.backbone.config, "_attn_implementation", None) == "sdpa":
             # the (B, 1, T, T) mask is used as given: the 2D mask would be read back from the device to test
             # whether it masks anything (one synchronisation per call); the attention computed is the same
+            # a row without any token (an absent text, weighted out by the loss) attends to its first position:
+            # a key row masked everywhere gives NaN in SDPA, and NaN times a zero weight is still NaN in the
+            # gradient; rows with tokens are unchanged (their first position is a real token)
             t = attention_mask.shape[1]
-            mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, t, t)
+            keys = attention_mask.bool().clone()
+            keys[:, 0] = True
+            mask = keys[:, None, None, :].expand(-1, 1, t, t)
         hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]

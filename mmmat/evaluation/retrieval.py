@@ -45,6 +45,11 @@ def rank_of_true(
         raise ValueError(f"true_index out of range for a gallery of {gallery.shape[0]}")
     query = query.detach().float()
     gallery = gallery.detach().float().to(query.device)
+    for name, emb in (("query", query), ("gallery", gallery)):
+        # a NaN similarity compares false with everything, which would rank every query first
+        bad = int((~torch.isfinite(emb).all(dim=1)).sum())
+        if bad:
+            raise ValueError(f"{bad} of {emb.shape[0]} {name} embeddings are not finite (NaN or Inf): no ranks")
     if normalize:
         query = F.normalize(query, dim=-1)
         gallery = F.normalize(gallery, dim=-1)
