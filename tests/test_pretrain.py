@@ -222,3 +222,28 @@ def test_mixture_augment_and_multilabel_objective(tmp_path, tiny_shards):
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     assert "train/loss_mixture" in metrics and metrics["train/loss_mixture"] > 0
     assert "val/xrd_to_crystal_R@1" in metrics
+
+
+def test_shipped_configs_stop_a_run_whose_loss_is_not_finite(tmp_path, tiny_shards, monkeypatch):
+    # the mp20p configs carry an EarlyStopping(check_finite) entry: a NaN loss ends the run at its epoch's end
+    import yaml
+
+    import train
+    from mmmat.latent.losses import MultimodalContrastiveLoss
+
+    shipped = yaml.safe_load(open(Path(TINY).parent / "mp20p.yaml"))["trainer"]["callbacks"]
+    guard = [c for c in shipped if c["class_path"].endswith("EarlyStopping")]
+    assert guard and guard[0]["init_args"]["check_finite"]
+    tiny = yaml.safe_load(open(TINY))["trainer"].get("callbacks") or []
+    extra = tmp_path / "guard.yaml"
+    extra.write_text(yaml.safe_dump({"trainer": {"callbacks": tiny + guard}}))
+    forward = MultimodalContrastiveLoss.forward
+
+    def nan_loss(self, *args, **kwargs):
+        loss, logs = forward(self, *args, **kwargs)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(MultimodalContrastiveLoss, "forward", nan_loss)
+    cli = train.main(_args(tmp_path, tiny_shards, "--config", str(extra), "--trainer.max_epochs=4",
+                           "--trainer.limit_val_batches=0"))
+    assert cli.trainer.global_step == 3  # stopped after the first epoch (48 materials, batch 16), not 12 steps
