@@ -97,13 +97,13 @@ def build_table(
     device: str | None = None,
     out: str | Path = TABLE_PATH,
     max_structures: int | None = None,
+    chunk: int = 16,
 ) -> dict:
     """Relax the prototypes of ``elements`` (default Z = 1..94) with each MLIP and write the table to ``out``.
 
-    An existing table at ``out`` is extended (methods and elements already there are kept).
+    An existing table at ``out`` is extended (methods and elements already there are kept); it is written after
+    every ``chunk`` elements.
     """
-    from importlib.metadata import version
-
     from pymatgen.core import Element
 
     from mmmat.design.oracle import MLIPMethod
@@ -116,33 +116,43 @@ def build_table(
         key = MLIPMethod(m, device).cache_key()
         t0 = time.perf_counter()
         pot = load_potential(m, device)
-        best = relax_prototypes(pot, els, steps=steps, fmax=fmax, max_structures=max_structures)
         table = doc["methods"].setdefault(key, {})
-        for el in els:
-            if el in best:
-                table[el] = {"energy_per_atom": round(best[el][0], 6), "source": best[el][1]}
-        doc["provenance"][key] = {
-            "how": (
-                "lowest energy per atom of FIRE relaxations (UnitCellFilter coordinates, mmmat.evaluation.relax."
-                f"batched_relax, at most {steps} steps, fmax {fmax} eV/A) of fcc, bcc and hcp cells "
-                "(nearest-neighbour distance twice the atomic radius), diamond for "
-                f"{', '.join(sorted(DIAMOND))}, and a dimer in a 12 A box (positions only) for "
-                f"{', '.join(sorted(MOLECULAR))}"
-            ),
-            "versions": {
-                "mmmat.method": key, "torch": version("torch"), "pymatgen": version("pymatgen"),
-                "ase": version("ase"), "python": platform.python_version(),
-            },
-            "device": pot.device,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-            "n_elements": len(table),
-            "unit": "eV/atom",
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1, sort_keys=True))
+        todo = [el for el in els if el not in table]
+        for start in range(0, len(todo), chunk):  # written after every chunk: an interrupted build resumes
+            part = todo[start : start + chunk]
+            best = relax_prototypes(pot, part, steps=steps, fmax=fmax, max_structures=max_structures)
+            for el in part:
+                if el in best:
+                    table[el] = {"energy_per_atom": round(best[el][0], 6), "source": best[el][1]}
+            _write(out, doc, key, steps, fmax, pot, t0, table)
     shipped_table.cache_clear()
     return doc
+
+
+def _write(out: Path, doc: dict, key: str, steps: int, fmax: float, pot, t0: float, table: dict) -> None:
+    """Record the provenance of ``key``'s entries and write ``doc`` to ``out``."""
+    from importlib.metadata import version
+
+    doc["provenance"][key] = {
+        "how": (
+            "lowest energy per atom of FIRE relaxations (UnitCellFilter coordinates, mmmat.evaluation.relax."
+            f"batched_relax, at most {steps} steps, fmax {fmax} eV/A) of fcc, bcc and hcp cells "
+            "(nearest-neighbour distance twice the atomic radius), diamond for "
+            f"{', '.join(sorted(DIAMOND))}, and a dimer in a 12 A box (positions only) for "
+            f"{', '.join(sorted(MOLECULAR))}"
+        ),
+        "versions": {
+            "mmmat.method": key, "torch": version("torch"), "pymatgen": version("pymatgen"),
+            "ase": version("ase"), "python": platform.python_version(),
+        },
+        "device": pot.device,
+        "seconds_this_run": round(time.perf_counter() - t0, 1),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "n_elements": len(table),
+        "unit": "eV/atom",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, sort_keys=True))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

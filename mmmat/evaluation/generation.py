@@ -501,7 +501,7 @@ def hull_relevant(reference: Sequence, samples: Sequence) -> list[int]:
 
 def _mlip_stability(structures, known, mlips, relax, steps, fmax, device, threads, cache, threshold=0.1):
     """Relax with each MLIP and place on that MLIP's hull of ``known``: metrics, per-MLIP arrays, hull time."""
-    from mmmat.design.oracle import KnownPhases, MethodHull, MLIPMethod
+    from mmmat.design.oracle import EnergyMethod, KnownPhases, MethodHull, MLIPMethod
     from mmmat.evaluation.generation_stability import torch_threads
 
     kp = KnownPhases(known.structures, known.ids)
@@ -511,8 +511,9 @@ def _mlip_stability(structures, known, mlips, relax, steps, fmax, device, thread
     finals = list(structures)
     systems = sorted({tuple(sorted(el.symbol for el in s.composition.elements)) for s in structures})
     with torch_threads(threads):
-        for k, m in enumerate(mlips):
-            meth = MLIPMethod(m, device)
+        for k, spec in enumerate(mlips):
+            meth = spec if isinstance(spec, EnergyMethod) else MLIPMethod(spec, device)
+            m = meth.name
             note(f"stability: {len(structures)} {m} relaxations of at most {steps} FIRE steps, batched")
             e, f = meth.relax(structures, steps, fmax) if relax else (meth.single_points(structures), structures)
             if k == 0:
@@ -534,14 +535,15 @@ def _mlip_stability(structures, known, mlips, relax, steps, fmax, device, thread
                 f"n_hull_entries_{m}": len(ref),
                 f"n_hull_computed_{m}": mh.computed,
             })
-    if len(mlips) > 1:
-        a, b = per[mlips[0]][1], per[mlips[1]][1]
+    names = list(per)
+    if len(names) > 1:
+        a, b = per[names[0]][1], per[names[1]][1]
         both = np.isfinite(a) & np.isfinite(b)
         sa, sb = a <= threshold + ON_HULL_TOL, b <= threshold + ON_HULL_TOL
         metrics["mlip_disagreement_rate"] = float(np.sum(both & (sa != sb)) / max(int(both.sum()), 1))
         metrics["mlip_e_hull_mae"] = float(np.mean(np.abs(a[both] - b[both]))) if both.any() else math.nan
-    metrics["mean_e_above_hull"] = metrics.get(f"mean_e_above_hull_{mlips[0]}", math.nan)
-    metrics["metastable_rate"] = metrics.get(f"metastable_rate_{mlips[0]}", math.nan)
+    metrics["mean_e_above_hull"] = metrics.get(f"mean_e_above_hull_{names[0]}", math.nan)
+    metrics["metastable_rate"] = metrics.get(f"metastable_rate_{names[0]}", math.nan)
     return metrics, per, ref_s, finals
 
 
@@ -596,7 +598,8 @@ def evaluate_generated(
         workers: Processes for matching, fingerprints and CHGNet relaxations.
         fingerprint_cache: ``.npz`` file for the coverage reference's fingerprints.
         endpoint_cache: JSON file of CHGNet-relaxed elemental end points, reused across evaluations.
-        mlips: MLIPs of the stability stage (``chgnet``, ``sevennet``). When given, each relaxes every sample
+        mlips: MLIPs of the stability stage (``chgnet``, ``sevennet``, or
+            :class:`~mmmat.design.oracle.EnergyMethod` objects). When given, each relaxes every sample
             (batched, :mod:`mmmat.evaluation.relax`) and places it on its own hull of ``hull_reference``
             (single points of the known phases in the samples' chemical systems, cached in ``hull_cache``, plus
             the shipped elemental references); a sample is stable only when every MLIP puts it at or under
@@ -684,7 +687,7 @@ def evaluate_generated(
             for m, (e, eh) in per_m.items():
                 put(f"energy_per_atom_{m}", idx, e)
                 put(f"e_above_hull_{m}", idx, eh)
-            first = per_m[mlips[0]][1]
+            first = next(iter(per_m.values()))[1]
             put("e_above_hull", idx, first)
             if relax:
                 for i, s in zip(idx, finals):
@@ -766,7 +769,7 @@ def evaluate_generated(
             one = per.get("stable_one_mlip", [None] * n)
             flat["sun_rate_two_mlip" if len(mlips) > 1 else "sun_rate_one_mlip"] = flat["sun_rate"]
             flat["sun_rate_one_mlip"] = sum(1 for v in one if v) / n if n else math.nan
-            flat["sun_one_mlip_name"] = mlips[0]
+            flat["sun_one_mlip_name"] = getattr(mlips[0], "name", mlips[0])
         eh_col = per.get("e_above_hull", [None] * n)
         flat["sun_rate_on_hull"] = (
             sum(1 for i in survivors if eh_col[i] is not None and eh_col[i] <= ON_HULL_TOL) / n
@@ -790,9 +793,12 @@ def evaluate_generated(
             "device": dev,
             "n_reference": len(ref),
             "n_coverage_reference": len(cov_ref),
-            "mlips": list(mlips) if mlips else ["chgnet"],
-            "stable_rule": (f"e_above_hull <= {stable_threshold} eV/atom under every MLIP ({', '.join(mlips)})"
-                            if mlips else f"CHGNet e_above_hull <= {stable_threshold} eV/atom"),
+            "mlips": [getattr(m, "name", m) for m in mlips] if mlips else ["chgnet"],
+            "stable_rule": (
+                f"e_above_hull <= {stable_threshold} eV/atom under every MLIP "
+                f"({', '.join(getattr(m, 'name', m) for m in mlips)}), each against its own hull"
+                if mlips else f"CHGNet e_above_hull <= {stable_threshold} eV/atom"
+            ),
             "n_hull_reference": len(hull_reference) if hull_reference is not None else len(ref),
             "coverage_convention": COVERAGE_CONVENTION,
         },
