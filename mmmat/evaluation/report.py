@@ -428,6 +428,11 @@ def _markdown(rep: Mapping[str, Any]) -> str:
         f"- reference: `{rep['reference_shards']}` ({rep['settings']['reference_split']} split, "
         f"{rep['settings']['n_reference']} crystals); coverage / distributions against the "
         f"{rep['settings']['coverage_reference_split']} split ({rep['settings']['n_coverage_reference']})",
+        f"- novelty reference: {rep['settings'].get('novelty_reference', 'train')} "
+        f"({', '.join(rep['settings'].get('novelty_reference_splits', ['train']))})",
+        f"- coverage convention: {rep['settings'].get('coverage_convention', '-')}",
+        f"- stable: {rep['settings'].get('stable_rule', '-')}; hull reference: "
+        f"{', '.join(rep['settings'].get('hull_reference_splits', []))} splits plus elemental references",
         f"- evaluation wall time: {_num(rep['evaluation_wall_s'])} s",
         "",
         "## Stages and cost",
