@@ -24,7 +24,7 @@ import json
 import platform
 import time
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -147,7 +147,7 @@ def _write(out: Path, doc: dict, key: str, steps: int, fmax: float, pot, t0: flo
         },
         "device": pot.device,
         "seconds_this_run": round(time.perf_counter() - t0, 1),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "n_elements": len(table),
         "unit": "eV/atom",
     }

@@ -139,17 +139,9 @@ class SevenNetBatch(BatchedPotential):
     def compute(self, structures: Sequence[Any]) -> list[tuple[float, np.ndarray, np.ndarray]]:
         """One forward pass over the collated graphs of all structures."""
         import sevenn._keys as key
-        from pymatgen.io.ase import AseAtomsAdaptor
-        from sevenn.atom_graph_data import AtomGraphData
-        from sevenn.train.dataload import unlabeled_atoms_to_graph
         from torch_geometric.loader.dataloader import Collater
 
-        graphs = []
-        for s in structures:
-            g = AtomGraphData.from_numpy_dict(
-                unlabeled_atoms_to_graph(AseAtomsAdaptor.get_atoms(s), self.cutoff, with_shift=False)
-            )
-            graphs.append(g)
+        graphs = [self._graph(s) for s in structures]
         batch = Collater([], follow_batch=None, exclude_keys=None)(graphs).to(self.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -165,6 +157,35 @@ class SevenNetBatch(BatchedPotential):
             res.append((float(energy[b]), forces[start : start + n], st))
             start += n
         return res
+
+
+    def _graph(self, s):
+        """SevenNet's input graph of one periodic structure: every pair within the cutoff, self-images included.
+
+        Built with ASE's ``primitive_neighbor_list`` as SevenNet's own loader does without matscipy (its
+        training-data module, which needs scikit-learn, is not imported).
+        """
+        import sevenn._keys as key
+        from ase.neighborlist import primitive_neighbor_list
+        from sevenn.atom_graph_data import AtomGraphData
+
+        pos = np.array(s.cart_coords, dtype=np.float64)
+        cell = np.array(s.lattice.matrix, dtype=np.float64)
+        src, dst, vec = primitive_neighbor_list("ijD", (True, True, True), cell, pos, self.cutoff,
+                                                self_interaction=True)
+        keep = ~((src == dst) & np.all(vec == 0, axis=1))
+        z = np.array(s.atomic_numbers, dtype=np.int64)
+        data = {
+            key.NODE_FEATURE: z,
+            key.ATOMIC_NUMBERS: z,
+            key.POS: pos,
+            key.EDGE_IDX: np.array([src[keep], dst[keep]], dtype=np.int64),
+            key.EDGE_VEC: vec[keep],
+            key.CELL_VOLUME: np.array(abs(float(np.linalg.det(cell)))),
+            key.NUM_ATOMS: np.array(len(z)),
+            key.INFO: {},
+        }
+        return AtomGraphData.from_numpy_dict(data)
 
 
 def load_potential(name: str, device: str | None = None) -> BatchedPotential:
