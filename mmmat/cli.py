@@ -908,7 +908,7 @@ def evaluate(
     keys = (
         "valid", "unique_rate", "novel_rate", "cov_recall", "cov_precision", "wdist_density",
         "wdist_num_elems", "stable_rate", "metastable_rate", "sun_rate", "sun_rate_two_mlip", "sun_rate_one_mlip",
-        "mlip_disagreement_rate", "csp_match_rate", "csp_rmse",
+        "stable_rate_all_mlips", "mlip_disagreement_rate", "csp_match_rate", "csp_rmse",
         "csp_n",
     )
     shown = [f"{k} {fmt(rep['metrics'][k])}" for k in keys if k in rep["metrics"]]

@@ -75,6 +75,32 @@ class BatchedPotential:
 
 
 _CACHE: dict[tuple[str, str], Any] = {}
+_POOLS: dict[int, Any] = {}
+
+
+def _graph_threads(device: str, n: int | None) -> int:
+    """Threads that build graphs on the CPU: ``n``, else the cores present when the model runs on CUDA, else 1."""
+    if n:
+        return int(n)
+    if not str(device).startswith("cuda"):
+        return 1
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _map(fn, items: list, threads: int) -> list:
+    """``[fn(x) for x in items]``, over a thread pool when ``threads > 1`` and there are enough items."""
+    if threads <= 1 or len(items) < 2 * threads:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads)
+    return list(_POOLS[threads].map(fn, items))
 
 
 class CHGNetBatch(BatchedPotential):
@@ -82,11 +108,12 @@ class CHGNetBatch(BatchedPotential):
 
     name = "chgnet"
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, graph_threads: int | None = None):
         from mmmat.evaluation.generation_stability import load_chgnet
 
         self.device = resolve_device(device)
         self.model = load_chgnet(self.device)
+        self.graph_threads = _graph_threads(self.device, graph_threads)
 
     def version(self) -> str:
         """``chgnet-<package version>-<model version>``."""
@@ -100,7 +127,8 @@ class CHGNetBatch(BatchedPotential):
 
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            preds = self.model.predict_structure(list(structures), task="efs", batch_size=max(1, len(structures)))
+            graphs = _map(self.model.graph_converter, list(structures), self.graph_threads)
+            preds = self.model.predict_graph(graphs, task="efs", batch_size=max(1, len(graphs)))
         if isinstance(preds, dict):
             preds = [preds]
         out = []
@@ -115,10 +143,11 @@ class SevenNetBatch(BatchedPotential):
 
     name = "sevennet"
 
-    def __init__(self, device: str | None = None, checkpoint: str = "7net-0"):
+    def __init__(self, device: str | None = None, checkpoint: str = "7net-0", graph_threads: int | None = None):
         from sevenn.util import load_checkpoint
 
         self.device = resolve_device(device)
+        self.graph_threads = _graph_threads(self.device, graph_threads)
         self.checkpoint = checkpoint
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -141,7 +170,7 @@ class SevenNetBatch(BatchedPotential):
         import sevenn._keys as key
         from torch_geometric.loader.dataloader import Collater
 
-        graphs = [self._graph(s) for s in structures]
+        graphs = _map(self._graph, list(structures), self.graph_threads)
         batch = Collater([], follow_batch=None, exclude_keys=None)(graphs).to(self.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
