@@ -20,6 +20,15 @@ alone, and each stage's seconds beside those of the report the file held before 
     python benchmarks/judge.py report --generated DENOVO --shards shards/mp20p --cache CACHE --steps 500 \\
         --device cuda
 
+On a GPU node without registry access (docs: /work/shared/docs/GPU.md), two calls: the first builds what is
+cached once (elemental table, fingerprints and hull energies: carry them back), the second times the report::
+
+    # 1: python -m mmmat.evaluation.elemental --device cuda --out $OUT/elemental_references.json
+    #    mmmat evaluate prepare --reference SHARDS --out $OUT/cache --device cuda
+    # 2: cp elemental_references.json mmmat/evaluation/data/
+    #    python benchmarks/judge.py report --generated DENOVO --shards SHARDS --cache cache --skip-prepare \
+    #        --steps 500 --device cuda --result $OUT/generate_denovo_eval.json
+
 Numbers on mp20p are not MP-20 numbers.
 """
 
