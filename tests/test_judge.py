@@ -21,14 +21,14 @@ def rocksalt(a: str, b: str, lat: float) -> Structure:
 
 
 def test_coverage_fingerprints_every_sample_as_cdvae():
-    """An invalid sample (NaO: no charge-neutral assignment) still counts for COV-P, as in CDVAE.
+    """An invalid sample (NaHe: no charge-neutral assignment) still counts for COV-P, as in CDVAE.
 
     Both samples have the rock-salt site fingerprint of the references; with the composition cutoff opened
     wide, each sample lies within both cutoffs of a reference: COV-P = 2/2 (the old convention, valid
     samples only over all samples, gave 1/2), COV-R = 2/2.
     """
     ref = ReferenceSet([rocksalt("Na", "Cl", 5.64), rocksalt("K", "Cl", 6.3)], ids=["nacl", "kcl"])
-    samples = [rocksalt("Na", "Cl", 5.7), rocksalt("Na", "O", 5.0)]
+    samples = [rocksalt("Na", "Cl", 5.7), rocksalt("Na", "He", 5.0)]
     scaler = (np.zeros(132), np.ones(132))
     rep = evaluate_generated(samples, ref, ["validity", "coverage"], cov_cutoffs=(0.4, 1e6), comp_scaler=scaler)
     m = rep["metrics"]
