@@ -112,7 +112,8 @@ def relaxers(args) -> None:
             metrics[f"{name}_batched_calls"] = res.calls
         if name == "sevennet" and not args.no_torch_sim:
             metrics.update(_torch_sim(ss, args, np.array(e_ase)))
-    write_result("judge_relaxers_torch_sim" if args.only_torch_sim else "judge_relaxers", metrics, {"what": "batched FIRE relaxers vs ASE one by one (see the docstring)"})
+    name = "judge_relaxers_torch_sim" if args.only_torch_sim else "judge_relaxers"
+    write_result(name, metrics, {"what": "batched FIRE relaxers vs ASE one by one (see the docstring)"})
 
 
 def _torch_sim(ss, args, e_ase) -> dict:
