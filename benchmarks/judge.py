@@ -5,8 +5,9 @@ Two modes.
 ``relaxers``: the same perturbed mp20p-like crystals relaxed (at most ``--steps`` FIRE steps, fmax 0.05 eV/Å)
 three ways: one by one with ASE's ``FIRE(UnitCellFilter)`` and the MLIP's ASE calculator, batched by
 :func:`mmmat.evaluation.relax.batched_relax` (one MLIP call per step for every running structure), and batched
-by torch-sim-atomistic 0.3 (``torch_sim.optimize`` with ``unit_cell_fire``, SevenNet only: torch-sim 0.3 has
-no CHGNet model). Wall time and the largest energy difference to the one-by-one run are reported::
+by torch-sim-atomistic (``torch_sim.optimize`` with ``unit_cell_fire`` and torch-sim's SevenNet model; 0.3 has
+no CHGNet model, and its SevenNet model fails with sevenn 0.13: the error is recorded). Wall time and the
+largest energy difference to the one-by-one run are reported::
 
     python benchmarks/judge.py relaxers --n 8 --steps 40 --device cpu
 
