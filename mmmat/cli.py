@@ -768,21 +768,78 @@ def generate(
     typer.echo(f"{built}/{n} samples ({info['mode']}) in {g['wall_s']:.2f} s on {g['device']} -> {out}")
 
 
-@app.command()
+evaluate_app = typer.Typer(help="Staged evaluation of generated crystals; `prepare` caches reference work.")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _mlip_list(mlips: str) -> list[str]:
+    from mmmat.evaluation.relax import POTENTIALS
+
+    names = [m.strip() for m in mlips.split(",") if m.strip()]
+    bad = [m for m in names if m not in POTENTIALS]
+    if bad:
+        _fail(f"--mlips: unknown {', '.join(bad)}; known: {', '.join(POTENTIALS)}")
+    return names
+
+
+@evaluate_app.command("prepare")
+def evaluate_prepare(
+    reference: Path = typer.Option(..., help="Shard folder written by `mmmat data build` (every split is used)."),
+    out: Path = typer.Option(..., help="Cache folder; pass it to `mmmat evaluate --cache-dir`."),
+    mlips: str = typer.Option("chgnet,sevennet", help="MLIPs whose hull energies are cached (comma-separated)."),
+    workers: int = typer.Option(0, help="Processes for the fingerprints (0: the cores present)."),
+    device: str | None = typer.Option(None, help="MLIP device: cpu or cuda (default: cuda if any)."),
+    limit_reference: int | None = typer.Option(None, help="Use the first N crystals of each set only."),
+    coverage: bool = typer.Option(True, help="Cache the coverage reference's CrystalNN/Magpie fingerprints."),
+    hull: bool = typer.Option(True, help="Cache the MLIP single-point energies of every reference crystal."),
+) -> None:
+    """Compute reference fingerprints and hull energies once, cached under keys of their inputs."""
+    if not reference.is_dir():
+        _fail(f"reference shard folder {reference} not found")
+    from mmmat.evaluation.report import prepare_reference
+
+    info = _with_progress(
+        prepare_reference, reference, out, mlips=_mlip_list(mlips) if hull else [], workers=workers or _cores(),
+        device=device, limit_reference=limit_reference, coverage=coverage, hull=hull,
+    )
+    for k, v in info["seconds"].items():
+        typer.echo(f"{k}: {v:.1f} s")
+    typer.echo(f"cache ready in {out}")
+
+
+@evaluate_app.callback(invoke_without_command=True)
 def evaluate(
-    generated: Path = typer.Option(..., help="Folder of generated samples (CIFs, samples.extxyz, manifest)."),
-    reference: Path = typer.Option(..., help="Shard folder (train: novelty and hull; test: coverage)."),
-    out: Path = typer.Option(..., help="JSON report (report.json); report.md and PNG plots go beside it."),
+    ctx: typer.Context,
+    generated: Path | None = typer.Option(None, help="Folder of generated samples (CIFs, samples.extxyz, manifest)."),
+    reference: Path | None = typer.Option(
+        None, help="Shard folder (train: novelty; test: coverage; every split: the MLIP hulls)."
+    ),
+    out: Path | None = typer.Option(None, help="JSON report (report.json); report.md and PNG plots go beside it."),
     stages: str | None = typer.Option(
         None,
         help="Comma-separated stages in order, from validity, uniqueness, novelty, coverage, distribution, "
         "stability (default: validity,coverage,distribution,uniqueness,novelty,stability; coverage and "
         "distribution are left out below 100 samples).",
     ),
-    hull: Path | None = typer.Option(None, help="CHGNet hull JSON (default: built from the reference)."),
-    relax: bool = typer.Option(True, help="Relax samples with CHGNet in the stability stage."),
+    hull: Path | None = typer.Option(
+        None, help="CHGNet hull JSON of the single-MLIP path (default: the MLIP hulls of every split)."
+    ),
+    relax: bool = typer.Option(True, help="Relax samples with each MLIP in the stability stage."),
     relax_steps: int = typer.Option(500, help="Most FIRE steps per relaxation."),
-    workers: int = typer.Option(1, help="Processes for matching, fingerprints and CHGNet relaxations."),
+    workers: int = typer.Option(0, help="Processes for matching and fingerprints (0: the cores present)."),
+    mlips: str = typer.Option(
+        "chgnet,sevennet", help="MLIPs of the stability stage; stable only when all agree (comma-separated)."
+    ),
+    novelty_reference: str = typer.Option("train", help="Novelty reference: train, train+val or all."),
     device: str | None = typer.Option(None, help="CHGNet device: cpu or cuda (default: cuda if any)."),
     limit_reference: int | None = typer.Option(None, help="Use the first N reference crystals only."),
     cache_dir: Path | None = typer.Option(None, help="Cache for reference fingerprints and hull."),
@@ -795,7 +852,16 @@ def evaluate(
     from rich.table import Table
 
     from mmmat.evaluation.generation import DEFAULT_STAGES
+    from mmmat.evaluation.report import NOVELTY_REFERENCES
 
+    if ctx.invoked_subcommand is not None:
+        return
+    if generated is None or reference is None or out is None:
+        _fail("mmmat evaluate needs --generated, --reference and --out (or the subcommand prepare)")
+    if novelty_reference not in NOVELTY_REFERENCES:
+        _fail(f"--novelty-reference {novelty_reference!r}: use one of {', '.join(NOVELTY_REFERENCES)}")
+    workers = workers or _cores()
+    mlip_names = _mlip_list(mlips)
     if not generated.is_dir():
         _fail(f"generated folder {generated} not found")
     if not reference.is_dir():
@@ -807,7 +873,7 @@ def evaluate(
     if unknown or not names:
         _fail(f"unknown stages {', '.join(unknown) or '(none given)'}; known: {', '.join(DEFAULT_STAGES)}")
     if relax_steps < 0 or workers < 1:
-        _fail("--relax-steps must be >= 0 and --workers >= 1")
+        _fail("--relax-steps must be >= 0 and --workers >= 0")
     if limit_reference is not None and limit_reference < 1:
         _fail(f"--limit-reference must be at least 1, got {limit_reference}")
     from mmmat.evaluation.report import EvaluationInputError, evaluate_folder
@@ -822,7 +888,8 @@ def evaluate(
         rep = _with_progress(
             evaluate_folder, generated, reference, out, stages=names if stages else None, hull=hull, relax=relax,
             relax_steps=relax_steps, workers=workers, device=device, limit_reference=limit_reference,
-            cache_dir=cache_dir, endpoint_cache=endpoint_cache,
+            cache_dir=cache_dir, endpoint_cache=endpoint_cache, novelty_reference=novelty_reference,
+            mlips=mlip_names or None,
         )
     except EvaluationInputError as exc:
         _fail(str(exc))
@@ -840,7 +907,8 @@ def evaluate(
     c.print(t)
     keys = (
         "valid", "unique_rate", "novel_rate", "cov_recall", "cov_precision", "wdist_density",
-        "wdist_num_elems", "stable_rate", "metastable_rate", "sun_rate", "csp_match_rate", "csp_rmse",
+        "wdist_num_elems", "stable_rate", "metastable_rate", "sun_rate", "sun_rate_two_mlip", "sun_rate_one_mlip",
+        "stable_rate_all_mlips", "mlip_disagreement_rate", "csp_match_rate", "csp_rmse",
         "csp_n",
     )
     shown = [f"{k} {fmt(rep['metrics'][k])}" for k in keys if k in rep["metrics"]]

@@ -291,3 +291,31 @@ def test_a_sample_without_structure_stays_a_failure(tmp_path):
     structs, manifest = read_generated(d)
     assert [None if s is None else s.composition.reduced_formula for s in structs] == ["NaCl", None, "Cu", "KBr"]
     assert [f["index"] for f in manifest["read_failures"]] == [1]
+
+
+def test_cli_prepare_then_evaluate_reuses_the_cache(de_novo, shards, tmp_path):
+    """`mmmat evaluate prepare` caches the coverage fingerprints under a hash of their inputs; evaluate reuses it."""
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(app, ["evaluate", "prepare", "--reference", str(shards), "--out", str(cache),
+                                   "--no-hull", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    (fp,) = cache.glob("coverage_fps_test_*.npz")
+    with np.load(fp) as z:
+        assert sorted(z["ids"]) == ["ref-cscl", "ref-lif"] and z["struct"].shape == (2, 61)
+    mtime = fp.stat().st_mtime_ns
+    out = tmp_path / "ev" / "report.json"
+    res = CliRunner().invoke(app, ["evaluate", "--generated", str(de_novo), "--reference", str(shards), "--out",
+                                   str(out), "--stages", "validity,coverage,novelty", "--cache-dir", str(cache),
+                                   "--novelty-reference", "train+val", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    rep = strict_json(out)
+    assert fp.stat().st_mtime_ns == mtime  # read, not recomputed
+    st = rep["settings"]
+    assert st["novelty_reference"] == "train+val" and st["novelty_reference_splits"] == ["train", "val"]
+    assert st["n_reference"] == 5 and "CDVAE" in st["coverage_convention"]
+    assert rep["metrics"]["n_fingerprinted"] == 5  # every readable sample, the invalid ones included
+    res = CliRunner().invoke(app, ["evaluate", "--generated", str(de_novo), "--reference", str(shards), "--out",
+                                   str(out), "--novelty-reference", "bogus"])
+    assert res.exit_code == 2 and "novelty-reference" in res.output
+    res = CliRunner().invoke(app, ["evaluate", "--reference", str(shards)])
+    assert res.exit_code == 2 and "--generated" in res.output

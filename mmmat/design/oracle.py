@@ -103,7 +103,12 @@ def _calculator(name: str, device: str):
 
 
 class MLIPMethod(EnergyMethod):
-    """An MLIP through its ASE calculator, relaxed with ASE's FIRE on a ``FrechetCellFilter``."""
+    """An MLIP (CHGNet or SevenNet-0) relaxed in batches by :mod:`mmmat.evaluation.relax`.
+
+    ASE's FIRE on UnitCellFilter coordinates, every running structure in one call of the potential.
+
+    ``calc`` still gives the ASE calculator for one-structure use.
+    """
 
     def __init__(self, name: str, device: str | None = None):
         from mmmat.evaluation.generation_stability import resolve_device
@@ -126,32 +131,21 @@ class MLIPMethod(EnergyMethod):
             self._calc = _calculator(self.name, self.device)
         return self._calc
 
-    def relax(self, structures: Sequence[Any], steps: int, fmax: float) -> tuple[np.ndarray, list]:
-        """FIRE relaxation of each structure (a failure gives NaN and the input structure)."""
-        from ase.filters import FrechetCellFilter
-        from ase.optimize import FIRE
-        from pymatgen.io.ase import AseAtomsAdaptor
+    def single_points(self, structures: Sequence[Any]) -> np.ndarray:
+        """Energies per atom of the structures as given, in batched calls."""
+        from mmmat.evaluation.relax import load_potential, single_points
 
-        energies = np.full(len(structures), np.nan)
-        finals = list(structures)
-        for i, s in enumerate(structures):
-            if len(s) == 0 or s.volume / len(s) < MIN_VOLUME_PER_ATOM:
-                continue
-            try:
-                atoms = AseAtomsAdaptor.get_atoms(s)
-                atoms.calc = self.calc
-                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                    warnings.simplefilter("ignore")
-                    if steps > 0:
-                        FIRE(FrechetCellFilter(atoms), logfile=None).run(fmax=fmax, steps=steps)
-                    e = float(atoms.get_potential_energy()) / len(atoms)
-                atoms.calc = None
-                if np.isfinite(e):
-                    energies[i] = e
-                    finals[i] = AseAtomsAdaptor.get_structure(atoms) if steps > 0 else s
-            except Exception:  # noqa: BLE001 - one failed structure costs only itself
-                continue
-        return energies, finals
+        return single_points(load_potential(self.name, self.device), structures)
+
+    def relax(self, structures: Sequence[Any], steps: int, fmax: float) -> tuple[np.ndarray, list]:
+        """Batched FIRE relaxation of positions and cell (:func:`mmmat.evaluation.relax.batched_relax`).
+
+        A structure the potential fails on gets NaN and keeps its input structure.
+        """
+        from mmmat.evaluation.relax import batched_relax, load_potential
+
+        res = batched_relax(load_potential(self.name, self.device), structures, steps=steps, fmax=fmax)
+        return res.energy_per_atom, res.structures
 
 
 class StandInMethod(EnergyMethod):
@@ -294,6 +288,16 @@ class MethodHull:
             s = self.known.structures[i]
             if len(s.composition.elements) == 1 and self.energy.get(self.known.ids[i]) is not None:
                 have.add(s.composition.elements[0].symbol)
+        from mmmat.evaluation.elemental import lookup
+
+        for el in sorted(set(elements)):  # shipped end points join the hull whenever present (the lowest wins)
+            if el in self.proto:
+                continue
+            shipped = lookup(self.method.cache_key(), el) if self.relaxer is None else None
+            if shipped is not None:
+                self.proto[el] = (f"table:{el}:{shipped[1]}", shipped[0])
+                changed = True
+        self._relax_missing_prototypes(sorted(set(elements) - have - set(self.proto)))
         for el in sorted(set(elements) - have):
             if el in self.proto:
                 continue
@@ -319,6 +323,61 @@ class MethodHull:
         if todo or changed:
             self._ref = None
             self._save()
+
+    def ensure_many(self, systems: Sequence[Sequence[str]]) -> None:
+        """:meth:`ensure` for many chemical systems, with the known phases' energies in one batched call."""
+        systems = [sorted(set(x)) for x in systems]
+        todo, seen = [], set()
+        for els in systems:
+            for i in self.known.in_system(els):
+                mid = self.known.ids[i]
+                if mid in self.energy or i in seen:
+                    continue
+                seen.add(i)
+                key = f"{mid}:{_sha(self.known.structures[i])}"
+                if key in self._cache:
+                    self.energy[mid] = self._cache[key]["e"]
+                else:
+                    todo.append((i, key))
+        if todo:
+            e = self.method.single_points([self.known.structures[i] for i, _ in todo])
+            for (i, key), v in zip(todo, e):
+                v = float(v) if np.isfinite(v) else None
+                self._cache[key] = {"e": v}
+                self.energy[self.known.ids[i]] = v
+            self.computed += len(todo)
+            self._ref = None
+        from mmmat.evaluation.elemental import lookup
+
+        have = {self.known.structures[i].composition.elements[0].symbol for i in range(len(self.known))
+                if len(self.known.structures[i].composition.elements) == 1
+                and self.energy.get(self.known.ids[i]) is not None}
+        elements = {el for els in systems for el in els}
+        if self.relaxer is None:
+            missing = [el for el in elements if lookup(self.method.cache_key(), el) is None]
+        else:
+            missing = list(elements)
+        self._relax_missing_prototypes(sorted(set(missing) - have - set(self.proto)))
+        for els in systems:
+            self.ensure(els)
+
+    def _relax_missing_prototypes(self, elements: Sequence[str]) -> None:
+        """Relax the prototypes of several elements in batched calls (MLIP methods; cached like the others)."""
+        todo = [el for el in elements if f"proto:{el}:{self.steps}:{self.fmax}" not in self._cache]
+        if len(todo) < 1 or not isinstance(self.method, MLIPMethod):
+            return
+        from mmmat.evaluation.elemental import relax_prototypes
+        from mmmat.evaluation.relax import load_potential
+
+        pot = load_potential(self.method.name, self.method.device)
+        rel = None
+        if isinstance(self.relaxer, MLIPMethod):
+            rel = load_potential(self.relaxer.name, self.relaxer.device)
+        best = relax_prototypes(pot, todo, steps=self.steps, fmax=self.fmax, relaxer=rel)
+        for el in todo:
+            e, name = best.get(el, (None, ""))
+            self._cache[f"proto:{el}:{self.steps}:{self.fmax}"] = {"e": e, "name": name.removeprefix("proto:")}
+            self.computed += 1
 
     def reference(self):
         """The :class:`~mmmat.evaluation.generation_stability.HullReference` of everything computed so far."""

@@ -9,7 +9,8 @@ Stages (each runs on the survivors of the one before; see :func:`evaluate_genera
 - ``uniqueness`` (filters): a sample survives when no earlier surviving sample matches it.
 - ``novelty`` (filters): a sample survives when no reference structure matches it.
 - ``coverage`` (reports): COV-R / COV-P with CDVAE's fingerprints (CrystalNN ``"ops"`` site fingerprints
-  averaged over sites; Magpie composition statistics, standardised) and cutoffs (MP-20: 0.4 and 10).
+  averaged over sites; Magpie composition statistics, standardised) and cutoffs (MP-20: 0.4 and 10). As in
+  CDVAE, every sample is fingerprinted whatever the stages before it dropped (:data:`COVERAGE_CONVENTION`).
 - ``distribution`` (reports): 1-D Wasserstein distances of density (g/cm³), number of elements and any
   property arrays passed in.
 - ``stability`` (filters at ``stable_threshold``): CHGNet relaxation and energy, energy above a CHGNet hull of
@@ -51,6 +52,11 @@ MATCH_TOLERANCES: dict[str, float] = {"ltol": 0.2, "stol": 0.3, "angle_tol": 5.0
 CSP_TOLERANCES: dict[str, float] = {"ltol": 0.3, "stol": 0.5, "angle_tol": 10.0}
 #: CDVAE's coverage cutoffs (structure fingerprint distance, standardised composition fingerprint distance).
 COV_CUTOFFS: dict[str, tuple[float, float]] = {"mp20": (0.4, 10.0), "carbon": (0.2, 4.0), "perov": (0.2, 4.0)}
+#: How coverage is computed (stated in every report).
+COVERAGE_CONVENTION = (
+    "CDVAE: every generated sample is fingerprinted, invalid ones included (a failed fingerprint or an unreadable "
+    "sample counts as not covered); COV-P divides by all generated samples; COV-R is over the reference"
+)
 #: Stages in their default order.
 DEFAULT_STAGES: tuple[str, ...] = (
     "validity",
@@ -493,6 +499,54 @@ def hull_relevant(reference: Sequence, samples: Sequence) -> list[int]:
     return out
 
 
+def _mlip_stability(structures, known, mlips, relax, steps, fmax, device, threads, cache, threshold=0.1):
+    """Relax with each MLIP and place on that MLIP's hull of ``known``: metrics, per-MLIP arrays, hull time."""
+    from mmmat.design.oracle import EnergyMethod, KnownPhases, MethodHull, MLIPMethod
+    from mmmat.evaluation.generation_stability import torch_threads
+
+    kp = KnownPhases(known.structures, known.ids)
+    per: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    metrics: dict[str, Any] = {}
+    ref_s = 0.0
+    finals = list(structures)
+    systems = sorted({tuple(sorted(el.symbol for el in s.composition.elements)) for s in structures})
+    with torch_threads(threads):
+        for k, spec in enumerate(mlips):
+            meth = spec if isinstance(spec, EnergyMethod) else MLIPMethod(spec, device)
+            m = meth.name
+            note(f"stability: {len(structures)} {m} relaxations of at most {steps} FIRE steps, batched")
+            e, f = meth.relax(structures, steps, fmax) if relax else (meth.single_points(structures), structures)
+            if k == 0:
+                finals = f
+            tr = time.perf_counter()
+            mh = MethodHull(meth, kp, cache, steps=steps, fmax=fmax)
+            mh.ensure_many(systems)
+            ref = mh.reference()
+            ref_s += time.perf_counter() - tr
+            eh = np.array([ref.e_above_hull(s.composition, v) for s, v in zip(f, e)], dtype=np.float64)
+            per[m] = (e, eh)
+            has = np.isfinite(eh)
+            nn = max(len(structures), 1)
+            metrics.update({
+                f"mean_e_above_hull_{m}": float(np.nanmean(eh)) if has.any() else math.nan,
+                f"stable_rate_{m}": float(np.sum(has & (eh <= ON_HULL_TOL)) / nn),
+                f"metastable_rate_{m}": float(np.sum(has & (eh <= 0.1 + ON_HULL_TOL)) / nn),
+                f"n_no_hull_{m}": int((~has).sum()),
+                f"n_hull_entries_{m}": len(ref),
+                f"n_hull_computed_{m}": mh.computed,
+            })
+    names = list(per)
+    if len(names) > 1:
+        a, b = per[names[0]][1], per[names[1]][1]
+        both = np.isfinite(a) & np.isfinite(b)
+        sa, sb = a <= threshold + ON_HULL_TOL, b <= threshold + ON_HULL_TOL
+        metrics["mlip_disagreement_rate"] = float(np.sum(both & (sa != sb)) / max(int(both.sum()), 1))
+        metrics["mlip_e_hull_mae"] = float(np.mean(np.abs(a[both] - b[both]))) if both.any() else math.nan
+    metrics["mean_e_above_hull"] = metrics.get(f"mean_e_above_hull_{names[0]}", math.nan)
+    metrics["metastable_rate"] = metrics.get(f"metastable_rate_{names[0]}", math.nan)
+    return metrics, per, ref_s, finals
+
+
 def evaluate_generated(
     structures: Sequence,
     reference,
@@ -513,6 +567,9 @@ def evaluate_generated(
     workers: int = 1,
     fingerprint_cache: str | Path | None = None,
     endpoint_cache: str | Path | None = None,
+    mlips: Sequence[str] | None = None,
+    hull_reference=None,
+    hull_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation stages in order, each on the survivors of the one before.
 
@@ -541,6 +598,15 @@ def evaluate_generated(
         workers: Processes for matching, fingerprints and CHGNet relaxations.
         fingerprint_cache: ``.npz`` file for the coverage reference's fingerprints.
         endpoint_cache: JSON file of CHGNet-relaxed elemental end points, reused across evaluations.
+        mlips: MLIPs of the stability stage (``chgnet``, ``sevennet``, or
+            :class:`~mmmat.design.oracle.EnergyMethod` objects). When given, each relaxes every sample
+            (batched, :mod:`mmmat.evaluation.relax`) and places it on its own hull of ``hull_reference``
+            (single points of the known phases in the samples' chemical systems, cached in ``hull_cache``, plus
+            the shipped elemental references); a sample is stable only when every MLIP puts it at or under
+            ``stable_threshold``, and the disagreement is reported. None: the single-CHGNet ``hull`` path.
+        hull_reference: Known phases of the MLIP hulls (:class:`ReferenceSet` or structures; default
+            ``reference``).
+        hull_cache: Folder of the known phases' MLIP energies (keyed by MLIP version and structure).
 
     Returns:
         ``{"n_generated", "stages": [per-stage {"stage", "n_in", "n_out", "wall_s", "reference_s",
@@ -603,13 +669,37 @@ def evaluate_generated(
             tr = time.perf_counter()
             rs, rc = cov_ref.fingerprints(fingerprint_cache, workers)
             ref_s = time.perf_counter() - tr
-            gs, gc = fingerprints(cur, workers=workers)
+            every = [s for s in ss if s is not None]  # CDVAE: every sample, valid or not, is fingerprinted
+            gs, gc = fingerprints(every, workers=workers)
             metrics = coverage(gs, gc, rs, rc, *cov_cutoffs, comp_scaler=comp_scaler, num_generated=n)
+            metrics["n_fingerprinted"] = len(every)
         elif stage == "distribution":
             props = None
             if properties:
                 props = {k: (np.asarray(g, float)[idx], r) for k, (g, r) in properties.items()}
             metrics = distribution_distances(cur, cov_ref, props)
+        elif stage == "stability" and mlips:
+            on_gpu = dev.startswith("cuda")
+            hr = _as_reference(hull_reference) if hull_reference is not None else ref
+            metrics, per_m, ref_s, finals = _mlip_stability(
+                cur, hr, list(mlips), relax, relax_steps, fmax, dev, threads, hull_cache, stable_threshold
+            )
+            for m, (e, eh) in per_m.items():
+                put(f"energy_per_atom_{m}", idx, e)
+                put(f"e_above_hull_{m}", idx, eh)
+            first = next(iter(per_m.values()))[1]
+            put("e_above_hull", idx, first)
+            if relax:
+                for i, s in zip(idx, finals):
+                    ss[int(i)] = s
+            ok = np.ones(len(idx), dtype=bool)
+            for _, eh in per_m.values():
+                ok &= np.isfinite(eh) & (eh <= stable_threshold + ON_HULL_TOL)
+            keep = ok
+            one = np.isfinite(first) & (first <= stable_threshold + ON_HULL_TOL)
+            put("stable_one_mlip", idx, one)
+            put("stable_all_mlips", idx, ok)
+            metrics["stable_rate_all_mlips"] = float(ok.mean()) if len(idx) else math.nan
         elif stage == "stability":
             tr = time.perf_counter()
             if hull is None:
@@ -675,6 +765,11 @@ def evaluate_generated(
     survivors = np.flatnonzero(alive)
     if {"validity", "uniqueness", "novelty", "stability"} <= set(stages):
         flat["sun_rate"] = len(survivors) / n if n else math.nan
+        if mlips:
+            one = per.get("stable_one_mlip", [None] * n)
+            flat["sun_rate_two_mlip" if len(mlips) > 1 else "sun_rate_one_mlip"] = flat["sun_rate"]
+            flat["sun_rate_one_mlip"] = sum(1 for v in one if v) / n if n else math.nan
+            flat["sun_one_mlip_name"] = getattr(mlips[0], "name", mlips[0])
         eh_col = per.get("e_above_hull", [None] * n)
         flat["sun_rate_on_hull"] = (
             sum(1 for i in survivors if eh_col[i] is not None and eh_col[i] <= ON_HULL_TOL) / n
@@ -698,12 +793,21 @@ def evaluate_generated(
             "device": dev,
             "n_reference": len(ref),
             "n_coverage_reference": len(cov_ref),
+            "mlips": [getattr(m, "name", m) for m in mlips] if mlips else ["chgnet"],
+            "stable_rule": (
+                f"e_above_hull <= {stable_threshold} eV/atom under every MLIP "
+                f"({', '.join(getattr(m, 'name', m) for m in mlips)}), each against its own hull"
+                if mlips else f"CHGNet e_above_hull <= {stable_threshold} eV/atom"
+            ),
+            "n_hull_reference": len(hull_reference) if hull_reference is not None else len(ref),
+            "coverage_convention": COVERAGE_CONVENTION,
         },
         "structures": ss,
     }
 
 
 __all__ = [
+    "COVERAGE_CONVENTION",
     "COV_CUTOFFS",
     "CSP_TOLERANCES",
     "DEFAULT_STAGES",

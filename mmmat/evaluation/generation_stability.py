@@ -86,10 +86,11 @@ def chgnet_energies(
 
     Args:
         structures: pymatgen ``Structure`` objects.
-        relax: Relax each structure first (``steps`` at most, until every force is below ``fmax`` eV/Å).
+        relax: Relax each structure first (``steps`` at most, until every force is below ``fmax`` eV/Å), in
+            batches (:func:`mmmat.evaluation.relax.batched_relax`).
         steps: Most relaxation steps per structure.
         fmax: Force convergence threshold, eV/Å.
-        relax_cell: Relax the cell as well as the positions (``FrechetCellFilter``).
+        relax_cell: Relax the cell as well as the positions (UnitCellFilter coordinates).
         device: Torch device (default: CUDA if available).
         batch_size: Structures per CHGNet batch for the single-point energies.
         threads: Torch CPU threads while this runs (None: unchanged); 1 avoids oversubscribed cores.
@@ -162,21 +163,12 @@ def _chgnet_energies(
 ) -> tuple[np.ndarray, list]:
     model = load_chgnet(device)
     finals = list(structures)
-    if relax and finals:
-        from chgnet.model import StructOptimizer
+    if relax and finals:  # batched FIRE: every running structure in one CHGNet call per step
+        from mmmat.evaluation.relax import batched_relax, load_potential
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            opt = StructOptimizer(model=model, use_device=device, on_isolated_atoms="ignore")
-        for i, s in enumerate(finals):
-            try:
-                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                    warnings.simplefilter("ignore")
-                    out = opt.relax(s.copy(), fmax=fmax, steps=steps, relax_cell=relax_cell, verbose=False)
-                finals[i] = out["final_structure"]
-            except Exception:  # noqa: BLE001 - a failed relaxation keeps the input structure
-                finals[i] = s
-            if task:
-                report(f"{task} relaxations (≤ {steps} steps)", i + 1, len(finals))
+        res = batched_relax(load_potential("chgnet", device), finals, steps=steps, fmax=fmax, relax_cell=relax_cell,
+                            task=task or None)
+        return res.energy_per_atom, res.structures
     energies = np.full(len(finals), np.nan)
     for start in range(0, len(finals), batch_size):
         chunk = finals[start : start + batch_size]
@@ -376,6 +368,13 @@ class HullReference:
         )
 
 
+def _oracle_key() -> str:
+    """The key of CHGNet's entries in the shipped elemental table (as :class:`mmmat.design.oracle.MLIPMethod`)."""
+    from importlib.metadata import version
+
+    return f"chgnet-{version('chgnet')}-default"
+
+
 def elemental_endpoints(
     elements: Iterable[str],
     steps: int = 200,
@@ -384,7 +383,10 @@ def elemental_endpoints(
     threads: int | None = None,
     cache: str | Path | None = None,
 ) -> HullReference:
-    """Elemental end points from CHGNet-relaxed prototypes: the lowest of :func:`elemental_prototypes`.
+    """Elemental end points: the shipped table where it has the element, else relaxed prototypes.
+
+    The table is :mod:`mmmat.evaluation.elemental`'s; elements it lacks get the lowest of
+    :func:`elemental_prototypes` relaxed with CHGNet (all of them in batched calls).
 
     ``cache``: a JSON file of end points already relaxed (keyed by element, ``steps`` and ``fmax``), read and
     extended after each element; they do not depend on the reference, so one file serves every evaluation.
@@ -396,23 +398,28 @@ def elemental_endpoints(
             known = json.loads(Path(cache).read_text())
         except (OSError, ValueError):
             known = {}
+    from mmmat.evaluation.elemental import lookup, relax_prototypes
+    from mmmat.evaluation.relax import load_potential
+
     formulas, energies, ids = [], [], []
-    task = f"elemental end points ({len(elemental_prototypes('Si'))} prototype relaxations each)"
+    shipped = {sym: lookup(_oracle_key(), sym) for sym in syms}
+    todo = [s for s in syms if shipped[s] is None and f"{s}|steps={steps}|fmax={fmax}" not in known]
+    fresh: dict[str, tuple[float, str]] = {}
+    if todo:
+        with torch_threads(threads):
+            fresh = relax_prototypes(load_potential("chgnet", resolve_device(device)), todo, steps=steps, fmax=fmax)
+    task = "elemental end points"
     report(task, 0, len(syms))
     for k, sym in enumerate(syms):
         key = f"{sym}|steps={steps}|fmax={fmax}"
-        if key in known:
+        if shipped[sym] is not None:
+            best, best_name = shipped[sym][0], "table-" + shipped[sym][1].removeprefix("proto:")
+        elif key in known:
             best, best_name = known[key]["energy_per_atom"], known[key]["prototype"]
             best = math.nan if best is None else float(best)
         else:
-            best, best_name = math.nan, ""
-            for name, s, relax_cell in elemental_prototypes(sym):
-                e, _ = chgnet_energies(
-                    [s], relax=True, steps=steps, fmax=fmax, relax_cell=relax_cell, device=device, threads=threads,
-                    task="",
-                )
-                if np.isfinite(e[0]) and not (e[0] >= best):
-                    best, best_name = float(e[0]), name
+            best, best_name = fresh.get(sym, (math.nan, ""))
+            best_name = best_name.removeprefix("proto:")
             if cache is not None:
                 known[key] = {"energy_per_atom": best if np.isfinite(best) else None, "prototype": best_name}
                 Path(cache).parent.mkdir(parents=True, exist_ok=True)

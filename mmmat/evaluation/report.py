@@ -428,6 +428,11 @@ def _markdown(rep: Mapping[str, Any]) -> str:
         f"- reference: `{rep['reference_shards']}` ({rep['settings']['reference_split']} split, "
         f"{rep['settings']['n_reference']} crystals); coverage / distributions against the "
         f"{rep['settings']['coverage_reference_split']} split ({rep['settings']['n_coverage_reference']})",
+        f"- novelty reference: {rep['settings'].get('novelty_reference', 'train')} "
+        f"({', '.join(rep['settings'].get('novelty_reference_splits', ['train']))})",
+        f"- coverage convention: {rep['settings'].get('coverage_convention', '-')}",
+        f"- stable: {rep['settings'].get('stable_rule', '-')}; hull reference: "
+        f"{', '.join(rep['settings'].get('hull_reference_splits', []))} splits plus elemental references",
         f"- evaluation wall time: {_num(rep['evaluation_wall_s'])} s",
         "",
         "## Stages and cost",
@@ -496,6 +501,93 @@ def _markdown(rep: Mapping[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# --------------------------------------------------------------------------------------------- references
+#: Novelty reference choices and the splits they name.
+NOVELTY_REFERENCES = ("train", "train+val", "all")
+
+
+def novelty_splits(choice: str, have: Sequence[str]) -> list[str]:
+    """The splits of ``have`` that the novelty reference ``choice`` (:data:`NOVELTY_REFERENCES`) names."""
+    if choice not in NOVELTY_REFERENCES:
+        raise EvaluationInputError(f"novelty reference {choice!r}: use one of {', '.join(NOVELTY_REFERENCES)}")
+    if choice == "all":
+        return list(have)
+    want = ["train"] if choice == "train" else ["train", "val"]
+    got = [s for s in want if s in have]
+    if not got:
+        return [have[0]]
+    return got
+
+
+def reference_key(reference: ReferenceSet) -> str:
+    """A short hash of a reference set's ids and structures (cache files are named by it)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for i, st in zip(reference.ids, reference.structures):
+        h.update(i.encode())
+        h.update(np.asarray(st.lattice.matrix, dtype=np.float32).tobytes())
+        h.update(np.asarray(st.frac_coords, dtype=np.float32).tobytes())
+        h.update(" ".join(str(sp) for sp in st.species).encode())
+    return h.hexdigest()[:12]
+
+
+def prepare_reference(
+    reference_shards: str | Path,
+    out_dir: str | Path,
+    mlips: Sequence[str] = ("chgnet", "sevennet"),
+    workers: int = 1,
+    device: str | None = None,
+    limit_reference: int | None = None,
+    coverage: bool = True,
+    hull: bool = True,
+) -> dict[str, Any]:
+    """Compute once what every evaluation against ``reference_shards`` reuses, into ``out_dir``.
+
+    - the coverage reference's fingerprints (test split, else train): ``coverage_fps_<split>_<hash>.npz``, the
+      hash of the structures and ids (:func:`reference_key`);
+    - each MLIP's single-point energy of every crystal of every split (the hull's known phases):
+      ``hull/<mlip>-<version>-<weights>.json``, one entry per crystal keyed by its id and a hash of its
+      structure, read by :class:`mmmat.design.oracle.MethodHull` (so an evaluation and the design loop share it).
+
+    Pass ``out_dir`` as ``cache_dir`` to :func:`evaluate_folder` (``--cache-dir`` on the command line).
+
+    Returns:
+        ``{"coverage_cache", "n_coverage", "hull_cache", "n_hull", "seconds": {step: s}}``.
+
+    """
+    from mmmat.design.oracle import KnownPhases, MethodHull, MLIPMethod
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    have = shard_splits(reference_shards)
+    cov_split = "test" if "test" in have else ("train" if "train" in have else have[0])
+    by_split = load_split_records(reference_shards, have)
+    info: dict[str, Any] = {"seconds": {}}
+    if coverage:
+        t0 = time.perf_counter()
+        recs = by_split[cov_split][:limit_reference] if limit_reference else by_split[cov_split]
+        ref = ReferenceSet.from_records(recs)
+        path = out / f"coverage_fps_{cov_split}_{reference_key(ref)}.npz"
+        ref.fingerprints(path, workers)
+        info.update(coverage_cache=str(path), n_coverage=len(ref))
+        info["seconds"]["coverage_fingerprints"] = time.perf_counter() - t0
+    if hull:
+        recs = [r for sp in have for r in by_split[sp]]
+        recs = recs[:limit_reference] if limit_reference else recs
+        ref = ReferenceSet.from_records(recs)
+        kp = KnownPhases(ref.structures, ref.ids)
+        systems = sorted({tuple(sorted(el.symbol for el in s.composition.elements)) for s in ref.structures})
+        info["n_hull"] = len(ref)
+        for m in mlips:
+            t0 = time.perf_counter()
+            mh = MethodHull(MLIPMethod(m, device), kp, out / "hull")
+            mh.ensure_many(systems)
+            info.setdefault("hull_cache", {})[m] = str(mh.path)
+            info["seconds"][f"hull_{m}"] = time.perf_counter() - t0
+    return info
+
+
 # --------------------------------------------------------------------------------------------- entry point
 #: Below this many samples the default stages leave out the population metrics (:data:`POPULATION_STAGES`).
 POPULATION_MIN = 100
@@ -517,6 +609,8 @@ def evaluate_folder(
     cache_dir: str | Path | None = None,
     threads: int | None = None,
     endpoint_cache: str | Path | None = None,
+    novelty_reference: str = "train",
+    mlips: Sequence[str] | None = ("chgnet", "sevennet"),
 ) -> dict[str, Any]:
     """Evaluate a generated folder against a shard folder; write ``out_json``, a ``.md`` report and plots.
 
@@ -541,6 +635,12 @@ def evaluate_folder(
         threads: Torch CPU threads for CHGNet (None: unchanged).
         endpoint_cache: JSON file of CHGNet-relaxed elemental end points, reused across evaluations (default:
             ``cache_dir/chgnet_endpoints.json`` when ``cache_dir`` is given).
+        novelty_reference: Splits novelty is measured against: ``train`` (default), ``train+val`` or ``all``
+            (stated in the report's settings).
+        mlips: MLIPs of the stability stage (each relaxes every sample; stable when all agree) against a hull
+            of EVERY split of ``reference_shards`` plus the shipped elemental references, cached in
+            ``cache_dir`` (see :func:`prepare_reference`). None or an explicit ``hull``: the single-CHGNet hull
+            of the train split.
 
     Returns:
         The report as written to ``out_json`` (JSON-ready: ``evaluate_generated``'s report without
@@ -583,15 +683,23 @@ def evaluate_folder(
 
     t0 = time.perf_counter()
     have = shard_splits(reference_shards)
-    ref_split = "train" if "train" in have else have[0]
-    cov_split = "test" if "test" in have else ref_split
-    by_split = load_split_records(reference_shards, sorted({ref_split, cov_split}))
-    ref_recs = by_split[ref_split][:limit_reference] if limit_reference else by_split[ref_split]
+    nov_splits = novelty_splits(novelty_reference, have)
+    ref_split = "+".join(nov_splits)
+    cov_split = "test" if "test" in have else nov_splits[0]
+    use_mlips = bool(mlips) and hull is None and "stability" in stages
+    wanted = set(nov_splits) | {cov_split} | (set(have) if use_mlips else set())
+    by_split = load_split_records(reference_shards, sorted(wanted))
+    ref_recs = [r for sp in nov_splits for r in by_split[sp]]
+    ref_recs = ref_recs[:limit_reference] if limit_reference else ref_recs
     cov_recs = by_split[cov_split][:limit_reference] if limit_reference else by_split[cov_split]
     if not ref_recs:
-        raise EvaluationInputError(f"{reference_shards}: no readable records in split {ref_split!r}")
+        raise EvaluationInputError(f"{reference_shards}: no readable records in split(s) {ref_split!r}")
     reference = ReferenceSet.from_records(ref_recs)
-    cov_reference = reference if cov_split == ref_split else ReferenceSet.from_records(cov_recs)
+    cov_reference = reference if [cov_split] == nov_splits else ReferenceSet.from_records(cov_recs)
+    hull_reference = None
+    if use_mlips:
+        hull_recs = [r for sp in have for r in by_split[sp]]
+        hull_reference = ReferenceSet.from_records(hull_recs[:limit_reference] if limit_reference else hull_recs)
     cost.append(
         {
             "step": "load reference",
@@ -604,8 +712,8 @@ def evaluate_folder(
     cache = Path(cache_dir) if cache_dir is not None else None
     if endpoint_cache is None and cache is not None:
         endpoint_cache = cache / "chgnet_endpoints.json"
-    fp_cache = cache / f"coverage_fps_{cov_split}.npz" if cache is not None else None
-    if "stability" in stages:
+    fp_cache = cache / f"coverage_fps_{cov_split}_{reference_key(cov_reference)}.npz" if cache is not None else None
+    if "stability" in stages and not use_mlips:
         t0 = time.perf_counter()
         if hull is None and cache is not None:
             hull = reference_hull(
@@ -645,6 +753,9 @@ def evaluate_folder(
         workers=workers,
         fingerprint_cache=fp_cache,
         endpoint_cache=endpoint_cache,
+        mlips=list(mlips) if use_mlips else None,
+        hull_reference=hull_reference,
+        hull_cache=cache / "hull" if cache is not None else None,
     )
     res.pop("structures", None)
     metrics = dict(res["metrics"])
@@ -712,6 +823,9 @@ def evaluate_folder(
 
     settings = dict(res["settings"])
     settings.update(
+        novelty_reference=novelty_reference,
+        novelty_reference_splits=nov_splits,
+        hull_reference_splits=list(have) if use_mlips else [nov_splits[0]],
         reference_split=ref_split,
         coverage_reference_split=cov_split,
         limit_reference=limit_reference,
@@ -765,6 +879,10 @@ def evaluate_folder(
 
 
 __all__ = [
+    "NOVELTY_REFERENCES",
+    "novelty_splits",
+    "prepare_reference",
+    "reference_key",
     "EXTXYZ_NAME",
     "MANIFEST_NAME",
     "EvaluationInputError",

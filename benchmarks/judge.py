@@ -1,0 +1,234 @@
+"""The judge of generated crystals, timed: batched relaxers compared, and the full staged report of de novo samples.
+
+Two modes.
+
+``relaxers``: the same perturbed mp20p-like crystals relaxed (at most ``--steps`` FIRE steps, fmax 0.05 eV/Å)
+three ways: one by one with ASE's ``FIRE(UnitCellFilter)`` and the MLIP's ASE calculator, batched by
+:func:`mmmat.evaluation.relax.batched_relax` (one MLIP call per step for every running structure), and batched
+by torch-sim-atomistic (``torch_sim.optimize`` with ``unit_cell_fire`` and torch-sim's SevenNet model; 0.3 has
+no CHGNet model, and its SevenNet model fails with sevenn 0.13: the error is recorded). Wall time and the
+largest energy difference to the one-by-one run are reported::
+
+    python benchmarks/judge.py relaxers --n 8 --steps 40 --device cpu
+
+``report``: the full staged report (validity, coverage, distribution, uniqueness, novelty, stability with CHGNet
+and SevenNet-0 against the hull of every mp20p split) of a folder of generated samples, after
+``mmmat evaluate prepare`` has cached the reference work (timed too, cold). Writes or updates
+``benchmarks/results/generate_denovo_eval.json``: ``report_seconds_gpu`` (device cuda) or
+``report_seconds_cpu_<steps>_steps`` (device cpu), the S.U.N. rates with both MLIPs agreeing and with CHGNet
+alone, and each stage's seconds beside those of the report the file held before (``before``)::
+
+    python benchmarks/judge.py report --generated DENOVO --shards shards/mp20p --cache CACHE --steps 500 \\
+        --device cuda
+
+On a GPU node without registry access (docs: /work/shared/docs/GPU.md), two calls: the first builds what is
+cached once (elemental table, fingerprints and hull energies: carry them back), the second times the report::
+
+    # 1: python -m mmmat.evaluation.elemental --device cuda --out $OUT/elemental_references.json
+    #    mmmat evaluate prepare --reference SHARDS --out $OUT/cache --device cuda
+    # 2: cp elemental_references.json mmmat/evaluation/data/
+    #    python benchmarks/judge.py report --generated DENOVO --shards SHARDS --cache cache --skip-prepare \
+    #        --steps 500 --device cuda --result $OUT/generate_denovo_eval.json
+
+Numbers on mp20p are not MP-20 numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, card, command, write_result  # noqa: E402
+
+
+def _crystals(n: int, seed: int = 0):
+    """``n`` small crystals (rock salt, CsCl, diamond, fluorite, perovskite types), perturbed by 0.1 Å."""
+    from pymatgen.core import Lattice, Structure
+
+    protos = [
+        lambda: Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.7), ["Na", "Cl"], [[0, 0, 0], [.5, .5, .5]]),
+        lambda: Structure(Lattice.cubic(4.2), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]]),
+        lambda: Structure.from_spacegroup("Fd-3m", Lattice.cubic(5.5), ["Si"], [[0, 0, 0]]),
+        lambda: Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.5), ["Ca", "F"], [[0, 0, 0], [.25, .25, .25]]),
+        lambda: Structure(Lattice.cubic(3.95), ["Sr", "Ti", "O", "O", "O"],
+                          [[0, 0, 0], [.5, .5, .5], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]]),
+        lambda: Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.3), ["Mg", "O"], [[0, 0, 0], [.5, .5, .5]]),
+    ]
+    out = []
+    for i in range(n):
+        s = protos[i % len(protos)]()
+        s.perturb(0.1, seed=seed + i)
+        s.scale_lattice(s.volume * (1.0 + 0.05 * ((i % 3) - 1)))
+        out.append(s)
+    return out
+
+
+def relaxers(args) -> None:
+    """Time ASE one-by-one, the batched loop, and torch-sim on the same crystals."""
+    import torch
+
+    from mmmat.design.oracle import _calculator
+    from mmmat.evaluation.relax import batched_relax, load_potential
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ss = _crystals(args.n)
+    metrics: dict = {"n_structures": len(ss), "n_atoms": int(sum(len(s) for s in ss)), "steps": args.steps,
+                     "fmax_eV_per_A": args.fmax}
+    for name in args.mlips:
+        from ase.filters import UnitCellFilter
+        from ase.optimize import FIRE
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        if args.only_torch_sim and name != "sevennet":
+            continue
+        res = None
+        if not args.only_torch_sim:
+            pot = load_potential(name, args.device)
+            pot.compute(ss[:1])  # warm-up
+            t0 = time.perf_counter()
+            res = batched_relax(pot, ss, steps=args.steps, fmax=args.fmax)
+            metrics[f"{name}_batched_s"] = time.perf_counter() - t0
+        calc = _calculator(name, args.device)
+        t0 = time.perf_counter()
+        e_ase = []
+        for s in ss:
+            atoms = AseAtomsAdaptor.get_atoms(s)
+            atoms.calc = calc
+            FIRE(UnitCellFilter(atoms), logfile=None).run(fmax=args.fmax, steps=args.steps)
+            e_ase.append(atoms.get_potential_energy() / len(atoms))
+        metrics[f"{name}_ase_one_by_one_s"] = time.perf_counter() - t0
+        if res is not None:
+            metrics[f"{name}_batched_vs_ase_max_abs_dE_eV_per_atom"] = float(
+                np.nanmax(np.abs(res.energy_per_atom - np.array(e_ase)))
+            )
+            metrics[f"{name}_batched_calls"] = res.calls
+        if name == "sevennet" and not args.no_torch_sim:
+            metrics.update(_torch_sim(ss, args, np.array(e_ase)))
+    name = "judge_relaxers_torch_sim" if args.only_torch_sim else "judge_relaxers"
+    write_result(name, metrics, {"what": "batched FIRE relaxers vs ASE one by one (see the docstring)"})
+
+
+def _torch_sim(ss, args, e_ase) -> dict:
+    try:
+        import torch_sim as ts
+        from sevenn.util import load_checkpoint
+        from torch_sim.models.sevennet import SevenNetModel  # torch-sim's own (sevenn's needs torch-sim >= 0.6)
+    except ImportError as exc:
+        return {"torch_sim_error": f"not importable: {exc}"}
+    import torch
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    cp = load_checkpoint("7net-0")
+    model = SevenNetModel(model=cp.build_model(), modal=None, device=torch.device(args.device))
+    atoms = [AseAtomsAdaptor.get_atoms(s) for s in ss]
+    out: dict = {}
+    try:
+        t0 = time.perf_counter()
+        final = ts.optimize(
+            system=atoms, model=model, optimizer=ts.unit_cell_fire,
+            convergence_fn=ts.generate_force_convergence_fn(force_tol=args.fmax, include_cell_forces=True),
+            max_steps=args.steps,
+        )
+        out["sevennet_torch_sim_s"] = time.perf_counter() - t0
+        res = model(final)
+        n_at = final.system_idx.bincount().double().cpu().numpy()
+        e = res["energy"].double().cpu().numpy() / n_at
+        out["sevennet_torch_sim_vs_ase_max_abs_dE_eV_per_atom"] = float(np.nanmax(np.abs(e - e_ase)))
+    except Exception as exc:  # noqa: BLE001 - report the API problem instead of dying
+        out["torch_sim_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return out
+
+
+def report(args) -> None:
+    """Cold prepare, then the full staged report; merge into generate_denovo_eval.json."""
+    from mmmat.evaluation.report import evaluate_folder, prepare_reference
+
+    workers = args.workers or len(os.sched_getaffinity(0))
+    cache = Path(args.cache)
+    t0 = time.perf_counter()
+    prep: dict = {"skipped": True}
+    if not args.skip_prepare:
+        prep = prepare_reference(args.shards, cache, mlips=args.mlips, workers=workers, device=args.device,
+                                 limit_reference=args.limit_reference)
+    prepare_s = time.perf_counter() - t0
+    out = Path(args.out) / f"report_{args.device}_{args.steps}.json"
+    t0 = time.perf_counter()
+    rep = evaluate_folder(args.generated, args.shards, out, relax_steps=args.steps, workers=workers,
+                          device=args.device, cache_dir=cache, mlips=args.mlips, stages=args.stages,
+                          limit_reference=args.limit_reference, novelty_reference=args.novelty_reference)
+    wall = time.perf_counter() - t0
+    m = rep["metrics"]
+    path = Path(args.result) if args.result else RESULTS / "generate_denovo_eval.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    doc = old if old.get("what", "").startswith("judge") else {"before": {
+        "card": old.get("card"), "command": old.get("command"),
+        "stage_seconds": {s["stage"]: s["wall_s"] for s in old.get("stages", [])},
+        "metrics": {k: old.get("metrics", {}).get(k) for k in ("sun_rate", "stable_rate", "n_generated")},
+    }}
+    key = "report_seconds_gpu" if args.device.startswith("cuda") else f"report_seconds_cpu_{args.steps}_steps"
+    metrics = dict(doc.get("metrics", {}))
+    metrics.update({
+        key: wall,
+        "n_generated": m.get("n_generated"),
+        "sun_rate_two_mlip": m.get("sun_rate_two_mlip"),
+        "sun_rate_one_mlip": m.get("sun_rate_one_mlip"),
+        "sun_one_mlip_name": m.get("sun_one_mlip_name"),
+        "mlip_disagreement_rate": m.get("mlip_disagreement_rate"),
+        **{k: m.get(k) for k in ("valid", "unique_rate", "novel_rate", "cov_recall", "cov_precision")},
+    })
+    runs = dict(doc.get("runs", {}))
+    runs[f"{args.device}_{args.steps}_steps"] = {
+        "card": card(), "command": command(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "report_seconds": wall, "prepare_seconds_cold": prepare_s, "prepare": prep,
+        "stage_seconds": {s["stage"]: s["wall_s"] for s in rep["stages"]},
+        "cost": rep["cost"], "settings": rep["settings"],
+        "metrics": {k: v for k, v in m.items() if isinstance(v, int | float | str) or v is None},
+    }
+    extra = {"what": "judge: full staged report of de novo samples (benchmarks/judge.py report)",
+             "before": doc.get("before"), "runs": runs}
+    write_result("generate_denovo_eval", metrics, extra, out=path)
+
+
+def main() -> None:
+    """Parse arguments and run a mode."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="mode", required=True)
+    r = sub.add_parser("relaxers")
+    r.add_argument("--n", type=int, default=8)
+    r.add_argument("--steps", type=int, default=40)
+    r.add_argument("--fmax", type=float, default=0.05)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--mlips", nargs="+", default=["chgnet", "sevennet"])
+    r.add_argument("--no-torch-sim", action="store_true")
+    r.add_argument("--only-torch-sim", action="store_true", help="SevenNet: ASE one by one and torch-sim only")
+    p = sub.add_parser("report")
+    p.add_argument("--generated", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--out", default="runs/judge")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--mlips", nargs="+", default=["chgnet", "sevennet"])
+    p.add_argument("--stages", nargs="+", default=None)
+    p.add_argument("--limit-reference", type=int, default=None)
+    p.add_argument("--novelty-reference", default="train")
+    p.add_argument("--skip-prepare", action="store_true",
+                   help="no cold prepare: the report computes the hull of the touched chemical systems itself")
+    p.add_argument("--result", default=None, help="result file (default benchmarks/results/generate_denovo_eval.json)")
+    args = ap.parse_args()
+    relaxers(args) if args.mode == "relaxers" else report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The judge's conventions on hand-made cases with known answers: CDVAE coverage over every sample, the
+StructureMatcher tolerances of CSP and novelty, the novelty reference choice, two-MLIP stability, caches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from mmmat.evaluation.generation import (
+    COVERAGE_CONVENTION,
+    ReferenceSet,
+    csp_match_details,
+    evaluate_generated,
+    novel_mask,
+)
+
+
+def rocksalt(a: str, b: str, lat: float) -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(lat), [a, b], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def test_coverage_fingerprints_every_sample_as_cdvae():
+    """An invalid sample (NaHe: no charge-neutral assignment) still counts for COV-P, as in CDVAE.
+
+    Both samples have the rock-salt site fingerprint of the references; with the composition cutoff opened
+    wide, each sample lies within both cutoffs of a reference: COV-P = 2/2 (the old convention, valid
+    samples only over all samples, gave 1/2), COV-R = 2/2.
+    """
+    ref = ReferenceSet([rocksalt("Na", "Cl", 5.64), rocksalt("K", "Cl", 6.3)], ids=["nacl", "kcl"])
+    samples = [rocksalt("Na", "Cl", 5.7), rocksalt("Na", "He", 5.0)]
+    scaler = (np.zeros(132), np.ones(132))
+    rep = evaluate_generated(samples, ref, ["validity", "coverage"], cov_cutoffs=(0.4, 1e6), comp_scaler=scaler)
+    m = rep["metrics"]
+    assert rep["per_sample"]["valid"] == [True, False]
+    assert m["n_fingerprinted"] == 2
+    assert m["cov_precision"] == pytest.approx(1.0)
+    assert m["cov_recall"] == pytest.approx(1.0)
+    assert rep["settings"]["coverage_convention"] == COVERAGE_CONVENTION and "CDVAE" in COVERAGE_CONVENTION
+    # an unreadable sample (None) is not fingerprinted but stays in the COV-P denominator
+    rep = evaluate_generated([*samples, None], ref, ["validity", "coverage"], cov_cutoffs=(0.4, 1e6),
+                             comp_scaler=scaler)
+    assert rep["metrics"]["cov_precision"] == pytest.approx(2 / 3)
+
+
+def test_csp_and_novelty_tolerances_differ_on_a_sheared_cell():
+    """A CsCl cell sheared to beta = 97°: a CSP match (angle_tol 10°) but novel (angle_tol 5°); 103°: neither."""
+    ref = Structure(Lattice.cubic(4.0), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    sheared = [Structure(Lattice.from_parameters(4, 4, 4, 90, b, 90), ["Cs", "Cl"], [[0, 0, 0], [.5, .5, .5]])
+               for b in (93, 97, 103)]
+    rms = csp_match_details(sheared, [ref] * 3)
+    assert rms[0] is not None and rms[1] is not None and rms[2] is None
+    assert novel_mask(sheared, ReferenceSet([ref])).tolist() == [False, True, True]
+
+
+def test_novelty_reference_choices():
+    from mmmat.evaluation.report import EvaluationInputError, novelty_splits
+
+    have = ["test", "train", "val"]
+    assert novelty_splits("train", have) == ["train"]
+    assert novelty_splits("train+val", have) == ["train", "val"]
+    assert novelty_splits("all", have) == have
+    assert novelty_splits("train+val", ["train"]) == ["train"]
+    with pytest.raises(EvaluationInputError, match="novelty reference"):
+        novelty_splits("everything", have)
+
+
+def test_two_method_stability_agreement_and_disagreement(tmp_path):
+    """Two stand-in energies (NOT physics) play the two MLIPs: stable only when both agree."""
+    from mmmat.design.oracle import StandInMethod
+
+    known = ReferenceSet([rocksalt("Na", "Cl", 5.64), rocksalt("Mg", "O", 4.21)], ids=["nacl", "mgo"])
+    samples = [rocksalt("Na", "Cl", 5.64), rocksalt("Mg", "O", 4.21), rocksalt("Na", "Cl", 4.6)]
+    a, b = StandInMethod("a", 0.0), StandInMethod("b", 0.0)
+    b.energy = lambda s, _e=b.energy: _e(s) + (0.3 if s.composition.reduced_formula == "NaCl" and s.volume < 120
+                                              else 0.0)
+    rep = evaluate_generated(samples, known, ["validity", "stability"], mlips=[a, b], relax=False,
+                             hull_cache=tmp_path / "hull", stable_threshold=0.15)
+    ps, m = rep["per_sample"], rep["metrics"]
+    # known answer: the compressed NaCl is 0.118 eV/atom above a's hull and 0.3 eV/atom more above b's
+    assert ps["e_above_hull_a"][:2] == [0.0, 0.0] and ps["e_above_hull_b"][:2] == [0.0, 0.0]
+    assert ps["e_above_hull_b"][2] - ps["e_above_hull_a"][2] == pytest.approx(0.3)
+    assert 0.1 < ps["e_above_hull_a"][2] < 0.15
+    assert ps["stable_one_mlip"] == [True, True, True]
+    assert ps["stable_all_mlips"] == [True, True, False]
+    assert m["mlip_disagreement_rate"] == pytest.approx(1 / 3)
+    assert rep["survivors"] == [0, 1]
+    assert rep["settings"]["mlips"] == ["a", "b"] and "every MLIP" in rep["settings"]["stable_rule"]
+    assert (tmp_path / "hull").is_dir()  # the known phases' energies were cached
+
+
+def test_reference_key_changes_with_structures():
+    from mmmat.evaluation.report import reference_key
+
+    r1 = ReferenceSet([rocksalt("Na", "Cl", 5.64)], ids=["x"])
+    r2 = ReferenceSet([rocksalt("Na", "Cl", 5.65)], ids=["x"])
+    assert reference_key(r1) == reference_key(ReferenceSet([rocksalt("Na", "Cl", 5.64)], ids=["x"]))
+    assert reference_key(r1) != reference_key(r2)
+
+
+def test_shipped_elemental_table_has_provenance():
+    from mmmat.evaluation.elemental import TABLE_PATH, shipped_table
+
+    if not TABLE_PATH.is_file():
+        pytest.skip("no elemental table shipped")
+    doc = shipped_table()
+    assert doc["methods"], "empty table"
+    for key, tab in doc["methods"].items():
+        prov = doc["provenance"][key]
+        assert prov["unit"] == "eV/atom" and "versions" in prov and "how" in prov
+        assert all(-20 < v["energy_per_atom"] < 5 for v in tab.values())
