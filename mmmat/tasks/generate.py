@@ -46,9 +46,14 @@ class CrystalGeneration(pl.LightningModule):
             ``pretrained``).
         modality_weights: Relative odds of picking each present modality for a crystal's condition.
         targets: Property columns the generator can be conditioned on (empty: none).
+        family: Denoiser family: ``flow_gnn`` (all-pairs message passing) or ``transformer`` (all-atom
+            transformer, :mod:`mmmat.generative.transformer`); both train with the same flow objective.
         hidden: Denoiser width.
-        layers: Denoiser message-passing rounds.
-        fourier: Fourier frequencies of the periodic edge features.
+        layers: Denoiser message-passing rounds (transformer blocks for ``transformer``).
+        fourier: Fourier frequencies of the periodic edge features (atom-token features for ``transformer``).
+        heads: Attention heads (``transformer`` only).
+        translate_augment: Shift every training crystal by a random fractional vector (for ``transformer``,
+            whose translation invariance is learned).
         max_atoms: Largest cell size for de novo sampling.
         csp_fraction: Share of crystals trained with given species (the rest de novo).
         p_drop_latent: Probability that a crystal's latent condition is dropped.
@@ -71,9 +76,12 @@ class CrystalGeneration(pl.LightningModule):
         condition_modalities: list[str] | None = None,
         modality_weights: dict[str, float] | None = None,
         targets: list[str] | None = None,
+        family: str = "flow_gnn",
         hidden: int = 256,
         layers: int = 6,
         fourier: int = 8,
+        heads: int = 8,
+        translate_augment: bool = False,
         max_atoms: int = 20,
         csp_fraction: float = 0.5,
         p_drop_latent: float = 0.2,
@@ -117,6 +125,9 @@ class CrystalGeneration(pl.LightningModule):
             properties=targets or [],
             max_atoms=max_atoms,
             coord_weight=coord_weight,
+            family=family,
+            heads=heads,
+            translate_augment=translate_augment,
         )
         self.augment = None
         if xrd_augment is not None and "xrd" in self.condition_modalities:

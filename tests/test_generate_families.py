@@ -1,0 +1,232 @@
+"""The second generator family (all-atom transformer) and exact resume of generator training."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+from mmmat.generative.api import Generator, generate, load_generator, sample_structures
+from mmmat.generative.flow import CrystalDenoiser, CrystalFlow, wrap
+from mmmat.generative.transformer import AtomTransformerDenoiser, pad_atoms, translation_error
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATE_TINY = str(ROOT / "configs" / "generate" / "tiny.yaml")
+
+
+def _state(counts=(3, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(counts)
+    batch = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    n = int(counts.sum())
+    y = torch.randn(len(counts), 6, generator=g)
+    f = torch.rand(n, 3, generator=g)
+    s = torch.randn(n, 100, generator=g)
+    t = torch.rand(len(counts), generator=g)
+    return y, f, s, t, t.clone(), batch, counts
+
+
+def _transformer(seed=0):
+    torch.manual_seed(seed)
+    net = AtomTransformerDenoiser(hidden=32, layers=2, fourier=3, heads=4).eval()
+    for block in net.blocks:  # adaLN-Zero starts every block as the identity: give them weights
+        torch.nn.init.normal_(block.mod.weight, std=0.2)
+    return net
+
+
+def test_pad_atoms_round_trips():
+    counts = torch.tensor([2, 0, 3])
+    batch = torch.repeat_interleave(torch.arange(3), counts)
+    x = torch.arange(5.0).unsqueeze(-1)
+    padded, pad, slot = pad_atoms(x, batch, counts)
+    assert padded.shape == (3, 3, 1)
+    assert pad.tolist() == [[False, False, True], [True, True, True], [False, False, False]]
+    assert torch.equal(padded[batch, slot], x)
+
+
+def test_transformer_symmetries_that_hold_exactly():
+    net = _transformer()
+    y, f, s, t, ts, batch, counts = _state()
+    vy, vf, vs = net(y, f, s, t, ts, batch, counts)
+    # permuting the atoms of each crystal permutes the outputs, the lattice velocity is unchanged
+    perm = torch.tensor([2, 0, 1, 6, 4, 3, 5])
+    vy2, vf2, vs2 = net(y, f[perm], s[perm], t, ts, batch, counts)
+    assert torch.allclose(vy, vy2, atol=1e-5)
+    assert torch.allclose(vf[perm], vf2, atol=1e-5) and torch.allclose(vs[perm], vs2, atol=1e-5)
+    # periodic: any atom moved by whole lattice vectors changes nothing
+    f3 = f.clone()
+    f3[0] += torch.tensor([1.0, -2.0, 3.0])
+    f3[5] -= 1.0
+    assert torch.allclose(net(y, f3, s, t, ts, batch, counts)[1], vf, atol=1e-4)
+    # padding: a crystal's velocities do not depend on the other crystals of the batch (nor on its padding)
+    alone = net(y[:1], f[:3], s[:3], t[:1], ts[:1], batch[:3], counts[:1])
+    assert torch.allclose(alone[0], vy[:1], atol=1e-5) and torch.allclose(alone[1], vf[:3], atol=1e-5)
+
+
+def test_translation_invariance_is_exact_for_the_gnn_and_not_built_into_the_transformer():
+    torch.manual_seed(0)
+    gnn = CrystalDenoiser(hidden=32, layers=2, fourier=3).eval()
+    y, f, s, t, _, batch, counts = _state()
+    assert translation_error(gnn, y, f, s, t, batch, counts) < 1e-9
+    assert translation_error(_transformer(), y, f, s, t, batch, counts) > 1e-3
+
+
+def _crystals():
+    nacl = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    gan = Structure.from_spacegroup(
+        "P6_3mc", Lattice.hexagonal(3.19, 5.19), ["Ga", "N"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.375]]
+    )
+    return [nacl, gan]
+
+
+def _tensors(structs):
+    lat = torch.tensor(np.stack([s.lattice.matrix for s in structs]), dtype=torch.float32)
+    frac = torch.tensor(np.concatenate([s.frac_coords for s in structs]), dtype=torch.float32)
+    z = torch.tensor(np.concatenate([s.atomic_numbers for s in structs]))
+    counts = torch.tensor([len(s) for s in structs])
+    batch = torch.repeat_interleave(torch.arange(len(structs)), counts)
+    return lat, frac, z, counts, batch
+
+
+def _overfit(translate_augment: bool, steps: int = 250):
+    """A small transformer-family flow trained to memorise two crystals; its translation error after training."""
+    torch.manual_seed(0)
+    structs = _crystals()
+    flow = CrystalFlow(hidden=32, layers=2, fourier=4, max_atoms=8, family="transformer", heads=4,
+                       translate_augment=translate_augment)
+    lat, frac, z, counts, _ = _tensors(structs)
+    flow.fit_statistics(lat, counts, z)
+    rep = 16
+    lat_r, frac_r, z_r, counts_r, batch_r = _tensors(structs * rep)
+    opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        csp = torch.arange(2 * rep) % 4 != 0
+        out = flow.loss(lat_r, frac_r, z_r, batch_r, counts_r, csp)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"].detach()))
+    # probe states on the flow paths of the training crystals, t in [0.5, 1)
+    g = torch.Generator().manual_seed(5)
+    t = 0.5 + 0.5 * torch.rand(2 * rep, generator=g)
+    f0 = torch.rand(frac_r.shape, generator=g)
+    ft = (f0 + t[batch_r, None] * wrap(frac_r - f0)) % 1.0
+    probe = (flow.encode_lattice(lat_r, counts_r), ft, flow.one_hot(z_r), t, batch_r, counts_r)
+    err = translation_error(flow.net, *probe, generator=torch.Generator().manual_seed(1))
+    return flow.eval(), structs, losses, err
+
+
+@pytest.fixture(scope="module")
+def overfit_transformer():
+    """The transformer family trained with translation augmentation (and the translation error without it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    flow, structs, losses, err = _overfit(True)
+    err_plain = _overfit(False)[3]
+    yield flow, structs, losses, (err, err_plain)
+    torch.set_num_threads(threads)
+
+
+def test_transformer_family_trains_and_samples_a_memorised_crystal(overfit_transformer):
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    flow, structs, losses, _ = overfit_transformer
+    assert np.mean(losses[-50:]) < 0.7 * np.mean(losses[:20])
+    out = sample_structures(flow, [2] * 8, [11, 17] * 8, steps=40, seed=0)
+    m = StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
+    matched = sum(s is not None and m.fit(s, structs[0]) for s in out)
+    assert matched >= 5, matched
+
+
+def test_translation_augmentation_teaches_the_invariance(overfit_transformer):
+    _, _, _, (err_aug, err_plain) = overfit_transformer
+    assert err_aug < 0.6 * err_plain, (err_aug, err_plain)
+
+
+def test_transformer_family_saves_loads_and_generates(overfit_transformer, tmp_path):
+    flow, _, _, _ = overfit_transformer
+    flow.save_pretrained(tmp_path / "gen", extra={"condition_modalities": [], "condition_model": None})
+    cfg = json.loads((tmp_path / "gen" / "config.json").read_text())
+    assert cfg["family"] == "transformer" and cfg["heads"] == 4
+    gen = load_generator(tmp_path / "gen", device="cpu")
+    assert isinstance(gen.flow.net, AtomTransformerDenoiser)
+    a = sample_structures(flow, [2, 4], steps=5, seed=3)
+    b = sample_structures(gen.flow, [2, 4], steps=5, seed=3)
+    assert all(np.allclose(x.frac_coords, y.frac_coords, atol=1e-5) for x, y in zip(a, b))
+    structures, info = generate(gen, 4, seed=0, steps=5)
+    assert info["mode"] == "de_novo" and len(structures) == 4
+    structures, info = generate(Generator(flow, None, Path("."), "cpu", []), 2, composition="Ga2N2", steps=5)
+    assert all(s.composition.reduced_formula == "GaN" for s in structures)
+
+
+def test_folders_without_a_family_load_as_the_gnn_and_unknown_families_are_refused(tmp_path):
+    flow = CrystalFlow(hidden=16, layers=1, fourier=2, max_atoms=4)
+    flow.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    for k in ("family", "heads", "translate_augment"):
+        cfg.pop(k)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    assert isinstance(CrystalFlow.from_pretrained(tmp_path / "old").net, CrystalDenoiser)
+    with pytest.raises(ValueError, match="unknown generator family 'diffusion'"):
+        CrystalFlow(family="diffusion")
+    with pytest.raises(ValueError, match="multiple of heads"):
+        AtomTransformerDenoiser(hidden=30, heads=4)
+
+
+# ---------------------------------------------------------------------- exact resume through train.py
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    from data_pipelines.base import get_source
+    from data_pipelines.build import build_shards
+
+    out = tmp_path_factory.mktemp("family_shards")
+    build_shards(get_source("builtin")(None, limit=40), out, progress=False)
+    return out
+
+
+def _losses(root: Path) -> dict[int, float]:
+    """train/loss by step from every CSV learning curve under ``root``."""
+    out = {}
+    for f in sorted(root.rglob("metrics.csv")):
+        for row in csv.DictReader(f.open()):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+@pytest.mark.parametrize("family", ["transformer", "flow_gnn"])
+def test_generator_training_resumes_exactly(tmp_path, tiny_shards, family):
+    import train
+
+    def run(root, *extra):
+        return train.main([
+            "fit", "--config", GENERATE_TINY, f"--data.shards={tiny_shards}", "--data.tokenizer=null",
+            "--data.include_generated_text=false", "--model.init_args.pretrained=null",
+            f"--model.init_args.family={family}", "--model.init_args.heads=4",
+            f"--model.init_args.translate_augment={family == 'transformer'}",
+            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+            f"--model.init_args.save_dir={root}/model", "--trainer.limit_val_batches=0",
+            "--model.init_args.max_steps=4", *extra,
+        ])
+
+    ckpt = tmp_path / "sit.ckpt"
+    stop = ["--trainer.callbacks+=mmmat.tasks.callbacks.StopAfter", "--trainer.callbacks.seconds=0",
+            f"--trainer.callbacks.checkpoint={ckpt}"]
+    first = run(tmp_path / "a", "--trainer.max_epochs=2", *stop)  # zero budget: stops after epoch 1
+    assert first.trainer.global_step == 2 and ckpt.exists()
+    second = run(tmp_path / "a", "--trainer.max_epochs=2", f"--ckpt_path={ckpt}")
+    whole = run(tmp_path / "c", "--trainer.max_epochs=2")
+    assert second.trainer.global_step == whole.trainer.global_step == 4
+    sa, sw = second.model.state_dict(), whole.model.state_dict()
+    assert sa.keys() == sw.keys()
+    for k in sa:
+        assert torch.allclose(sa[k].float(), sw[k].float(), atol=1e-5), k
+    # the learning curves (one CSV per sitting in the run folder) add up to the uninterrupted one
+    la, lw = _losses(tmp_path / "a"), _losses(tmp_path / "c")
+    assert sorted(la) == sorted(lw) and len(lw) == 4
+    assert np.allclose([la[k] for k in sorted(la)], [lw[k] for k in sorted(lw)], rtol=1e-5)
+    assert json.loads((tmp_path / "c" / "model" / "config.json").read_text())["family"] == family
