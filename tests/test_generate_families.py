@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -188,45 +189,90 @@ def tiny_shards(tmp_path_factory):
     return out
 
 
-def _losses(root: Path) -> dict[int, float]:
-    """train/loss by step from every CSV learning curve under ``root``."""
-    out = {}
-    for f in sorted(root.rglob("metrics.csv")):
-        for row in csv.DictReader(f.open()):
-            if row.get("train/loss"):
-                out[int(row["step"])] = float(row["train/loss"])
-    return out
+def _losses(curve: Path) -> dict[int, float]:
+    """train/loss by step from a learning curve (CSV)."""
+    return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(curve.open()) if r.get("train/loss")}
 
 
-@pytest.mark.parametrize("family", ["transformer", "flow_gnn"])
-def test_generator_training_resumes_exactly(tmp_path, tiny_shards, family):
-    import train
+def _families(workdir: Path, shards: Path, *extra: str) -> None:
+    from generate_families import main
 
-    def run(root, *extra):
-        return train.main([
-            "fit", "--config", GENERATE_TINY, f"--data.shards={tiny_shards}", "--data.tokenizer=null",
-            "--data.include_generated_text=false", "--model.init_args.pretrained=null",
-            f"--model.init_args.family={family}", "--model.init_args.heads=4",
-            f"--model.init_args.translate_augment={family == 'transformer'}",
-            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
-            f"--model.init_args.save_dir={root}/model", "--trainer.limit_val_batches=0",
-            "--model.init_args.max_steps=4", *extra,
-        ])
+    main(["train", "--workdir", str(workdir), "--config", GENERATE_TINY, "--seconds", "600",
+          "--transformer-args", "--model.init_args.translate_augment=true --model.init_args.heads=4", *extra,
+          "--", f"--data.shards={shards}", "--data.tokenizer=null", "--data.include_generated_text=false",
+          "--model.init_args.pretrained=null", "--trainer.limit_val_batches=1", "--model.init_args.max_steps=4"])
 
-    ckpt = tmp_path / "sit.ckpt"
-    stop = ["--trainer.callbacks+=mmmat.tasks.callbacks.StopAfter", "--trainer.callbacks.seconds=0",
-            f"--trainer.callbacks.checkpoint={ckpt}"]
-    first = run(tmp_path / "a", "--trainer.max_epochs=2", *stop)  # zero budget: stops after epoch 1
-    assert first.trainer.global_step == 2 and ckpt.exists()
-    second = run(tmp_path / "a", "--trainer.max_epochs=2", f"--ckpt_path={ckpt}")
-    whole = run(tmp_path / "c", "--trainer.max_epochs=2")
-    assert second.trainer.global_step == whole.trainer.global_step == 4
-    sa, sw = second.model.state_dict(), whole.model.state_dict()
-    assert sa.keys() == sw.keys()
-    for k in sa:
-        assert torch.allclose(sa[k].float(), sw[k].float(), atol=1e-5), k
-    # the learning curves (one CSV per sitting in the run folder) add up to the uninterrupted one
-    la, lw = _losses(tmp_path / "a"), _losses(tmp_path / "c")
-    assert sorted(la) == sorted(lw) and len(lw) == 4
-    assert np.allclose([la[k] for k in sorted(la)], [lw[k] for k in sorted(lw)], rtol=1e-5)
-    assert json.loads((tmp_path / "c" / "model" / "config.json").read_text())["family"] == family
+
+@pytest.fixture(scope="module")
+def family_runs(tiny_shards, tmp_path_factory):
+    """Both families trained by benchmarks/generate_families.py: in two sittings (a) and in one (b)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    tmp = tmp_path_factory.mktemp("families")
+    _families(tmp / "a", tiny_shards, "--sitting", "0")  # each family stops after its first epoch
+    first = {f: json.loads((tmp / "a" / f / "status.json").read_text()) for f in ("flow_gnn", "transformer")}
+    _families(tmp / "a", tiny_shards)  # the second call resumes both from their checkpoints
+    _families(tmp / "b", tiny_shards)
+    return tmp, first
+
+
+def test_generator_training_resumes_exactly(family_runs):
+    from safetensors.torch import load_file
+
+    tmp, first = family_runs
+    for family in ("flow_gnn", "transformer"):
+        assert first[family]["global_step"] == 2 and not first[family]["done"]
+        a = json.loads((tmp / "a" / family / "status.json").read_text())
+        b = json.loads((tmp / "b" / family / "status.json").read_text())
+        assert a["done"] and b["done"] and a["sittings"] == 2 and a["global_step"] == b["global_step"] == 4
+        wa = load_file(tmp / "a" / family / "model" / "model.safetensors")
+        wb = load_file(tmp / "b" / family / "model" / "model.safetensors")
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), (family, k)
+        # the learning curve joined from both sittings equals the uninterrupted one
+        la = _losses(tmp / "a" / family / "learning_curve.csv")
+        lb = _losses(tmp / "b" / family / "learning_curve.csv")
+        assert sorted(la) == sorted(lb) == [0, 1, 2, 3]
+        assert np.allclose([la[k] for k in sorted(la)], [lb[k] for k in sorted(lb)], rtol=1e-5)
+        assert json.loads((tmp / "a" / family / "model" / "config.json").read_text())["family"] == family
+    _families(tmp / "a", tiny_shards)  # a spent budget is not trained again
+    assert json.loads((tmp / "a" / "transformer" / "status.json").read_text())["sittings"] == 2
+
+
+def test_families_are_evaluated_the_same_way(family_runs, tiny_shards):
+    from generate_families import main
+
+    tmp, _ = family_runs
+    res = tmp / "results" / "generate_families.json"
+    main(["eval", "--workdir", str(tmp / "a"), "--shards", str(tiny_shards), "--n", "6", "--n-csp", "3",
+          "--steps", "3", "--stages", "validity", "uniqueness", "novelty", "--workers", "1",
+          "--result", str(res), "--merge", "--curves-dir", str(tmp / "results")])
+    doc = json.loads(res.read_text())
+    assert {"card", "date", "command", "metrics"} <= set(doc)
+    for family in ("flow_gnn", "transformer"):
+        m = doc["metrics"][family]
+        assert m["n_generated"] == 6 and 0 <= m["valid"] <= 1 and m["structures_per_s"] > 0
+        assert 0 <= m["csp_match_rate"] <= 1 and m["n_csp_materials"] == 3 and m["train_steps"] == 4
+        assert (tmp / "results" / f"generate_families_{family}_train_metrics.csv").exists()
+    merged = json.loads((tmp / "results" / "generate_denovo_eval.json").read_text())["metrics"]["families"]
+    assert set(merged) == {"flow_gnn", "transformer"} and "unique_rate" in merged["transformer"]
+    gen = json.loads((tmp / "results" / "generate.json").read_text())["metrics"]
+    assert gen["csp_match_rate_generator"] == max(
+        doc["metrics"][f]["csp_match_rate"] for f in ("flow_gnn", "transformer"))
+
+
+def test_time_budget_carries_its_clock_and_schedule_across_sittings():
+    from types import SimpleNamespace
+
+    from mmmat.tasks.callbacks import TimeBudget
+
+    a = TimeBudget(seconds=100)
+    a.spent_before, a.planned_steps = 30.0, 500
+    state = a.state_dict()
+    b = TimeBudget(seconds=100)
+    b.load_state_dict(state)
+    assert b.elapsed() == pytest.approx(30.0) and b.planned_steps == 500
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=60000)))
+    module = SimpleNamespace(total_steps=60000)
+    b.on_train_start(trainer, module)
+    assert trainer.fit_loop.epoch_loop.max_steps == 500 and module.total_steps == 500
