@@ -13,7 +13,8 @@ Two modes, each callable several times (a call fits a time limit; later calls re
         --result benchmarks/results/generate_families.json
 
 Training: each family runs ``train.py fit`` with the given config, ``model.init_args.family`` set (and the
-family's overrides, ``--transformer-args`` for the transformer), a :class:`~mmmat.tasks.callbacks.TimeBudget`
+family's overrides: configs/generate/transformer.yaml for the transformer unless ``--transformer-args``
+says otherwise), a :class:`~mmmat.tasks.callbacks.TimeBudget`
 of ``--seconds`` training seconds (its cosine schedule fitted to the budget, carried across calls in the
 checkpoint) and a :class:`~mmmat.tasks.callbacks.StopAfter` that ends the sitting at an epoch end when the
 call's time is spent; the next call resumes with ``--ckpt_path``. The learning curves of every sitting are
@@ -50,11 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, card, command, write_result  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("flow_gnn", "transformer")
 #: Family-specific train.py overrides used unless --<family>-args says otherwise.
 DEFAULT_FAMILY_ARGS = {
     "flow_gnn": [],
-    "transformer": ["--model.init_args.translate_augment=true", "--model.init_args.heads=8"],
+    "transformer": ["--config", str(ROOT / "configs" / "generate" / "transformer.yaml")],
 }
 #: Wall seconds of a call kept free for start-up (imports, data, model) of one training sitting.
 SITTING_OVERHEAD_S = 60.0
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--calibrate-steps", type=int, default=200)
     tr.add_argument("--flow_gnn-args", dest="flow_gnn_args", default=None, help="train.py overrides, one string")
     tr.add_argument("--transformer-args", dest="transformer_args", default=None,
-                    help="train.py overrides, one string (default: translate_augment on, 8 heads)")
+                    help="train.py overrides, one string (default: --config configs/generate/transformer.yaml)")
     tr.add_argument("train_args", nargs="*", help="after --: train.py overrides for every family")
     ev = sub.add_parser("eval", help="evaluate the trained families the same way")
     ev.add_argument("--workdir", required=True)

@@ -197,8 +197,7 @@ def _losses(curve: Path) -> dict[int, float]:
 def _families(workdir: Path, shards: Path, *extra: str) -> None:
     from generate_families import main
 
-    main(["train", "--workdir", str(workdir), "--config", GENERATE_TINY, "--seconds", "600",
-          "--transformer-args", "--model.init_args.translate_augment=true --model.init_args.heads=4", *extra,
+    main(["train", "--workdir", str(workdir), "--config", GENERATE_TINY, "--seconds", "600", *extra,
           "--", f"--data.shards={shards}", "--data.tokenizer=null", "--data.include_generated_text=false",
           "--model.init_args.pretrained=null", "--trainer.limit_val_batches=1", "--model.init_args.max_steps=4"])
 

@@ -182,6 +182,35 @@ class CrystalGeneration(pl.LightningModule):
             )
         self.flow.fit_statistics(lattice, counts, z, props)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen conditioning model out of checkpoints (it is rebuilt from ``pretrained``).
+
+        Its fingerprint is kept instead, so a run resumed against another conditioning model is refused.
+        """
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k in sd if k.startswith("cond_model.")]:
+            del sd[k]
+        if self.cond_model is not None:
+            from mmmat.modelio import model_fingerprint
+
+            checkpoint["condition_model_fingerprint"] = model_fingerprint(self.hparams.pretrained)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the conditioning model's weights back from ``pretrained`` after checking its fingerprint."""
+        sd = checkpoint.get("state_dict")
+        if sd is None or self.cond_model is None:
+            return
+        saved = checkpoint.get("condition_model_fingerprint")
+        if saved is not None:
+            from mmmat.modelio import model_fingerprint
+
+            if model_fingerprint(self.hparams.pretrained) != saved:
+                raise ValueError(
+                    f"the checkpoint was trained with another conditioning model than {self.hparams.pretrained}"
+                )
+        for k, v in self.cond_model.state_dict().items():
+            sd.setdefault(f"cond_model.{k}", v)
+
     def on_train_epoch_start(self) -> None:
         """Reseed from (seed, epoch, rank) so a resumed run draws the same noise."""
         start_epoch(self)
