@@ -25,6 +25,9 @@ and the lattice parameters (rotation invariant); node updates sum over the other
 equivariant).  Conditioning is one vector per crystal: a shared-latent embedding of any modality (crystal, XRD
 pattern, image, text) and/or standardised property targets, each with a presence mask; a condition that is
 absent is all zeros with mask 0, which is also the unconditional input of classifier-free guidance.
+
+A second denoiser family, an all-atom transformer (:mod:`mmmat.generative.transformer`), has the same
+signature and is selected with ``family="transformer"``; everything else here is shared.
 """
 
 from __future__ import annotations
