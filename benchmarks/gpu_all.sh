@@ -142,6 +142,7 @@ print({k: v for k, v in r['metrics'].items() if 'rate' in k or 'valid' in k})" \
       python3 benchmarks/generate_families.py eval --workdir $FAM_DIR --families $DONE --shards $SHARDS \
           --workers 16 --device cuda --stages ${FAM_STAGES:-validity coverage distribution uniqueness novelty} \
           --cache-dir /tmp/evalcache --curves-dir "$OUT" --merge --result "$OUT/generate_families.json" \
+          $( [ -f .gpu/data/eval/hull_mp20p_train.json ] && echo --hull .gpu/data/eval/hull_mp20p_train.json ) \
           ${FAM_EVAL_ARGS:-} 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 60 || echo "evaluation failed"
     fi
     mkdir -p "$OUT/$(basename $FAM_DIR)"
