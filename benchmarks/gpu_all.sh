@@ -9,6 +9,9 @@
 #   OUT=DIR bash benchmarks/gpu_all.sh generate SECONDS      generator training + generate.json + de novo samples
 #   OUT=DIR bash benchmarks/gpu_all.sh generate_fit STEPS    the same training over several calls (CALL_SECONDS each),
 #                                                            resumed from /tmp/gen/sitting.ckpt; then generate_eval
+#   OUT=DIR bash benchmarks/gpu_all.sh families SECONDS      generator families (FAMILIES, default both) trained SECONDS
+#                                                            each in runs/fam (carry it back to resume), evaluated
+#                                                            once trained: generate_families.json (+ merged keys)
 #   OUT=DIR bash benchmarks/gpu_all.sh finetune_start SET..  detached fine-tuning runs of those settings, JOBS at a
 #                                                            time, STEPS (and STEPS_1K) steps each; then `wait`
 #   OUT=DIR bash benchmarks/gpu_all.sh generate_start SECONDS detached generator training; then `wait`, generate_eval
@@ -117,6 +120,34 @@ print({k: v for k, v in r['metrics'].items() if 'rate' in k or 'valid' in k})" \
       echo $! >> /tmp/detached.pids
       echo "de novo evaluation started"
     fi
+    ;;
+  families)
+    # equal training time per family, unconditioned (benchmarks/generate_families.py); a call trains at most
+    # CALL_SECONDS of wall time, an unfinished family resumes from $FAM_DIR/<family>/sitting.ckpt (FAM_DIR,
+    # default runs/fam: kept on a warm machine, or carried back in); families whose budget is spent are evaluated
+    # the same way (FAM_STAGES; 1,000 de novo samples and 1,000 CSP test compositions each) and merged into
+    # copies of generate.json and generate_denovo_eval.json in $OUT; $FAM_DIR comes back as $OUT/<its name>
+    FAMS=${FAMILIES:-flow_gnn transformer}
+    FAM_DIR=${FAM_DIR:-runs/fam}
+    python3 benchmarks/generate_families.py train --workdir $FAM_DIR --families $FAMS --seconds "${ARG:?seconds}" \
+        --call-seconds "${CALL_SECONDS:-300}" --config configs/generate/mp20p.yaml -- --data.shards=$SHARDS \
+        --model.init_args.pretrained=null --data.tokenizer=null 2>&1 | grep -E '^\{|budget|no time|Error' || true
+    DONE=$(python3 -c "import json, sys, os; print(' '.join(f for f in sys.argv[1:] if os.path.exists(f'$FAM_DIR/{f}/status.json') and json.load(open(f'$FAM_DIR/{f}/status.json'))['done']))" $FAMS)
+    for f in generate_families generate generate_denovo_eval; do
+      [ -f "benchmarks/results/$f.json" ] && cp "benchmarks/results/$f.json" "$OUT/"
+    done
+    mkdir -p /tmp/evalcache
+    [ -f .gpu/data/eval/coverage_fps_test.npz ] && cp -n .gpu/data/eval/coverage_fps_test.npz /tmp/evalcache/
+    if [ -n "$DONE" ]; then
+      python3 benchmarks/generate_families.py eval --workdir $FAM_DIR --families $DONE --shards $SHARDS \
+          --workers 16 --device cuda --stages ${FAM_STAGES:-validity coverage distribution uniqueness novelty} \
+          --cache-dir /tmp/evalcache --curves-dir "$OUT" --merge --result "$OUT/generate_families.json" \
+          $( [ -f .gpu/data/eval/hull_mp20p_train.json ] && echo --hull .gpu/data/eval/hull_mp20p_train.json ) \
+          ${FAM_EVAL_ARGS:-} 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 60 || echo "evaluation failed"
+    fi
+    mkdir -p "$OUT/$(basename $FAM_DIR)"
+    (cd "$FAM_DIR" && tar cf - --exclude=denovo --exclude=denovo_eval .) | (cd "$OUT/$(basename $FAM_DIR)" && tar xf -)
+    du -sh "$FAM_DIR"/*/sitting.ckpt 2>/dev/null || true
     ;;
   finetune_start)
     # detached: outlives this call while the machine stays warm; results merge into /tmp/finetune.json

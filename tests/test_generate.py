@@ -358,3 +358,22 @@ def test_generate_cli_with_conditions(tiny_generator, tmp_path):
         app, ["generate", "--model", str(tmp_path / "none"), "-n", "2", "--out", str(tmp_path / "y")]
     )
     assert r.exit_code == 2 and "not a generator folder" in r.output
+
+
+def test_generator_checkpoints_leave_out_the_frozen_conditioning_model(tiny_generator, tmp_path):
+    from mmmat.tasks.generate import CrystalGeneration
+
+    _, _, cli = tiny_generator
+    ckpt = tmp_path / "g.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["state_dict"] and not any(k.startswith("cond_model.") for k in state["state_dict"])
+    assert state["condition_model_fingerprint"].startswith("sha256:")
+    fresh = CrystalGeneration(**{k: v for k, v in cli.model.hparams.items() if not k.startswith("_")})
+    fresh.on_load_checkpoint(state)
+    fresh.load_state_dict(state["state_dict"])  # strict: the conditioning weights came back from `pretrained`
+    for k, v in cli.model.flow.state_dict().items():
+        assert torch.equal(fresh.flow.state_dict()[k], v), k
+    state["condition_model_fingerprint"] = "sha256:other"
+    with pytest.raises(ValueError, match="another conditioning model"):
+        fresh.on_load_checkpoint(state)

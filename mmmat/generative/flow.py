@@ -25,6 +25,9 @@ and the lattice parameters (rotation invariant); node updates sum over the other
 equivariant).  Conditioning is one vector per crystal: a shared-latent embedding of any modality (crystal, XRD
 pattern, image, text) and/or standardised property targets, each with a presence mask; a condition that is
 absent is all zeros with mask 0, which is also the unconditional input of classifier-free guidance.
+
+A second denoiser family, an all-atom transformer (:mod:`mmmat.generative.transformer`), has the same
+signature and is selected with ``family="transformer"``; everything else here is shared.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ NUM_SPECIES = 100
 #: Smallest cell volume (Å³) of a generated sample; below it the sample counts as failed (structural validity
 #: asks for at least this much).
 MIN_CELL_VOLUME = 0.1
+#: Denoiser families of :class:`CrystalFlow` (``model.family`` in the generator configs).
+FAMILIES = ("flow_gnn", "transformer")
 #: Lattice angles of generated cells are kept inside this range, degrees.
 ANGLE_RANGE = (30.0, 150.0)
 
@@ -218,6 +223,13 @@ class CrystalFlow(nn.Module):
         coord_weight: Loss weight of the coordinate velocity (its natural scale is about 0.3).
         lattice_weight: Loss weight of the lattice velocity.
         species_weight: Loss weight of the species velocity (de novo rows).
+        family: The denoiser: ``"flow_gnn"`` (:class:`CrystalDenoiser`, all-pairs message passing, exactly
+            translation invariant) or ``"transformer"`` (:class:`~mmmat.generative.transformer.
+            AtomTransformerDenoiser`, atom tokens with absolute periodic coordinate encodings).
+        heads: Attention heads of the transformer family.
+        translate_augment: Shift every training crystal by a random fractional vector (teaches a denoiser that
+            is not translation invariant by construction to be so; changes nothing for ``flow_gnn`` but the
+            random draws).
     """
 
     def __init__(
@@ -232,8 +244,13 @@ class CrystalFlow(nn.Module):
         coord_weight: float = 10.0,
         lattice_weight: float = 1.0,
         species_weight: float = 1.0,
+        family: str = "flow_gnn",
+        heads: int = 8,
+        translate_augment: bool = False,
     ):
         super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"unknown generator family {family!r}; known: {', '.join(FAMILIES)}")
         self.config = {
             "hidden": hidden,
             "layers": layers,
@@ -245,11 +262,20 @@ class CrystalFlow(nn.Module):
             "coord_weight": coord_weight,
             "lattice_weight": lattice_weight,
             "species_weight": species_weight,
+            "family": family,
+            "heads": heads,
+            "translate_augment": translate_augment,
         }
         self.properties = list(properties)
         self.num_species = num_species
         cond_dim = (latent_dim + 1 if latent_dim else 0) + 2 * len(self.properties)
-        self.net = CrystalDenoiser(hidden, layers, fourier, cond_dim, num_species)
+        self.net: nn.Module
+        if family == "transformer":
+            from mmmat.generative.transformer import AtomTransformerDenoiser
+
+            self.net = AtomTransformerDenoiser(hidden, layers, fourier, cond_dim, num_species, heads)
+        else:
+            self.net = CrystalDenoiser(hidden, layers, fourier, cond_dim, num_species)
         self.register_buffer("y_mean", torch.zeros(6))
         self.register_buffer("y_std", torch.ones(6))
         self.register_buffer("prop_mean", torch.zeros(len(self.properties)))
@@ -362,6 +388,8 @@ class CrystalFlow(nn.Module):
         b, dev = counts.shape[0], frac.device
         y1 = self.encode_lattice(lattice, counts)
         f1 = frac % 1.0
+        if self.config["translate_augment"]:
+            f1 = (f1 + torch.rand(b, 3, device=dev, generator=generator)[batch]) % 1.0
         s1 = self.one_hot(z)
         t = torch.rand(b, device=dev, generator=generator)
         y0 = torch.randn(y1.shape, device=dev, generator=generator)
@@ -495,8 +523,9 @@ class CrystalFlow(nn.Module):
             "lattice_weight",
             "species_weight",
         )
-        model = cls(**{k: config[k] for k in keys})
-        model.extra = {k: v for k, v in config.items() if k not in keys}
+        optional = ("family", "heads", "translate_augment")  # absent from folders written before the families
+        model = cls(**{k: config[k] for k in keys}, **{k: config[k] for k in optional if k in config})
+        model.extra = {k: v for k, v in config.items() if k not in keys + optional}
         load_weights(model, path, map_location)
         return model.to(map_location)
 

@@ -23,9 +23,14 @@ class TimeBudget(pl.Callback):
     the remaining budget (rank 0 decides, every rank follows), so a cosine schedule ends at the end of the
     budget instead of being cut off. The module's schedule must read ``pl_module.total_steps``.
 
+    The budget spans sittings: the training time spent so far and the planned last step are saved in the
+    checkpoint, so a run resumed with ``--ckpt_path`` (e.g. after :class:`StopAfter` ended a sitting) keeps
+    the same schedule and stops when the budget of all sittings together is spent. A sitting that ends
+    before the calibration calibrates in the next one.
+
     Args:
-        seconds: Training budget in seconds (from the first training step).
-        calibrate_steps: Steps to measure the rate on (after 20 warm-up steps).
+        seconds: Training budget in seconds (from the first training step, summed over sittings).
+        calibrate_steps: Steps to measure the rate on (after 20 warm-up steps of a sitting).
         margin: Fraction of the remaining time kept free (validation, checkpointing).
     """
 
@@ -33,26 +38,48 @@ class TimeBudget(pl.Callback):
         self.seconds, self.calibrate_steps, self.margin = seconds, calibrate_steps, margin
         self._t0: float | None = None
         self._tw: float | None = None
+        self._s0 = 0
+        self.spent_before = 0.0
         self.planned_steps: int | None = None
+
+    def elapsed(self) -> float:
+        """Training seconds spent so far, earlier sittings included."""
+        return self.spent_before + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The time spent and the planned last step (saved in checkpoints)."""
+        return {"spent": self.elapsed(), "planned_steps": self.planned_steps, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a budget from a checkpoint."""
+        self.spent_before = float(state.get("spent", 0.0))
+        self.planned_steps = state.get("planned_steps")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the planned last step of a resumed run."""
+        if self.planned_steps is not None:
+            trainer.fit_loop.epoch_loop.max_steps = self.planned_steps
+            pl_module.total_steps = self.planned_steps
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """Start the clocks."""
         if self._t0 is None:
             self._t0 = time.perf_counter()
+            self._s0 = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         """Calibrate once, then stop when the budget is spent."""
         step = trainer.global_step
-        if step == 20 and self._tw is None:
+        if step == self._s0 + 20 and self._tw is None:
             _sync(pl_module)
             self._tw = time.perf_counter()
-        if self.planned_steps is None and step == 20 + self.calibrate_steps and self._tw is not None:
+        if self.planned_steps is None and step == self._s0 + 20 + self.calibrate_steps and self._tw is not None:
             _sync(pl_module)
             now = time.perf_counter()
             rate = self.calibrate_steps / (now - self._tw)
-            remaining = self.seconds - (now - self._t0)
+            remaining = self.seconds - self.elapsed()
             planned = step + max(1, int(remaining * (1 - self.margin) * rate))
             planned = int(trainer.strategy.broadcast(planned, src=0))
             if trainer.max_steps and trainer.max_steps > 0:
@@ -60,7 +87,7 @@ class TimeBudget(pl.Callback):
             self.planned_steps = planned
             trainer.fit_loop.epoch_loop.max_steps = planned
             pl_module.total_steps = planned
-        if self._t0 is not None and time.perf_counter() - self._t0 > self.seconds:
+        if self._t0 is not None and self.elapsed() > self.seconds:
             trainer.should_stop = True
 
 

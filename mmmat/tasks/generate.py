@@ -46,9 +46,14 @@ class CrystalGeneration(pl.LightningModule):
             ``pretrained``).
         modality_weights: Relative odds of picking each present modality for a crystal's condition.
         targets: Property columns the generator can be conditioned on (empty: none).
+        family: Denoiser family: ``flow_gnn`` (all-pairs message passing) or ``transformer`` (all-atom
+            transformer, :mod:`mmmat.generative.transformer`); both train with the same flow objective.
         hidden: Denoiser width.
-        layers: Denoiser message-passing rounds.
-        fourier: Fourier frequencies of the periodic edge features.
+        layers: Denoiser message-passing rounds (transformer blocks for ``transformer``).
+        fourier: Fourier frequencies of the periodic edge features (atom-token features for ``transformer``).
+        heads: Attention heads (``transformer`` only).
+        translate_augment: Shift every training crystal by a random fractional vector (for ``transformer``,
+            whose translation invariance is learned).
         max_atoms: Largest cell size for de novo sampling.
         csp_fraction: Share of crystals trained with given species (the rest de novo).
         p_drop_latent: Probability that a crystal's latent condition is dropped.
@@ -71,9 +76,12 @@ class CrystalGeneration(pl.LightningModule):
         condition_modalities: list[str] | None = None,
         modality_weights: dict[str, float] | None = None,
         targets: list[str] | None = None,
+        family: str = "flow_gnn",
         hidden: int = 256,
         layers: int = 6,
         fourier: int = 8,
+        heads: int = 8,
+        translate_augment: bool = False,
         max_atoms: int = 20,
         csp_fraction: float = 0.5,
         p_drop_latent: float = 0.2,
@@ -117,6 +125,9 @@ class CrystalGeneration(pl.LightningModule):
             properties=targets or [],
             max_atoms=max_atoms,
             coord_weight=coord_weight,
+            family=family,
+            heads=heads,
+            translate_augment=translate_augment,
         )
         self.augment = None
         if xrd_augment is not None and "xrd" in self.condition_modalities:
@@ -170,6 +181,35 @@ class CrystalGeneration(pl.LightningModule):
                 [[float(r.properties.get(p, float("nan"))) for p in self.flow.properties] for r in recs]
             )
         self.flow.fit_statistics(lattice, counts, z, props)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen conditioning model out of checkpoints (it is rebuilt from ``pretrained``).
+
+        Its fingerprint is kept instead, so a run resumed against another conditioning model is refused.
+        """
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k in sd if k.startswith("cond_model.")]:
+            del sd[k]
+        if self.cond_model is not None:
+            from mmmat.modelio import model_fingerprint
+
+            checkpoint["condition_model_fingerprint"] = model_fingerprint(self.hparams.pretrained)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the conditioning model's weights back from ``pretrained`` after checking its fingerprint."""
+        sd = checkpoint.get("state_dict")
+        if sd is None or self.cond_model is None:
+            return
+        saved = checkpoint.get("condition_model_fingerprint")
+        if saved is not None:
+            from mmmat.modelio import model_fingerprint
+
+            if model_fingerprint(self.hparams.pretrained) != saved:
+                raise ValueError(
+                    f"the checkpoint was trained with another conditioning model than {self.hparams.pretrained}"
+                )
+        for k, v in self.cond_model.state_dict().items():
+            sd.setdefault(f"cond_model.{k}", v)
 
     def on_train_epoch_start(self) -> None:
         """Reseed from (seed, epoch, rank) so a resumed run draws the same noise."""
