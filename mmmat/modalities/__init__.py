@@ -48,8 +48,12 @@ class ModalitySpec:
         query_aliases: Other names a query may use for it (``structure``/``cif`` for ``crystal``).
         query_suffixes: File suffixes of query files of this modality.
         query_units: What a query holds and its units.
+        label: How messages name a query file of it (``"CIF file x.cif not found"``).
+        is_text: A text modality (queries are sentences, not files).
         default_encoder: Encoder config (``{"name": registered encoder, **kwargs}``) of a new model.
         augmentations: Dotted names of the augmentations applied to it in training.
+        condition_weight: Default weight of its latent when it conditions the generator (the chance of being
+            picked as a training condition, relative to the other modalities).
 
     """
 
@@ -62,8 +66,11 @@ class ModalitySpec:
     query_aliases: tuple[str, ...] = ()
     query_suffixes: tuple[str, ...] = ()
     query_units: str = ""
+    label: str = ""
+    is_text: bool = False
     default_encoder: dict[str, Any] = {}
     augmentations: tuple[str, ...] = ()
+    condition_weight: float = 1.0
 
     # ------------------------------------------------------------------ records <-> shard samples
     def encode_sample(self, record: MaterialRecord) -> dict[str, Any]:
@@ -127,6 +134,10 @@ class ModalitySpec:
     def render(self, structure: Any, **options: Any) -> Any:
         """The modality computed from a pymatgen ``Structure`` (derived modalities only)."""
         raise NotImplementedError(f"{self.name} is not rendered from a structure")
+
+    def fill_record(self, record: MaterialRecord, structure: Any) -> None:
+        """Render this modality from ``structure`` into ``record``'s fields (derived, stored modalities)."""
+        raise NotImplementedError(f"{self.name} is not stored from a structure")
 
 
 _SPECS: dict[str, ModalitySpec] = {}

@@ -32,6 +32,16 @@ def _dummy_batch(model: Any, n: int) -> Any:
     return model._collator(build_graph=False)(dummy)
 
 
+def _grid_profile(values: np.ndarray, name: str) -> np.ndarray:
+    """A (1701,) float32 profile on the mmmat grid, or InputError."""
+    from mmmat.data.xrd import NUM_POINTS
+
+    a = np.asarray(values, dtype=np.float32).reshape(-1)
+    if a.shape != (NUM_POINTS,) or not np.isfinite(a).all():
+        raise _input_error(f"a {name} profile must be {NUM_POINTS} finite values on the 5-90° 2θ grid")
+    return a
+
+
 def _input_error(message: str) -> Exception:
     from mmmat.io import InputError
 
@@ -47,6 +57,7 @@ class CrystalSpec(ModalitySpec):
     record_fields = ("lattice", "frac_coords", "numbers")
     members = (STRUCT_KEY,)
     query_aliases = ("structure", "cif")
+    label = "CIF"
     query_suffixes = (".cif", ".mcif", ".vasp", ".poscar", ".extxyz")
     query_units = "a structure file (CIF, POSCAR, extxyz, ...) or a pymatgen Structure / ASE Atoms; lengths in Å"
     default_encoder = {"name": "crystal/schnet"}
@@ -105,8 +116,12 @@ class CrystalSpec(ModalitySpec):
 
         try:
             if isinstance(source, str | Path) and not (isinstance(source, str) and "\n" in source):
-                name = str(source)
-                rec = MaterialRecord.from_structure(read_structure(source), name)
+                name, path = str(source), Path(source)
+                if path.suffix.lower() in (".cif", ".mcif") and path.is_file():
+                    text = path.read_text(encoding="utf-8", errors="replace")
+                    rec = MaterialRecord.from_structure(parse_cif(text, name), name)
+                else:
+                    rec = MaterialRecord.from_structure(read_structure(path), name)
             elif isinstance(source, str):
                 name = "<CIF text>"
                 rec = MaterialRecord.from_structure(parse_cif(source, name), name)
@@ -132,10 +147,12 @@ class XRDSpec(ModalitySpec):
     record_fields = ("xrd",)
     members = (XRD_KEY, PEAKS_KEY)
     derived = True
+    label = "XRD"
     query_suffixes = (".xy", ".xye", ".csv", ".dat", ".txt", ".xrdml", ".brml", ".raw", ".ras", ".gsa", ".fxye")
     query_units = "a powder pattern file: 2θ in degrees, intensity in counts; wavelength in Å (default Cu Kα)"
     default_encoder = {"name": "xrd/cnn"}
     augmentations = ("mmmat.data.augment.XRDAugment",)
+    condition_weight = 2.0
 
     def encode_sample(self, record: Any) -> dict[str, Any]:
         """``xrd.npy`` (float16 profile) and ``peaks.npy`` ((P, 2) float32 d-spacing Å, intensity 0..100)."""
@@ -189,10 +206,12 @@ class XRDSpec(ModalitySpec):
         return b
 
     def read_query(self, source: Any, model: Any = None, wavelength: float | None = None, **options: Any) -> Any:
-        """A (1701,) profile from a pattern file (any :func:`mmmat.io.read_pattern` format) or a ``Pattern``."""
+        """A (1701,) profile from a pattern file (:func:`mmmat.io.read_pattern`), a ``Pattern`` or a profile."""
         from mmmat.data.xrd import resample
         from mmmat.io import Pattern, read_pattern
 
+        if isinstance(source, np.ndarray):  # a profile already on the grid
+            return _grid_profile(source, self.name)
         pattern = source if isinstance(source, Pattern) else read_pattern(Path(source), wavelength=wavelength)
         profile = resample(pattern)
         if not profile.any():
@@ -212,6 +231,13 @@ class XRDSpec(ModalitySpec):
 
         return xrd_profile(structure, **options)[0]
 
+    def fill_record(self, record: Any, structure: Any) -> None:
+        """Peaks (pymatgen ``XRDCalculator``, Cu Kα) and the profile rendered from them."""
+        from mmmat.data.xrd import compute_peaks, render_profile
+
+        record.xrd_peaks = compute_peaks(structure)
+        record.xrd = render_profile(record.xrd_peaks)
+
 
 @register_modality
 class ImageSpec(ModalitySpec):
@@ -222,6 +248,7 @@ class ImageSpec(ModalitySpec):
     record_fields = ("image",)
     members = (IMAGE_KEY,)
     derived = True
+    label = "image"
     query_suffixes = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
     query_units = "an image file (Pillow formats or .npy), grayscale; resized to the encoder's input size"
     default_encoder = {"name": "image/timm"}
@@ -285,11 +312,18 @@ class ImageSpec(ModalitySpec):
 
         return simulate_image(as_records([structure])[0], **options)[0]
 
+    def fill_record(self, record: Any, structure: Any) -> None:
+        """A simulated Z-contrast image of the record's crystal and how it was made."""
+        from mmmat.data.image import simulate_zcontrast
+
+        record.image, record.image_meta = simulate_zcontrast(record.lattice, record.frac_coords, record.numbers)
+
 
 class _TextSpec(ModalitySpec):
     """A text modality: texts in ``meta.json``, one tokenised text per material in a batch."""
 
     members = (META_KEY,)
+    is_text = True
     query_units = "a sentence (plain text)"
     default_encoder = {"name": "text/transformer"}
     #: ``(MaterialRecord list field, batch ids field, batch mask field)``.
