@@ -32,6 +32,17 @@ def _dummy_batch(model: Any, n: int) -> Any:
     return model._collator(build_graph=False)(dummy)
 
 
+def profile_batch(model: Any, chunk: Any, name: str) -> tuple[Any, torch.Tensor]:
+    """A placeholder batch for ``model`` and the (N, 1701) float32 profiles ``chunk`` of modality ``name``."""
+    from mmmat.data.xrd import NUM_POINTS
+
+    x = torch.as_tensor(np.asarray(chunk, dtype=np.float32))
+    if x.ndim != 2 or x.shape[1] != NUM_POINTS:
+        shape = tuple(x.shape)
+        raise ValueError(f"{name} inputs must be (N, {NUM_POINTS}) profiles on the mmmat grid, got {shape}")
+    return _dummy_batch(model, len(x)), x
+
+
 def _grid_profile(values: np.ndarray, name: str) -> np.ndarray:
     """A (1701,) float32 profile on the mmmat grid, or InputError."""
     from mmmat.data.xrd import NUM_POINTS
@@ -195,14 +206,7 @@ class XRDSpec(ModalitySpec):
 
     def raw_batch(self, model: Any, chunk: Any) -> Any:
         """(N, 1701) profiles on the mmmat grid."""
-        from mmmat.data.xrd import NUM_POINTS
-
-        x = torch.as_tensor(np.asarray(chunk, dtype=np.float32))
-        if x.ndim != 2 or x.shape[1] != NUM_POINTS:
-            shape = tuple(x.shape)
-            raise ValueError(f"{self.name} inputs must be (N, {NUM_POINTS}) profiles on the mmmat grid, got {shape}")
-        b = _dummy_batch(model, len(x))
-        b.xrd = x
+        b, b.xrd = profile_batch(model, chunk, self.name)
         return b
 
     def read_query(self, source: Any, model: Any = None, wavelength: float | None = None, **options: Any) -> Any:

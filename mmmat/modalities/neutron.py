@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmmat.data.xrd import DEFAULT_FWHM, NUM_POINTS, TWO_THETA_MAX, TWO_THETA_MIN
+from mmmat.data.xrd import DEFAULT_FWHM, TWO_THETA_MAX, TWO_THETA_MIN
 from mmmat.modalities import ModalitySpec, register_modality
 
 #: Neutron wavelength of the modality's grid, Å.
@@ -151,14 +151,9 @@ class NeutronSpec(ModalitySpec):
 
     def raw_batch(self, model: Any, chunk: Any) -> Any:
         """(N, 1701) neutron profiles on the grid."""
-        from mmmat.modalities.builtin import _dummy_batch
+        from mmmat.modalities.builtin import profile_batch
 
-        x = torch.as_tensor(np.asarray(chunk, dtype=np.float32))
-        if x.ndim != 2 or x.shape[1] != NUM_POINTS:
-            shape = tuple(x.shape)
-            raise ValueError(f"neutron inputs must be (N, {NUM_POINTS}) profiles on the mmmat grid, got {shape}")
-        b = _dummy_batch(model, len(x))
-        b.inputs[self.name] = x
+        b, b.inputs[self.name] = profile_batch(model, chunk, self.name)
         return b
 
     def read_query(self, source: Any, model: Any = None, wavelength: float | None = None, **options: Any) -> Any:
