@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from mmmat.data.batch import Collator, MultimodalBatch
     from mmmat.data.schema import MaterialRecord
 
@@ -93,6 +93,7 @@ class ModalitySpec:
         ``{"inputs": value}`` for ``batch.inputs[name]``. The default (a lazy modality) carries nothing and is
         present wherever the crystal is.
         """
+        import torch
         return {}, torch.tensor([r.num_atoms > 0 for r in records], dtype=torch.bool)
 
     def batch_input(self, batch: MultimodalBatch) -> Any:

@@ -11,13 +11,15 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from mmmat.data.schema import IMAGE_KEY, META_KEY, PEAKS_KEY, STRUCT_KEY, XRD_KEY
 from mmmat.modalities import ModalitySpec, register_modality
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _npy_load(value: Any) -> Any:
@@ -34,6 +36,8 @@ def _dummy_batch(model: Any, n: int) -> Any:
 
 def profile_batch(model: Any, chunk: Any, name: str) -> tuple[Any, torch.Tensor]:
     """A placeholder batch for ``model`` and the (N, 1701) float32 profiles ``chunk`` of modality ``name``."""
+    import torch
+
     from mmmat.data.xrd import NUM_POINTS
 
     x = torch.as_tensor(np.asarray(chunk, dtype=np.float32))
@@ -100,6 +104,8 @@ class CrystalSpec(ModalitySpec):
 
     def collate(self, records: Sequence[Any], collator: Any) -> tuple[dict[str, Any], torch.Tensor]:
         """A torch-geometric batch of the crystals (``batch.crystal``)."""
+        import torch
+
         from mmmat.data.batch import crystal_batch
 
         counts = torch.tensor([r.num_atoms for r in records], dtype=torch.long)
@@ -186,6 +192,8 @@ class XRDSpec(ModalitySpec):
 
     def collate(self, records: Sequence[Any], collator: Any) -> tuple[dict[str, Any], torch.Tensor]:
         """``batch.xrd`` (B, 1701) and the zero-padded ``batch.xrd_peaks`` / ``batch.xrd_peak_mask``."""
+        import torch
+
         from mmmat.data.xrd import NUM_POINTS
 
         b = len(records)
@@ -278,6 +286,7 @@ class ImageSpec(ModalitySpec):
 
     def collate(self, records: Sequence[Any], collator: Any) -> tuple[dict[str, Any], torch.Tensor]:
         """``batch.image`` (B, 1, H, W) uint8, zero-padded to the largest image."""
+        import torch
         b = len(records)
         shapes = [r.image.shape for r in records if r.image is not None]
         h = max((s[0] for s in shapes), default=1)
@@ -290,6 +299,7 @@ class ImageSpec(ModalitySpec):
 
     def raw_batch(self, model: Any, chunk: Any) -> Any:
         """(N, H, W) or (N, 1, H, W) uint8 images."""
+        import torch
         x = torch.as_tensor(np.asarray(chunk))
         if x.ndim == 3:
             x = x[:, None]
@@ -353,6 +363,8 @@ class _TextSpec(ModalitySpec):
 
     def collate(self, records: Sequence[Any], collator: Any) -> tuple[dict[str, Any], torch.Tensor]:
         """One text per material (random in training), tokenised into the ids and mask fields."""
+        import torch
+
         from mmmat.data.batch import _tokenize
 
         picked = [collator._pick(self.texts(r, collator)) for r in records]
@@ -418,6 +430,7 @@ class LiteratureTextSpec(_TextSpec):
 
 def properties_tensor(records: Sequence[Any], names: Sequence[str]) -> torch.Tensor:
     """(B, K) float32 properties of ``records``, NaN where missing."""
+    import torch
     props = torch.full((len(records), len(names)), math.nan)
     for i, r in enumerate(records):
         for j, name in enumerate(names):

@@ -24,14 +24,16 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from mmmat.data.xrd import DEFAULT_FWHM, TWO_THETA_MAX, TWO_THETA_MIN
 from mmmat.modalities import ModalitySpec, register_modality
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 #: Neutron wavelength of the modality's grid, Å.
 NEUTRON_WAVELENGTH = 1.54184
@@ -53,9 +55,11 @@ def _scattering_lengths_np() -> np.ndarray:
     return out
 
 
-def scattering_lengths(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-    """(119,) bound coherent neutron scattering lengths in fm, indexed by atomic number."""
-    return torch.as_tensor(_scattering_lengths_np(), dtype=dtype, device=device)
+def scattering_lengths(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Tensor:
+    """(119,) bound coherent neutron scattering lengths in fm, indexed by atomic number (float32 by default)."""
+    import torch
+
+    return torch.as_tensor(_scattering_lengths_np(), dtype=dtype or torch.float32, device=device)
 
 
 def neutron_pattern_torch(
@@ -81,6 +85,8 @@ def neutron_pattern_torch(
         occupancy: (N,) site occupancies, or None.
 
     """
+    import torch
+
     from mmmat.data.xrd_torch import powder_pattern_torch
 
     dtype = frac.dtype if frac.dtype in (torch.float32, torch.float64) else torch.float32
@@ -97,6 +103,8 @@ def neutron_pattern_torch(
 
 def neutron_reflections(structure: Any, wavelength: float = NEUTRON_WAVELENGTH) -> Any:
     """The neutron reflections (2θ in degrees, relative intensity) of a pymatgen ``Structure`` in 5-90° 2θ."""
+    import torch
+
     from mmmat.data.xrd_torch import reflections_torch, structure_tensors
 
     t = structure_tensors([structure], dtype=torch.float64)
@@ -141,6 +149,8 @@ class NeutronSpec(ModalitySpec):
 
     def derive(self, batch: Any) -> Tensor:
         """(B, 1701) profiles computed from ``batch.crystal`` on its device (zeros for rows without atoms)."""
+        import torch
+
         c = batch.crystal
         with torch.no_grad():
             return neutron_pattern_torch(c.lattice, c.frac_coords, c.z, c.batch).float()
