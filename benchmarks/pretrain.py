@@ -13,6 +13,8 @@ The gallery is every test crystal embedded by the crystal encoder. Beside each c
 cosine similarity between the query profile and the profiles computed from every candidate crystal, both
 broadened to FWHM 1°. A third route, ``via_pattern``, embeds every candidate through its own computed
 (clean) pattern with the learned XRD encoder (pattern-to-pattern matching in the learned space).
+Every other modality the model has (image, texts, neutron, ...: the mmmat.modalities registry) is searched
+from its present test rows against the same gallery (``<modality>_to_crystal_R@1`` / ``R@10``).
 Measured patterns: each of the measured IUCr profiles is searched among the test crystals plus the crystals
 parsed from those CIFs; the rank of the true structure is reported for the learned encoder and the baseline.
 """
@@ -191,6 +193,7 @@ def evaluate(model_dir: str, shards: str, measured: str | None, dev: torch.devic
     from mmmat.data.xrd import compute_peaks, render_profile_torch
     from mmmat.evaluation.retrieval import rank_of_true, retrieval_metrics
     from mmmat.latent.model import MultimodalModel
+    from mmmat.modalities import modality_names
 
     model = MultimodalModel.from_pretrained(model_dir, map_location=dev).eval()
     records = load_records(split_shards(shards, "test"))
@@ -240,7 +243,8 @@ def evaluate(model_dir: str, shards: str, measured: str | None, dev: torch.devic
         metrics[f"baseline_cosine_R@10_{name}"] = r["R@10"]
     metrics["xrd_eval_seconds"] = round(time.perf_counter() - t0, 1)
 
-    for m in ("image", "processing_text", "literature_text"):
+    # every other modality of the model (mmmat.modalities registry order): its present test rows -> crystals
+    for m in [m for m in modality_names() if m not in ("crystal", "xrd")]:
         if m not in emb or not bool(pres[m].any()):
             continue
         rows = pres[m].nonzero().squeeze(1)

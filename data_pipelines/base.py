@@ -144,17 +144,12 @@ def make_record(row: RawRow, split: str, joins: Joins, options: BuildOptions) ->
     )
     record.validate(min_distance=options.min_distance)
 
-    if options.xrd:
-        from mmmat.data.xrd import compute_peaks, render_profile
+    from mmmat.modalities import specs
 
-        peaks = compute_peaks(structure)
-        record.xrd_peaks = peaks
-        record.xrd = render_profile(peaks)
-    if options.image:
-        from mmmat.data.image import simulate_zcontrast
-
-        img, meta = simulate_zcontrast(record.lattice, record.frac_coords, record.numbers)
-        record.image, record.image_meta = img, meta
+    # modalities rendered from the structure and stored in the shards (each switchable by its BuildOptions flag)
+    for spec in specs():
+        if spec.derived and not spec.lazy and getattr(options, spec.name, True):
+            spec.fill_record(record, structure)
 
     formula = row.formula or structure.composition.reduced_formula
     texts_clipped = dropped = 0

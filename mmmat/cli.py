@@ -120,7 +120,10 @@ def _print_summary(manifest: dict, out: Path) -> None:
     from rich.table import Table
 
     t = Table(title=f"{manifest['source']} -> {out}")
-    mods = ["xrd", "image", "processing_text", "literature_text", "generated_text"]
+    from mmmat.modalities import specs
+
+    # coverage of every stored modality beside the crystal, plus generated descriptions
+    mods = [sp.name for sp in specs() if sp.members and sp.name != "crystal"] + ["generated_text"]
     for col in ["split", "rows", "samples", "failures", *mods, "shards"]:
         t.add_column(col, justify="right")
     for name, s in manifest["splits"].items():
@@ -262,7 +265,8 @@ def embed(
     model: Path = typer.Option(..., help="Model folder (config.json + model.safetensors)."),
     shards: Path = typer.Option(..., help="Shard folder written by `mmmat data build`."),
     out: Path = typer.Option(..., help="Output parquet file (material table + embedding column)."),
-    modality: str = typer.Option("crystal", help="crystal, xrd, image, literature_text or processing_text."),
+    modality: str = typer.Option("crystal", help="A registered modality (crystal, xrd, image, literature_text, "
+                                 "processing_text, ...)."),
     split: str | None = typer.Option(None, help="Split(s), comma-separated (default: every split)."),
     batch_size: int = typer.Option(128, help="Inputs per forward pass."),
 ) -> None:
@@ -440,28 +444,36 @@ def identify(
 
 def _check_query(kind: str, value: Any, wavelength: float | None) -> None:
     """Read one query the way the search will, before any model loads (fails fast with the file named)."""
+    from mmmat.modalities import get_modality
+    from mmmat.retrieval.api import read_query
+    from mmmat.retrieval.index import RetrievalError
+
     if kind == "text":
         if not str(value).strip():
             _fail("empty text: give a sentence to search with")
         return
-    p = Path(value)
-    if not p.is_file():
-        _fail(f"{ {'cif': 'CIF', 'xrd': 'XRD', 'image': 'image'}[kind]} file {p} not found")
-    if kind == "cif":
-        from mmmat.data.schema import MaterialRecord, RecordError, parse_cif
+    try:
+        spec = get_modality(kind)
+        if not spec.is_text:
+            read_query(spec.name, value, None, wavelength)
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    except RetrievalError as exc:
+        _fail(str(exc))
 
-        try:
-            MaterialRecord.from_structure(parse_cif(p.read_text(encoding="utf-8", errors="replace"), str(p)),
-                                          str(p)).validate()
-        except RecordError as exc:
-            _fail(f"{p}: {exc.reason}")
-    elif kind == "xrd":
-        from mmmat.data.xrd import read_pattern
 
-        try:
-            read_pattern(p, wavelength=wavelength)
-        except (ValueError, OSError) as exc:
-            _fail(f"unusable XRD pattern {p}: {exc}")
+def _parse_query(query: str) -> tuple[str, str]:
+    """``MODALITY=VALUE`` of ``--query`` (the modality a registered name or alias)."""
+    from mmmat.modalities import get_modality
+
+    name, sep, value = query.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        _fail(f"--query takes MODALITY=FILE (e.g. xrd=scan.xy, structure=x.cif, neutron=scan.xy), got {query!r}")
+    try:
+        return get_modality(name.strip()).name, value.strip()
+    except KeyError as exc:
+        _fail(str(exc.args[0]))
+    raise AssertionError  # unreachable: _fail exits
 
 
 @app.command()
@@ -472,12 +484,18 @@ def search(
     xrd: Path | None = typer.Option(None, help="Query: a measured powder pattern (xy, csv, powder CIF)."),
     image: Path | None = typer.Option(None, help="Query: an image (PNG, TIFF, ... or .npy)."),
     text: str | None = typer.Option(None, help="Query: a sentence."),
+    query: str | None = typer.Option(
+        None, help="Query: MODALITY=FILE for any registered modality (xrd=scan.xy, structure=x.cif, "
+        "neutron=scan.xy, image=img.png, literature_text='a sentence'); --cif/--xrd/--image/--text are aliases."
+    ),
     queries: Path | None = typer.Option(
         None, help="Many queries, one model load: a folder of query files (by suffix: .cif, .xy/.csv/.dat, "
         ".png/.tif/.npy) or a list file with one path or 'text: a sentence' per line."
     ),
     text_modality: str = typer.Option("literature_text", help="literature_text or processing_text (--text)."),
-    wavelength: float | None = typer.Option(None, help="X-ray wavelength of --xrd in Å (default: Cu Kα)."),
+    wavelength: float | None = typer.Option(
+        None, help="Wavelength of a pattern query in Å when its file does not say (default: Cu Kα, 1.54184 Å)."
+    ),
     k: int = typer.Option(10, "-k", "--k", help="Number of hits."),
     nprobe: int | None = typer.Option(None, help="IVF lists to scan (default: the index's)."),
     csv: Path | None = typer.Option(None, help="Also write the hits to this CSV file."),
@@ -485,10 +503,12 @@ def search(
     """Find the indexed crystals nearest to a CIF, a powder pattern, an image or a sentence (or many)."""
     from rich.table import Table
 
-    options = (("--cif", cif), ("--xrd", xrd), ("--image", image), ("--text", text), ("--queries", queries))
+    options = (("--cif", cif), ("--xrd", xrd), ("--image", image), ("--text", text), ("--query", query),
+               ("--queries", queries))
     given = [name for name, v in options if v is not None]
     if len(given) != 1:
-        _fail(f"give exactly one query: --cif, --xrd, --image, --text or --queries (got {', '.join(given) or 'none'})")
+        _fail("give exactly one query: --query, --cif, --xrd, --image, --text or --queries "
+              f"(got {', '.join(given) or 'none'})")
     if k < 1:
         _fail(f"-k must be at least 1, got {k}")
     if wavelength is not None and not 0.1 <= wavelength <= 5.0:
@@ -498,17 +518,21 @@ def search(
         _check_model_dir(model)
     if queries is not None:
         return _search_many(index, model, queries, k, nprobe, wavelength, text_modality, csv)
-    kind = given[0][2:]
-    _check_query(kind, text if kind == "text" else (cif or xrd or image), wavelength)
+    # every flag is an alias of --query MODALITY=VALUE
+    aliases = {"--cif": ("crystal", cif), "--xrd": ("xrd", xrd), "--image": ("image", image),
+               "--text": (text_modality, text)}
+    kind, value = _parse_query(query) if query is not None else aliases[given[0]]
+    _check_query("text" if given[0] == "--text" else kind, value, wavelength)
 
     from mmmat.retrieval import search as run_search
 
     t0 = time.perf_counter()
     hits = _retrieval_call(
-        run_search, index, model, cif=cif, xrd=xrd, image=image, text=text, text_modality=text_modality,
-        k=k, nprobe=nprobe, wavelength=wavelength,
+        run_search, index, model, query=(kind, value), k=k, nprobe=nprobe, wavelength=wavelength,
     )
-    query = given[0] + " " + (repr(text) if text is not None else str(cif or xrd or image))
+    from mmmat.modalities import get_modality
+
+    query = f"{kind}=" + (repr(value) if get_modality(kind).is_text else str(value))
     t = Table(title=f"{query} -> {index} ({time.perf_counter() - t0:.1f} s)")
     for col, just in (("rank", "right"), ("material_id", "left"), ("formula", "left"),
                       ("space group", "left"), ("score", "right")):
@@ -718,6 +742,10 @@ def generate(
     text: str | None = typer.Option(None, help="Condition on a sentence."),
     image: Path | None = typer.Option(None, help="Condition on an image (PNG, TIFF, .npy)."),
     like: Path | None = typer.Option(None, help="Condition on the embedding of a crystal (CIF)."),
+    condition: str | None = typer.Option(
+        None, help="Condition MODALITY=FILE for any registered modality the generator was trained with "
+        "(xrd=scan.xy, neutron=scan.xy, structure=x.cif, ...); --xrd/--text/--image/--like are aliases."
+    ),
     target: list[str] = typer.Option([], help="Property target NAME=VALUE (repeatable)."),
     seed: int = typer.Option(0, help="Seed: the same seed, device and batch size give the same samples."),
     steps: int = typer.Option(100, help="Integration steps."),
@@ -734,6 +762,7 @@ def generate(
 
     if n < 1:
         _fail("-n must be at least 1")
+    cond = _parse_query(condition) if condition is not None else None
     for name, path in (("--xrd", xrd), ("--image", image), ("--like", like)):
         if path is not None and not path.exists():
             _fail(f"{name} file {path} not found")
@@ -754,7 +783,7 @@ def generate(
                 gen, n, composition=composition, xrd=str(xrd) if xrd else None, text=text,
                 image=str(image) if image else None, crystal=str(like) if like else None, targets=targets or None,
                 seed=seed, steps=steps, guidance=guidance, coord_anneal=coord_anneal, batch_size=batch_size,
-                wavelength=wavelength, progress=lambda k: bar.update(task, completed=k),
+                wavelength=wavelength, progress=lambda k: bar.update(task, completed=k), condition=cond,
             )
     except (GenerationError, FileNotFoundError) as exc:
         _fail(str(exc))

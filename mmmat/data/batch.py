@@ -7,7 +7,6 @@ torch-geometric ``Batch`` with a periodic neighbour graph (edges j → i, intege
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -18,8 +17,14 @@ import torch
 
 from mmmat.data.schema import MaterialRecord
 
-#: Modality names, in a fixed order.
-MODALITIES = ("crystal", "xrd", "image", "processing_text", "literature_text")
+
+def __getattr__(name: str) -> Any:
+    # ``MODALITIES``: the registered modality names (mmmat.modalities), looked up when asked for
+    if name == "MODALITIES":
+        from mmmat.modalities import modality_names
+
+        return modality_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -39,7 +44,10 @@ class MultimodalBatch:
         processing_ids / processing_mask: (B, T) token ids and attention mask of one processing text each.
         literature_ids / literature_mask: (B, T) likewise for one literature text.
         properties: (B, K) float32, NaN where missing; columns named by ``property_names``.
-        present: modality name -> (B,) bool.
+        present: modality name -> (B,) bool, one entry per registered modality (:mod:`mmmat.modalities`).
+        inputs: modality name -> input of a modality without a named field above (a registered modality's
+            :meth:`~mmmat.modalities.ModalitySpec.collate` output, or computed from the crystal on first use
+            by :meth:`~mmmat.modalities.ModalitySpec.batch_input`).
         rows: Optional modality name -> (K,) long indices of the present rows, in order, where the batch
             builder knows them on the host (resident batches); encoders that run on present rows only use
             them instead of reading the mask back from the device.
@@ -62,6 +70,7 @@ class MultimodalBatch:
     present: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: int = 0
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.material_ids)
@@ -75,7 +84,7 @@ class MultimodalBatch:
                 v = v.to(device, non_blocking=non_blocking)
             elif f.name == "crystal":
                 v = v.to(device, non_blocking=non_blocking)
-            elif f.name in ("present", "rows"):
+            elif f.name in ("present", "rows", "inputs"):
                 v = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
             kw[f.name] = v
         return MultimodalBatch(**kw)
@@ -90,7 +99,7 @@ class MultimodalBatch:
                 v = _pack(v)
             elif f.name == "crystal":
                 v = {k: _pack(t) for k, t in v.to_dict().items() if isinstance(t, torch.Tensor)}
-            elif f.name in ("present", "rows"):
+            elif f.name in ("present", "rows", "inputs"):
                 v = {k: _pack(t) for k, t in v.items()}
             state[f.name] = v
         return _rebuild_batch, (state,)
@@ -104,7 +113,7 @@ class MultimodalBatch:
                 v = v.pin_memory()
             elif f.name == "crystal":
                 v = v.pin_memory()
-            elif f.name in ("present", "rows"):
+            elif f.name in ("present", "rows", "inputs"):
                 v = {k: t.pin_memory() for k, t in v.items()}
             kw[f.name] = v
         return MultimodalBatch(**kw)
@@ -139,7 +148,7 @@ def _rebuild_batch(state: dict[str, Any]) -> MultimodalBatch:
         elif k == "crystal":
             v = Batch(**{n: _unpack(a) for n, a in v.items()})
             v._num_graphs = int(v.ptr.shape[0] - 1)
-        elif k in ("present", "rows"):
+        elif k in ("present", "rows", "inputs"):
             v = {n: _unpack(a) for n, a in v.items()}
         kw[k] = v
     return MultimodalBatch(**kw)
@@ -256,75 +265,23 @@ class Collator:
 
     def collate(self, records: list[MaterialRecord], skipped: int = 0) -> MultimodalBatch:
         """Collate ``records`` into one batch."""
-        b = len(records)
-        counts = torch.tensor([r.num_atoms for r in records], dtype=torch.long)
-        z = torch.from_numpy(np.concatenate([r.numbers for r in records]).astype(np.int64))
-        frac = torch.from_numpy(np.concatenate([r.frac_coords for r in records]).astype(np.float32))
-        lattice = torch.from_numpy(np.stack([r.lattice for r in records]).astype(np.float32))
-        crystal = crystal_batch(
-            z, frac, lattice, counts, self.cutoff if self.build_graph else None, self.max_num_neighbors
-        )
+        from mmmat.modalities import specs
+        from mmmat.modalities.builtin import properties_tensor
 
-        from mmmat.data.xrd import NUM_POINTS
-
-        has_xrd = torch.tensor([r.xrd is not None for r in records])
-        xrd = torch.zeros(b, NUM_POINTS)
-        for i, r in enumerate(records):
-            if r.xrd is not None:
-                xrd[i, : len(r.xrd)] = torch.from_numpy(np.asarray(r.xrd, dtype=np.float32))[:NUM_POINTS]
-        npk = max((0 if r.xrd_peaks is None else len(r.xrd_peaks)) for r in records)
-        peaks = torch.zeros(b, max(npk, 1), 2)
-        peak_mask = torch.zeros(b, max(npk, 1), dtype=torch.bool)
-        for i, r in enumerate(records):
-            if r.xrd_peaks is not None and len(r.xrd_peaks):
-                p = torch.from_numpy(np.asarray(r.xrd_peaks, dtype=np.float32))
-                peaks[i, : len(p)] = p
-                peak_mask[i, : len(p)] = True
-
-        has_img = torch.tensor([r.image is not None for r in records])
-        shapes = [r.image.shape for r in records if r.image is not None]
-        h = max((s[0] for s in shapes), default=1)
-        w = max((s[1] for s in shapes), default=1)
-        image = torch.zeros(b, 1, h, w, dtype=torch.uint8)
-        for i, r in enumerate(records):
-            if r.image is not None:
-                image[i, 0, : r.image.shape[0], : r.image.shape[1]] = torch.from_numpy(np.asarray(r.image))
-
-        proc = [self._pick([t.text for t in r.processing_texts]) for r in records]
-        lit = [
-            self._pick([t.text for t in r.literature_texts if self.include_generated_text or not t.generated])
-            for r in records
-        ]
-        proc_ids, proc_mask = _tokenize(self.tokenizer, [t or "" for t in proc], self.max_text_tokens)
-        lit_ids, lit_mask = _tokenize(self.tokenizer, [t or "" for t in lit], self.max_text_tokens)
-
-        props = torch.full((b, len(self.property_names)), math.nan)
-        for i, r in enumerate(records):
-            for j, name in enumerate(self.property_names):
-                v = r.properties.get(name)
-                if v is not None:
-                    props[i, j] = float(v)
-
-        present = {
-            "crystal": counts > 0,
-            "xrd": has_xrd,
-            "image": has_img,
-            "processing_text": torch.tensor([t is not None for t in proc]),
-            "literature_text": torch.tensor([t is not None for t in lit]),
-        }
+        fields_: dict[str, Any] = {}
+        inputs: dict[str, Any] = {}
+        present: dict[str, torch.Tensor] = {}
+        for spec in specs():
+            out, present[spec.name] = spec.collate(records, self)
+            if "inputs" in out:
+                inputs[spec.name] = out.pop("inputs")
+            fields_.update(out)
         return MultimodalBatch(
             material_ids=[r.material_id for r in records],
-            crystal=crystal,
-            xrd=xrd,
-            xrd_peaks=peaks,
-            xrd_peak_mask=peak_mask,
-            image=image,
-            processing_ids=proc_ids,
-            processing_mask=proc_mask,
-            literature_ids=lit_ids,
-            literature_mask=lit_mask,
-            properties=props,
+            properties=properties_tensor(records, self.property_names),
             property_names=list(self.property_names),
             present=present,
+            inputs=inputs,
+            **fields_,
             skipped=skipped,
         )

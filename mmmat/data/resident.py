@@ -314,15 +314,25 @@ class ResidentData:
             literature_mask=l_mask,
             properties=t["props"][idx],
             property_names=list(self.property_names),
-            present={
-                "crystal": counts > 0,
-                "xrd": t["has_xrd"][idx],
-                "image": t["has_image"][idx],
-                "processing_text": p_present,
-                "literature_text": l_present,
-            },
+            present=self._present(counts, idx, p_present, l_present),
             rows=rows,
         )
+
+    def _present(self, counts: torch.Tensor, idx: torch.Tensor, p_present: torch.Tensor,
+                 l_present: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Presence of every registered modality; those computed from the crystal are present with it."""
+        from mmmat.modalities import specs
+
+        t = self.t
+        stored = {"crystal": counts > 0, "xrd": t["has_xrd"][idx], "image": t["has_image"][idx],
+                  "processing_text": p_present, "literature_text": l_present}
+        out = {}
+        for spec in specs():
+            if spec.name in stored:
+                out[spec.name] = stored[spec.name]
+            elif spec.lazy:
+                out[spec.name] = counts > 0
+        return out
 
 
 class ResidentLoader:

@@ -145,14 +145,12 @@ class MaterialRecord:
 
     def modalities(self) -> dict[str, bool]:
         """Which modalities this record carries."""
-        return {
-            "crystal": self.num_atoms > 0,
-            "xrd": self.xrd is not None,
-            "image": self.image is not None,
-            "processing_text": len(self.processing_texts) > 0,
-            "literature_text": any(not t.generated for t in self.literature_texts),
-            "generated_text": any(t.generated for t in self.literature_texts),
-        }
+        from mmmat.modalities import specs
+
+        out = {s.name: s.has(self) for s in specs() if not s.lazy}
+        out["literature_text"] = any(not t.generated for t in self.literature_texts)
+        out["generated_text"] = any(t.generated for t in self.literature_texts)
+        return out
 
     def validate(self, min_distance: float = MIN_DISTANCE) -> None:
         """Raise :class:`RecordError` if the crystal is unusable.
@@ -265,72 +263,48 @@ class MaterialRecord:
 
     # ------------------------------------------------------------------ serialisation
     def to_sample(self) -> dict[str, Any]:
-        """Serialise to one webdataset sample (bytes per key; deterministic for the same record)."""
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            lattice=self.lattice.astype(np.float64),
-            frac_coords=self.frac_coords.astype(np.float64),
-            numbers=self.numbers.astype(np.int16),
-        )
-        meta = {
+        """Serialise to one webdataset sample (bytes per key; deterministic for the same record).
+
+        Each registered modality (:mod:`mmmat.modalities`) writes its own members and ``meta.json`` entries.
+        """
+        from mmmat.modalities import specs
+
+        meta: dict[str, Any] = {
             "material_id": self.material_id,
             "split": self.split,
             "properties": {k: (None if math.isnan(v) else v) for k, v in sorted(self.properties.items())},
-            "processing_texts": [t.to_dict() for t in self.processing_texts],
-            "literature_texts": [t.to_dict() for t in self.literature_texts],
-            "image_meta": self.image_meta,
             "source_ids": self.source_ids,
             "modalities": self.modalities(),
         }
-        sample: dict[str, Any] = {
-            "__key__": sample_key(self.material_id),
-            STRUCT_KEY: buf.getvalue(),
-            META_KEY: json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"),
-        }
-        if self.xrd is not None:
-            sample[XRD_KEY] = _npy_bytes(np.asarray(self.xrd, dtype=np.float16))
-        if self.xrd_peaks is not None:
-            sample[PEAKS_KEY] = _npy_bytes(np.asarray(self.xrd_peaks, dtype=np.float32))
-        if self.image is not None:
-            sample[IMAGE_KEY] = _png_bytes(self.image)
+        sample: dict[str, Any] = {"__key__": sample_key(self.material_id)}
+        for spec in specs():
+            members = spec.encode_sample(self)
+            meta.update(members.pop("meta", {}))
+            sample.update(members)
+        sample[META_KEY] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
         return sample
 
     @classmethod
     def from_sample(cls, sample: dict[str, Any]) -> MaterialRecord:
         """Inverse of :meth:`to_sample` (accepts raw bytes or already-decoded values)."""
+        from mmmat.modalities import specs
+
         key = sample.get("__key__", "?")
         try:
-            st = sample[STRUCT_KEY]
-            st = np.load(io.BytesIO(st)) if isinstance(st, bytes | bytearray) else st
             meta = sample[META_KEY]
             meta = json.loads(meta) if isinstance(meta, bytes | bytearray | str) else meta
+            kwargs: dict[str, Any] = {}
+            for spec in specs():
+                kwargs.update(spec.decode_sample(sample, meta))
         except KeyError as exc:
             raise RecordError(str(key), f"sample lacks {exc.args[0]!r}") from None
-        xrd = sample.get(XRD_KEY)
-        if isinstance(xrd, bytes | bytearray):
-            xrd = np.load(io.BytesIO(xrd))
-        peaks = sample.get(PEAKS_KEY)
-        if isinstance(peaks, bytes | bytearray):
-            peaks = np.load(io.BytesIO(peaks))
-        image = sample.get(IMAGE_KEY)
-        if isinstance(image, bytes | bytearray):
-            image = _png_decode(image)
         props = {k: (math.nan if v is None else float(v)) for k, v in meta.get("properties", {}).items()}
         return cls(
             material_id=meta["material_id"],
-            lattice=np.asarray(st["lattice"]),
-            frac_coords=np.asarray(st["frac_coords"]),
-            numbers=np.asarray(st["numbers"]),
             properties=props,
-            xrd=None if xrd is None else np.asarray(xrd, dtype=np.float32),
-            xrd_peaks=None if peaks is None else np.asarray(peaks, dtype=np.float32),
-            image=image,
-            image_meta=meta.get("image_meta", {}),
-            processing_texts=[TextItem.from_dict(t) for t in meta.get("processing_texts", [])],
-            literature_texts=[TextItem.from_dict(t) for t in meta.get("literature_texts", [])],
             source_ids=meta.get("source_ids", {}),
             split=meta.get("split", ""),
+            **kwargs,
         )
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,8 @@ def reflections_torch(
     two_theta_range: tuple[float, float] = (TWO_THETA_MIN, TWO_THETA_MAX),
     occupancy: Tensor | None = None,
     max_pairs: int = MAX_PAIRS,
+    scattering: Callable[[Tensor, Tensor], Tensor] | None = None,
+    polarisation: bool = True,
 ) -> Reflections:
     """Every reflection of every crystal in a 2θ range, with its kinematic intensity (no Debye-Waller).
 
@@ -193,6 +195,11 @@ def reflections_torch(
         two_theta_range: 2θ range in degrees (inclusive) at ``wavelength``.
         occupancy: (N,) site occupancies (scattering weights), or None for 1.
         max_pairs: Bound on the (reflection, atom) pairs (and enumerated index triples) held at once.
+        scattering: ``f(z, s2)``: scattering amplitude of elements ``z`` at ``s2`` = (sin θ / λ)² Å⁻²; None
+            means X-ray form factors (:func:`atomic_scattering_factor`). A neutron pattern passes coherent
+            scattering lengths here.
+        polarisation: Multiply by the X-ray polarisation term (1 + cos² 2θ); False keeps the
+            Lorentz factor 1 / (sin² θ cos θ) alone (neutrons, as pymatgen's ``NDCalculator``).
 
     Returns:
         The reflections of one Friedel half-space, ordered by crystal; intensities in ``frac``'s float
@@ -265,7 +272,9 @@ def reflections_torch(
         sin_t = (lam * g / 2.0).clamp(max=1.0)
         theta = torch.asin(sin_t)
         cos_t = torch.cos(theta)
-        lorentz = (1.0 + torch.cos(2.0 * theta) ** 2) / (sin_t * sin_t * cos_t)
+        lorentz = 1.0 / (sin_t * sin_t * cos_t)
+        if polarisation:
+            lorentz = lorentz * (1.0 + torch.cos(2.0 * theta) ** 2)
         s2 = (g2 / 4.0).to(dtype)
 
         # Structure factors: ragged (reflection, atom-of-its-crystal) pairs, in chunks of <= max_pairs.
@@ -280,7 +289,10 @@ def reflections_torch(
             refl_g = refl + r0
             dot = (hkl_w[refl_g] * frac_s[atom]).sum(-1)
             phase = (2.0 * math.pi) * torch.remainder(dot, 1.0)
-            f = atomic_scattering_factor(z_s[atom], s2[refl_g], table)
+            if scattering is None:
+                f = atomic_scattering_factor(z_s[atom], s2[refl_g], table)
+            else:
+                f = scattering(z_s[atom], s2[refl_g])
             if w_s is not None:
                 f = f * w_s[atom]
             f_re.index_add_(0, refl_g, f * torch.cos(phase))
@@ -378,6 +390,8 @@ def powder_pattern_torch(
     eta: float = 0.0,
     occupancy: Tensor | None = None,
     max_pairs: int = MAX_PAIRS,
+    scattering: Callable[[Tensor, Tensor], Tensor] | None = None,
+    polarisation: bool = True,
 ) -> Tensor:
     """Powder profiles of a batch of crystals computed from their structures (kinematic, no Debye-Waller).
 
@@ -397,13 +411,16 @@ def powder_pattern_torch(
         eta: Lorentzian fraction of the pseudo-Voigt (0 = Gaussian, as the data set's profiles).
         occupancy: (N,) site occupancies, or None for fully occupied sites.
         max_pairs: Bound on the pairs one intermediate tensor holds (memory control).
+        scattering: Scattering amplitude ``f(z, s2)`` (None: X-ray form factors), see :func:`reflections_torch`.
+        polarisation: Apply the X-ray polarisation factor (False for neutrons).
 
     Returns:
         (B, L) profiles, each row max-normalised to 1 (zeros for a crystal without atoms, with a degenerate
         cell or without a reflection in range).
 
     """
-    refl = reflections_torch(lattice, frac, z, batch, wavelength, two_theta_range, occupancy, max_pairs)
+    refl = reflections_torch(lattice, frac, z, batch, wavelength, two_theta_range, occupancy, max_pairs,
+                             scattering, polarisation)
     return render_reflections_torch(refl, int(lattice.shape[0]), fwhm, grid, eta, max_pairs)
 
 

@@ -74,15 +74,18 @@ def embed_condition(
     image: Any = None,
     crystal: Any = None,
     wavelength: float | None = None,
+    condition: tuple[str, Any] | None = None,
 ) -> tuple[torch.Tensor, str] | None:
     """The shared-latent embedding (1, D) of one query, and the modality it came from (None: no query).
 
-    ``xrd``: a pattern file (two-column xy/csv or powder CIF) or a (1701,) profile on the mmmat grid;
-    ``text``: a sentence; ``image``: an image file or array; ``crystal``: a CIF file or pymatgen Structure.
+    ``condition``: ``(modality, value)`` for any registered modality or alias (:mod:`mmmat.modalities`), the
+    value a file or what the modality's reader takes; the keywords are aliases: ``xrd``: a pattern file or a
+    (1701,) profile on the mmmat grid; ``text``: a sentence (the literature or processing text the generator was
+    trained with); ``image``: an image file or array; ``crystal``: a CIF file or pymatgen Structure.
     """
     given = {
         k: v
-        for k, v in {"xrd": xrd, "text": text, "image": image, "crystal": crystal}.items()
+        for k, v in {"condition": condition, "xrd": xrd, "text": text, "image": image, "crystal": crystal}.items()
         if v is not None
     }
     if not given:
@@ -93,30 +96,29 @@ def embed_condition(
         raise GenerationError(
             f"{gen.path} was trained without latent conditions: it cannot take --{next(iter(given))}"
         )
+    from mmmat.modalities import get_modality
     from mmmat.retrieval import api as rapi
+    from mmmat.retrieval.index import RetrievalError
 
-    kind, value = next(iter(given.items()))
-    model = gen.condition_model
-    if kind == "xrd":
-        modality = "xrd"
-        inputs = (rapi._read_xrd(value, wavelength) if isinstance(value, str | Path) else np.asarray(value))[
-            None
-        ]
-    elif kind == "text":
+    kind, value = condition if condition is not None else next(iter(given.items()))
+    if kind == "text":
         if not str(value).strip():
             raise GenerationError("the text condition is empty")
-        modality = "literature_text" if "literature_text" in gen.condition_modalities else "processing_text"
-        inputs = [str(value)]
-    elif kind == "image":
-        modality = "image"
-        inputs = rapi.load_image(value, size=rapi._image_size(model))[None]
-    else:
-        modality = "crystal"
-        inputs = [rapi._read_cif(value) if isinstance(value, str | Path) else value]
+        kind = "literature_text" if "literature_text" in gen.condition_modalities else "processing_text"
+    try:
+        modality = get_modality(kind).name
+    except KeyError as exc:
+        raise GenerationError(str(exc.args[0])) from None
     if modality not in gen.condition_modalities:
         raise GenerationError(
             f"{gen.path} was not trained with {modality} conditions ({gen.condition_modalities})"
         )
+    model = gen.condition_model
+    try:
+        raw = rapi.read_query(modality, value, model, wavelength)
+    except RetrievalError as exc:
+        raise GenerationError(str(exc)) from None
+    inputs = raw[None] if isinstance(raw, np.ndarray) else [raw]
     return model.embed(modality, inputs).float(), modality
 
 
@@ -249,18 +251,22 @@ def generate(
     batch_size: int = 1024,
     wavelength: float | None = None,
     progress: Callable[[int], None] | None = None,
+    condition: tuple[str, Any] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """Generate ``n`` crystals; returns the structures and a manifest-ready description of the run.
 
     ``composition`` (a cell formula) selects crystal structure prediction; without it the atom counts and
-    species are sampled too (de novo).  At most one latent condition (``xrd``, ``text``, ``image``,
-    ``crystal``) and any property ``targets`` steer the samples.
+    species are sampled too (de novo).  At most one latent condition (``condition=(modality, value)`` for any
+    registered modality, or its aliases ``xrd``, ``text``, ``image``, ``crystal``) and any property ``targets``
+    steer the samples.
     """
     if n < 1:
         raise GenerationError("n must be at least 1")
     flow = gen.flow
     max_atoms = int(flow.config["max_atoms"])
-    emb = embed_condition(gen, xrd=xrd, text=text, image=image, crystal=crystal, wavelength=wavelength)
+    emb = embed_condition(gen, xrd=xrd, text=text, image=image, crystal=crystal, wavelength=wavelength,
+                          condition=condition)
+    condition_value = None if condition is None else condition[1]
     cond = condition_vectors(gen, n, None if emb is None else emb[0], targets)
     g = torch.Generator().manual_seed(int(seed))
     if composition is not None:
@@ -291,14 +297,9 @@ def generate(
     wall = time.perf_counter() - t0
     condition: dict[str, Any] = {}
     if emb is not None:
-        src = (
-            xrd
-            if emb[1] == "xrd"
-            else text
-            if emb[1].endswith("_text")
-            else image
-            if emb[1] == "image"
-            else crystal
+        aliases = {"xrd": xrd, "image": image, "crystal": crystal}
+        src = condition_value if condition_value is not None else (
+            text if emb[1].endswith("_text") else aliases.get(emb[1])
         )
         condition["latent"] = {
             "modality": emb[1],

@@ -1,9 +1,10 @@
 """MultimodalModel: one encoder per modality, projected into one shared, L2-normalised latent space.
 
-The model is built from a plain config (JSON-serialisable): ``encoders`` maps a modality name
-(``crystal``, ``xrd``, ``image``, ``processing_text``, ``literature_text``) to ``{"name": <registered encoder>,
-**kwargs}``. On disk a model is ``config.json`` + ``model.safetensors`` (+ ``tokenizer/`` when text encoders use a
-trained tokenizer); :meth:`MultimodalModel.from_pretrained` rebuilds it without unpickling anything.
+The model is built from a plain config (JSON-serialisable): ``encoders`` maps a registered modality name
+(:func:`mmmat.modalities.modality_names`: ``crystal``, ``xrd``, ``image``, ``processing_text``, ...) to
+``{"name": <registered encoder>, **kwargs}``. On disk a model is ``config.json`` + ``model.safetensors``
+(+ ``tokenizer/`` when text encoders use a trained tokenizer); :meth:`MultimodalModel.from_pretrained`
+rebuilds it without unpickling anything.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmmat.data.batch import MODALITIES, Collator, MultimodalBatch
+from mmmat.data.batch import Collator, MultimodalBatch
 from mmmat.encoders.registry import create_encoder
 from mmmat.modelio import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401  (re-exported)
 
@@ -64,9 +64,11 @@ class MultimodalModel(nn.Module):
         max_text_tokens: int = 128,
     ):
         super().__init__()
-        unknown = sorted(set(encoders) - set(MODALITIES))
+        from mmmat.modalities import modality_names
+
+        unknown = sorted(set(encoders) - set(modality_names()))
         if unknown:
-            raise ValueError(f"unknown modalities {unknown}; known: {list(MODALITIES)}")
+            raise ValueError(f"unknown modalities {unknown}; known: {list(modality_names())}")
         if not encoders:
             raise ValueError("a MultimodalModel needs at least one encoder")
         self.config = {
@@ -103,9 +105,11 @@ class MultimodalModel(nn.Module):
         """L2-normalised embeddings (B, embed_dim) of one modality of ``batch`` (all rows, present or not)."""
         if modality not in self.encoders:
             raise KeyError(f"this model has no {modality!r} encoder (it has {self.modalities})")
+        from mmmat.modalities import get_modality
+
         if modality in TEXT_MODALITIES and modality in batch.present:
             return self._encode_text_rows(modality, batch)
-        h = self.encoders[modality](batch)
+        h = get_modality(modality).run_encoder(self.encoders[modality], batch)
         return F.normalize(self.projections[modality](h).float(), dim=-1)
 
     def _encode_text_rows(self, modality: str, batch: MultimodalBatch) -> torch.Tensor:
@@ -144,10 +148,11 @@ class MultimodalModel(nn.Module):
     def embed(self, modality: str, inputs: Any, batch_size: int = 256) -> torch.Tensor:
         """Embed one modality from a batch or raw inputs; returns (N, embed_dim) on the model's device.
 
-        ``inputs``: a :class:`MultimodalBatch`; or, per modality: ``crystal`` - pymatgen Structures, ASE Atoms
-        or :class:`~mmmat.data.schema.MaterialRecord` objects; ``xrd`` - (N, 1701) profiles on
+        ``inputs``: a :class:`MultimodalBatch`; or raw inputs as the modality's spec takes them
+        (:meth:`mmmat.modalities.ModalitySpec.raw_batch`): ``crystal`` - pymatgen Structures, ASE Atoms or
+        :class:`~mmmat.data.schema.MaterialRecord` objects; ``xrd`` - (N, 1701) profiles on
         :data:`mmmat.data.xrd.TWO_THETA` (Cu Kα) as an array or tensor; ``image`` - (N, H, W) or
-        (N, 1, H, W) uint8 images; text modalities - a list of strings.
+        (N, 1, H, W) uint8 images; text modalities - a list of strings; others as their spec says.
         """
         was_training = self.training
         self.eval()
@@ -166,43 +171,9 @@ class MultimodalModel(nn.Module):
             self.train(was_training)
 
     def _raw_batch(self, modality: str, chunk: Any) -> MultimodalBatch:
-        from mmmat.data.schema import as_records
-        from mmmat.data.xrd import NUM_POINTS
+        from mmmat.modalities import get_modality
 
-        if modality == "crystal":
-            records = as_records(chunk)
-            for r in records:
-                r.validate()
-            return self._collator()(records)
-        dummy = [_dummy_record(i) for i in range(len(chunk))]
-        b = self._collator(build_graph=False)(dummy)
-        if modality == "xrd":
-            x = torch.as_tensor(np.asarray(chunk, dtype=np.float32))
-            if x.ndim != 2 or x.shape[1] != NUM_POINTS:
-                raise ValueError(
-                    f"xrd inputs must be (N, {NUM_POINTS}) profiles on the mmmat grid, got {tuple(x.shape)}"
-                )
-            b.xrd = x
-        elif modality == "image":
-            x = torch.as_tensor(np.asarray(chunk))
-            if x.ndim == 3:
-                x = x[:, None]
-            if x.ndim != 4:
-                raise ValueError(f"image inputs must be (N, H, W) or (N, 1, H, W), got {tuple(x.shape)}")
-            b.image = x.to(torch.uint8)
-        elif modality in TEXT_MODALITIES:
-            texts = list(chunk)
-            if any(not isinstance(t, str) or not t.strip() for t in texts):
-                raise ValueError("text inputs must be non-empty strings")
-            from mmmat.data.batch import _tokenize
-
-            ids, mask = _tokenize(self._collator().tokenizer, texts, self.config["max_text_tokens"])
-            if modality == "processing_text":
-                b.processing_ids, b.processing_mask = ids, mask
-            else:
-                b.literature_ids, b.literature_mask = ids, mask
-        else:
-            raise KeyError(f"unknown modality {modality!r}")
+        b = get_modality(modality).raw_batch(self, chunk)
         b.present[modality] = torch.ones(len(chunk), dtype=torch.bool)
         return b
 
@@ -247,8 +218,3 @@ class MultimodalModel(nn.Module):
         load_weights(model, path, map_location)
         return model.to(map_location)
 
-
-def _dummy_record(i: int) -> Any:
-    from mmmat.data.schema import MaterialRecord
-
-    return MaterialRecord(f"input-{i}", np.eye(3) * 5.0, np.zeros((1, 3)), [1])

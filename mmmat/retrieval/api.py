@@ -37,9 +37,16 @@ from mmmat.retrieval.index import (
     make_meta,
 )
 
-#: Modalities an index or a query can be embedded from.
-EMBED_MODALITIES = ("crystal", "xrd", "image", "literature_text", "processing_text")
 TEXT_MODALITIES = ("literature_text", "processing_text")
+
+
+def __getattr__(name: str) -> Any:
+    # ``EMBED_MODALITIES``: modalities an index or a query can be embedded from (every registered one)
+    if name == "EMBED_MODALITIES":
+        from mmmat.modalities import modality_names
+
+        return modality_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------- the model
@@ -82,8 +89,10 @@ def _match_graph_cutoff(model: Any) -> None:
 
 
 def _require(model: Any, modality: str) -> None:
-    if modality not in EMBED_MODALITIES:
-        raise RetrievalError(f"unknown modality {modality!r} (one of {', '.join(EMBED_MODALITIES)})")
+    from mmmat.modalities import modality_names
+
+    if modality not in modality_names():
+        raise RetrievalError(f"unknown modality {modality!r} (one of {', '.join(modality_names())})")
     if modality not in model.modalities:
         where = getattr(model, "model_dir", "this model")
         has = ", ".join(model.modalities)
@@ -154,18 +163,19 @@ def material_table(records: Sequence[Any], symprec: float = 0.1) -> pd.DataFrame
 
 
 def _modality_inputs(records: Sequence[Any], modality: str) -> tuple[list[int], Any]:
-    """(rows that carry ``modality``, their inputs for ``model.embed``)."""
-    if modality == "crystal":
-        return list(range(len(records))), list(records)
-    if modality == "xrd":
-        rows = [i for i, r in enumerate(records) if r.xrd is not None]
-        return rows, np.stack([records[i].xrd for i in rows]) if rows else np.zeros((0, 1))
-    if modality == "image":
-        rows = [i for i, r in enumerate(records) if r.image is not None]
-        return rows, np.stack([records[i].image for i in rows]) if rows else np.zeros((0, 1, 1))
-    field = "literature_texts" if modality == "literature_text" else "processing_texts"
-    rows = [i for i, r in enumerate(records) if getattr(r, field)]
-    return rows, [getattr(records[i], field)[0].text for i in rows]
+    """(rows that carry ``modality``, their inputs for ``model.embed``), as the modality's spec reads them."""
+    from mmmat.modalities import get_modality
+
+    spec = get_modality(modality)
+    rows, values = [], []
+    for i, r in enumerate(records):
+        v = spec.record_input(r)
+        if v is not None:
+            rows.append(i)
+            values.append(v)
+    if values and isinstance(values[0], np.ndarray):
+        return rows, np.stack(values)
+    return rows, values
 
 
 def embed_records(
@@ -375,45 +385,34 @@ def add_structures_to_index(
 
 
 # ---------------------------------------------------------------------- queries
-def _read_cif(cif: str | Path) -> Any:
-    from mmmat.data.schema import MaterialRecord, RecordError, parse_cif
+def read_query(modality: str, value: Any, model: Any = None, wavelength: float | None = None) -> Any:
+    """One raw input of ``modality`` read by its spec (:meth:`mmmat.modalities.ModalitySpec.read_query`).
 
-    text_given = isinstance(cif, str) and "\n" in cif
-    name = "<CIF text>" if text_given else str(cif)
-    if not text_given:
-        p = Path(cif)
-        if not p.is_file():
-            raise RetrievalError(f"CIF file {p} not found")
-        cif = p.read_text(encoding="utf-8", errors="replace")
+    ``value``: a file path, or an in-memory value the spec takes (CIF text, a Structure, a ``Pattern``, an
+    array, a sentence). Bad input raises :class:`RetrievalError` naming it.
+    """
+    from mmmat.io import InputError
+    from mmmat.modalities import get_modality
+
+    spec = get_modality(modality)
+    if isinstance(value, str | Path) and not spec.is_text and not (
+        isinstance(value, str) and "\n" in value
+    ):
+        value = Path(value)
+        if not value.is_file():
+            raise RetrievalError(f"{spec.label or spec.name} file {value} not found")
     try:
-        rec = MaterialRecord.from_structure(parse_cif(str(cif), name), name)
-        rec.validate()
-    except RecordError as exc:
-        raise RetrievalError(f"{name}: {exc.reason}") from None
-    return rec
+        return spec.read_query(value, model, wavelength=wavelength)
+    except InputError as exc:
+        raise RetrievalError(f"unusable {spec.label or spec.name} query: {exc}") from None
+
+
+def _read_cif(cif: str | Path) -> Any:
+    return read_query("crystal", cif)
 
 
 def _read_xrd(xrd: str | Path | Any, wavelength: float | None) -> np.ndarray:
-    from mmmat.data.xrd import resample
-    from mmmat.io import InputError, Pattern, read_pattern
-
-    if isinstance(xrd, Pattern):
-        pattern = xrd
-    else:
-        p = Path(xrd)
-        if not p.is_file():
-            raise RetrievalError(f"XRD file {p} not found")
-        try:
-            pattern = read_pattern(p, wavelength=wavelength)
-        except InputError as exc:
-            raise RetrievalError(f"unusable XRD pattern: {exc}") from None
-    profile = resample(pattern)
-    if not profile.any():
-        raise RetrievalError(
-            f"{pattern.source}: no part of the pattern falls on the model's grid (5-90° 2θ, Cu Kα) above its "
-            "background"
-        )
-    return profile
+    return read_query("xrd", xrd, wavelength=wavelength)
 
 
 def load_image(image: str | Path | np.ndarray, size: int = 64) -> np.ndarray:
@@ -480,47 +479,47 @@ def embed_query(
     text: str | None = None,
     text_modality: str = "literature_text",
     wavelength: float | None = None,
+    query: tuple[str, Any] | None = None,
 ) -> tuple[str, np.ndarray]:
-    """Embed one query given as exactly one of ``cif``, ``xrd``, ``image`` or ``text``.
+    """Embed one query given as exactly one of ``query``, ``cif``, ``xrd``, ``image`` or ``text``.
 
     Args:
         model: A loaded :class:`~mmmat.latent.model.MultimodalModel`.
-        cif: CIF file (or CIF text) → ``crystal``.
+        cif: CIF file (or CIF text) → ``crystal`` (alias of ``query=("crystal", cif)``).
         xrd: Powder pattern file (any :func:`mmmat.io.read_pattern` format) → ``xrd``.
         image: Image file (PNG/TIFF/...) or ``.npy``, or an array → ``image``.
         text: A sentence → ``text_modality``.
         text_modality: ``literature_text`` or ``processing_text``.
-        wavelength: X-ray wavelength of the pattern in Å when the file does not give it (default Cu Kα).
+        wavelength: Wavelength of a pattern in Å when the file does not give it (default: the modality's).
+        query: ``(modality, value)`` for any registered modality (:mod:`mmmat.modalities`) or alias
+            (``structure``, ``cif``, ``neutron``, ...): a file path or what the modality's reader takes.
 
     Returns:
         ``(modality, (embed_dim,) float32 embedding)``.
 
     """
-    given = {k: v for k, v in (("cif", cif), ("xrd", xrd), ("image", image), ("text", text)) if v is not None}
+    from mmmat.modalities import get_modality
+
+    given = {k: v for k, v in (("query", query), ("cif", cif), ("xrd", xrd), ("image", image), ("text", text))
+             if v is not None}
     if len(given) != 1:
         got = ", ".join(sorted(given)) or "none"
-        raise RetrievalError(f"give exactly one query (cif, xrd, image or text), got {got}")
-    if cif is not None:
-        modality, inputs = "crystal", None
-    elif xrd is not None:
-        modality, inputs = "xrd", None
-    elif image is not None:
-        modality, inputs = "image", None
-    else:
+        raise RetrievalError(f"give exactly one query (query, cif, xrd, image or text), got {got}")
+    if text is not None:
         if text_modality not in TEXT_MODALITIES:
             known = ", ".join(TEXT_MODALITIES)
             raise RetrievalError(f"text_modality must be one of {known}, got {text_modality!r}")
-        modality = text_modality
-        if not isinstance(text, str) or not text.strip():
-            raise RetrievalError("empty text: give a sentence to search with")
-        inputs = [text.strip()]
+        query = (text_modality, text)
+    elif query is None:
+        query = next(iter(given.items()))
+    name, value = query
+    try:
+        modality = get_modality(name).name
+    except KeyError as exc:
+        raise RetrievalError(str(exc.args[0])) from None
     _require(model, modality)
-    if modality == "crystal":
-        inputs = [_read_cif(cif)]
-    elif modality == "xrd":
-        inputs = _read_xrd(xrd, wavelength)[None]
-    elif modality == "image":
-        inputs = load_image(image, _image_size(model))[None]
+    raw = read_query(modality, value, model, wavelength)
+    inputs = raw[None] if isinstance(raw, np.ndarray) else [raw]
     with _one_thread():
         return modality, model.embed(modality, inputs).float().cpu().numpy()[0]
 
@@ -554,6 +553,7 @@ def search(
     k: int = 10,
     nprobe: int | None = None,
     wavelength: float | None = None,
+    query: tuple[str, Any] | None = None,
 ) -> list[Hit]:
     """Search an index with one query (see :func:`embed_query`) and return the top ``k`` hits, best first.
 
@@ -567,7 +567,8 @@ def search(
         text_modality: ``literature_text`` or ``processing_text`` for ``text``.
         k: Number of hits.
         nprobe: IVF lists to scan (default: the index's).
-        wavelength: X-ray wavelength in Å for a pattern file that does not say (default Cu Kα).
+        wavelength: Wavelength in Å for a pattern file that does not say (default: the modality's).
+        query: ``(modality, value)`` for any registered modality, e.g. ``("neutron", "scan.xy")``.
 
     """
     index = open_index(index_dir, nprobe=nprobe)
@@ -575,23 +576,16 @@ def search(
     model = load_model(mdir)
     check_model(index, mdir)
     _, q = embed_query(model, cif=cif, xrd=xrd, image=image, text=text, text_modality=text_modality,
-                       wavelength=wavelength)
+                       wavelength=wavelength, query=query)
     return index.search(q, k)
 
 
 # ---------------------------------------------------------------------- batch queries
-#: Query kinds by file suffix for :func:`collect_queries`.
-QUERY_SUFFIXES = {
-    "cif": (".cif", ".mcif"),
-    "xrd": (".xy", ".xye", ".csv", ".dat", ".txt"),
-    "image": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy"),
-}
-
-
 def query_kind(path: str | Path) -> str | None:
-    """``cif``, ``xrd`` or ``image`` for a query file by its suffix (None: unknown)."""
-    suf = Path(path).suffix.lower()
-    return next((k for k, v in QUERY_SUFFIXES.items() if suf in v), None)
+    """The modality of a query file by its suffix (:func:`mmmat.modalities.query_modality`; None: unknown)."""
+    from mmmat.modalities import query_modality
+
+    return query_modality(path)
 
 
 def collect_queries(source: str | Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -601,7 +595,7 @@ def collect_queries(source: str | Path) -> tuple[list[tuple[str, str]], list[tup
     query; ``text: ...`` is a sentence; empty lines and lines starting with ``#`` are skipped.
 
     Returns:
-        ``(queries, skipped)``: ``(kind, value)`` pairs with kind ``cif``/``xrd``/``image``/``text``, and
+        ``(queries, skipped)``: ``(kind, value)`` pairs with kind a modality name or ``text``, and
         ``(entry, reason)`` for entries that are not usable queries.
 
     """
@@ -649,7 +643,7 @@ def search_queries(
 
     Args:
         index_dir: Index folder.
-        queries: ``(kind, value)`` pairs, kind ``cif``, ``xrd``, ``image`` or ``text``.
+        queries: ``(kind, value)`` pairs, kind a registered modality (or alias) or ``text``.
         model_dir: The index's model (default: the path recorded in the index).
         k: Hits per query.
         nprobe: IVF lists to scan.
@@ -668,7 +662,8 @@ def search_queries(
     vecs, names, kinds, failures = [], [], [], []
     for kind, value in queries:
         try:
-            _, q = embed_query(model, text_modality=text_modality, wavelength=wavelength, **{kind: value})
+            given = {"text": value} if kind == "text" else {"query": (kind, value)}
+            _, q = embed_query(model, text_modality=text_modality, wavelength=wavelength, **given)
         except (RetrievalError, ValueError) as exc:
             failures.append((str(value), str(exc)))
             continue

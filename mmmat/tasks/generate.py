@@ -27,13 +27,15 @@ from mmmat.generative.flow import CrystalFlow
 from mmmat.tasks.schedule import start_epoch, warmup_cosine
 
 CONDITION_DIR = "condition_model"
-DEFAULT_MODALITY_WEIGHTS = {
-    "crystal": 1.0,
-    "xrd": 2.0,
-    "image": 1.0,
-    "processing_text": 1.0,
-    "literature_text": 1.0,
-}
+
+
+def __getattr__(name: str) -> Any:
+    # ``DEFAULT_MODALITY_WEIGHTS``: each registered modality's condition weight (ModalitySpec.condition_weight)
+    if name == "DEFAULT_MODALITY_WEIGHTS":
+        from mmmat.modalities import specs
+
+        return {s.name: s.condition_weight for s in specs()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CrystalGeneration(pl.LightningModule):
@@ -115,7 +117,10 @@ class CrystalGeneration(pl.LightningModule):
             raise ValueError("condition_modalities needs a pretrained model")
         else:
             self.condition_modalities = []
-        weights = dict(DEFAULT_MODALITY_WEIGHTS, **(modality_weights or {}))
+        from mmmat.modalities import specs
+
+        weights = {s.name: s.condition_weight for s in specs()}
+        weights.update(modality_weights or {})
         self.modality_weights = [float(weights.get(m, 1.0)) for m in self.condition_modalities]
         self.flow = CrystalFlow(
             hidden=hidden,
