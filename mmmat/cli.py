@@ -206,11 +206,11 @@ app.add_typer(index_app, name="index")
 
 def _retrieval_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a retrieval function; its input errors become a clear message and exit code 2."""
-    from mmmat.retrieval import RetrievalError
+    from mmmat.io import InputError
 
     try:
         return fn(*args, **kwargs)
-    except RetrievalError as exc:
+    except InputError as exc:
         _fail(str(exc))
 
 
@@ -440,28 +440,23 @@ def identify(
 
 def _check_query(kind: str, value: Any, wavelength: float | None) -> None:
     """Read one query the way the search will, before any model loads (fails fast with the file named)."""
-    if kind == "text":
-        if not str(value).strip():
-            _fail("empty text: give a sentence to search with")
-        return
-    p = Path(value)
-    if not p.is_file():
-        _fail(f"{ {'cif': 'CIF', 'xrd': 'XRD', 'image': 'image'}[kind]} file {p} not found")
-    if kind == "cif":
-        from mmmat.data.schema import MaterialRecord, RecordError, parse_cif
+    from mmmat.io import InputError, read_pattern, read_text
 
-        try:
-            MaterialRecord.from_structure(parse_cif(p.read_text(encoding="utf-8", errors="replace"), str(p)),
-                                          str(p)).validate()
-        except RecordError as exc:
-            _fail(f"{p}: {exc.reason}")
-    elif kind == "xrd":
-        from mmmat.data.xrd import read_pattern
+    try:
+        if kind == "text":
+            read_text(str(value))
+            return
+        p = Path(value)
+        if not p.is_file():
+            _fail(f"{ {'cif': 'CIF', 'xrd': 'XRD', 'image': 'image'}[kind]} file {p} not found")
+        if kind == "cif":
+            from mmmat.retrieval.api import query_record
 
-        try:
+            query_record(p)
+        elif kind == "xrd":
             read_pattern(p, wavelength=wavelength)
-        except (ValueError, OSError) as exc:
-            _fail(f"unusable XRD pattern {p}: {exc}")
+    except InputError as exc:
+        _fail(str(exc))
 
 
 @app.command()
@@ -694,13 +689,13 @@ def plot_overlay(
         if not p.is_file():
             _fail(f"{name} {p} not found")
     from mmmat.data.xrd import CU_KA
+    from mmmat.io import InputError, read_pattern, read_structure
     from mmmat.plots import pattern_overlay_plot
-    from mmmat.web.readers import ReadError, read_pattern_file, read_structure_file
 
     try:
-        pat = read_pattern_file(pattern, wavelength)
-        s = read_structure_file(cif)
-    except ReadError as exc:
+        pat = read_pattern(pattern, wavelength)
+        s = read_structure(cif, ordered=True)
+    except InputError as exc:
         _fail(str(exc))
     lam = float(pat.wavelength or CU_KA)
     pattern_overlay_plot(pat.two_theta, pat.intensity, lam, s, out, s.composition.reduced_formula, pattern.name)
@@ -729,8 +724,9 @@ def generate(
     """Generate crystals (de novo or for a composition), optionally conditioned on a pattern, text, image, targets."""
     from rich.progress import Progress
 
-    from mmmat.generative.api import GenerationError, load_generator, write_samples
     from mmmat.generative.api import generate as run_generate
+    from mmmat.generative.api import load_generator, write_samples
+    from mmmat.io import InputError
 
     if n < 1:
         _fail("-n must be at least 1")
@@ -756,12 +752,8 @@ def generate(
                 seed=seed, steps=steps, guidance=guidance, coord_anneal=coord_anneal, batch_size=batch_size,
                 wavelength=wavelength, progress=lambda k: bar.update(task, completed=k),
             )
-    except (GenerationError, FileNotFoundError) as exc:
+    except (InputError, FileNotFoundError) as exc:  # GenerationError and the readers' errors are InputErrors
         _fail(str(exc))
-    except Exception as exc:  # inputs the retrieval readers reject (RetrievalError) name the file
-        if type(exc).__name__ == "RetrievalError":
-            _fail(str(exc))
-        raise
     write_samples(structures, out, info)
     built = sum(s is not None for s in structures)
     g = info["generation"]
@@ -873,7 +865,7 @@ def serve(
         import dash  # noqa: F401
     except ImportError:
         _fail("`mmmat serve` needs Dash: pip install 'dash>=2.17'")
-    from mmmat.retrieval import RetrievalError
+    from mmmat.io import InputError
     from mmmat.web.app import serve as run_server
 
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -883,7 +875,7 @@ def serve(
                f"uploads up to {max_upload_mb:g} MB go to a private temporary folder removed at exit")
     try:
         run_server(index, model, design_runs, generator, host=host, port=port, max_upload_mb=max_upload_mb)
-    except RetrievalError as exc:
+    except InputError as exc:
         _fail(str(exc))
 
 

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from mmmat.generative.flow import CrystalFlow, to_structures
+from mmmat.io import InputError
 
 
-class GenerationError(ValueError):
-    """A generation request that cannot be served; the message says why."""
+class GenerationError(InputError):
+    """A generation request that cannot be served; the message says why (an :class:`mmmat.io.InputError`)."""
 
 
 @dataclass
@@ -93,13 +94,14 @@ def embed_condition(
         raise GenerationError(
             f"{gen.path} was trained without latent conditions: it cannot take --{next(iter(given))}"
         )
+    from mmmat.io import read_image, read_xrd_profile
     from mmmat.retrieval import api as rapi
 
     kind, value = next(iter(given.items()))
     model = gen.condition_model
     if kind == "xrd":
         modality = "xrd"
-        inputs = (rapi._read_xrd(value, wavelength) if isinstance(value, str | Path) else np.asarray(value))[
+        inputs = (read_xrd_profile(value, wavelength) if isinstance(value, str | Path) else np.asarray(value))[
             None
         ]
     elif kind == "text":
@@ -109,10 +111,10 @@ def embed_condition(
         inputs = [str(value)]
     elif kind == "image":
         modality = "image"
-        inputs = rapi.load_image(value, size=rapi._image_size(model))[None]
+        inputs = read_image(value, size=rapi._image_size(model))[None]
     else:
         modality = "crystal"
-        inputs = [rapi._read_cif(value) if isinstance(value, str | Path) else value]
+        inputs = [rapi.query_record(value) if isinstance(value, str | Path) else value]
     if modality not in gen.condition_modalities:
         raise GenerationError(
             f"{gen.path} was not trained with {modality} conditions ({gen.condition_modalities})"

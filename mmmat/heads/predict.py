@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from mmmat.data.schema import MaterialRecord, RecordError, parse_cif
+from mmmat.data.schema import MaterialRecord, RecordError
+from mmmat.io import InputError, read_structure
 
 
 def _expand(files: Iterable[str | Path] | str | Path) -> list[Path]:
@@ -31,17 +32,17 @@ def _expand(files: Iterable[str | Path] | str | Path) -> list[Path]:
 
 
 def read_cif_file(path: str | Path, order: bool = False) -> MaterialRecord:
-    """Parse and validate one CIF file; a malformed file raises :class:`RecordError` naming the file.
+    """Read (:func:`mmmat.io.read_structure`) and validate one crystal file; a bad file raises :class:`RecordError`.
 
-    A disordered crystal (partial occupancies) is refused with :data:`~mmmat.data.schema.ORDER_POLICY`, or,
-    with ``order=True``, ordered by :func:`~mmmat.data.schema.order_structure`.
+    The message names the file.  A disordered crystal (partial occupancies) is refused with
+    :data:`~mmmat.data.schema.ORDER_POLICY`, or, with ``order=True``, ordered by
+    :func:`~mmmat.data.schema.order_structure`.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise RecordError(str(path), f"cannot read file ({exc})") from None
-    structure = parse_cif(text, str(path))
+        structure = read_structure(path)
+    except InputError as exc:
+        raise RecordError(str(path), str(exc).removeprefix(f"{path}: ")) from None
     if order and not structure.is_ordered:
         from mmmat.data.schema import order_structure
 
