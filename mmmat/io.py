@@ -839,6 +839,12 @@ def read_structure(path: str | os.PathLike[str], ordered: bool = False) -> Any:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: structure file not found")
+    if p.suffix.lower() in (".cif", ".mcif"):
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise InputError(f"{p}: cannot read ({exc})") from None
+        return _checked(_cif_text_structure(text, str(p)), str(p), ordered)
     problems = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

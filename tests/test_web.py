@@ -119,8 +119,8 @@ def test_search_by_pattern_text_and_image(app, env, tmp_path):
 
 
 def test_structure_and_overlay_figures(env):
-    from mmmat.web import figures as F
     from mmmat.io import Pattern
+    from mmmat.web import figures as F
 
     s = next(iter(env["records"].values())).to_structure()
     fig = F.structure_figure(s, "x")
@@ -150,8 +150,8 @@ def test_design_run_tables(app):
     assert len(run["rounds"]) == 3 and run["guards"]["duplicate"] == 3 and run["guards"]["single_element"] == 3
     assert len(run["ledger"]) == 12 and "e_hull_chgnet" in run["ledger"]
     assert set(run["hits"]["cif"]).issubset({f"hits/c{i}.cif" for i in range(12)})
-    from mmmat.web.context import run_file
     from mmmat.io import InputError
+    from mmmat.web.context import run_file
 
     with pytest.raises(InputError, match="inside the run folder"):
         run_file(run["run"], "../../etc/passwd")

@@ -381,6 +381,16 @@ def query_record(cif: str | Path | Any) -> Any:
     return rec
 
 
+def _as_retrieval_error(reader: Any, *args: Any) -> Any:
+    """``reader(*args)`` with its :class:`InputError` raised as a :class:`RetrievalError` (same message)."""
+    try:
+        return reader(*args)
+    except RetrievalError:
+        raise
+    except InputError as exc:
+        raise RetrievalError(str(exc)) from None
+
+
 #: An image query as a (size, size) uint8 array (:func:`mmmat.io.read_image`; kept importable here).
 load_image = read_image
 
@@ -429,14 +439,14 @@ def embed_query(
             known = ", ".join(TEXT_MODALITIES)
             raise RetrievalError(f"text_modality must be one of {known}, got {text_modality!r}")
         modality = text_modality
-        inputs = [read_text(text)]
+        inputs = [_as_retrieval_error(read_text, text)]
     _require(model, modality)
     if modality == "crystal":
-        inputs = [query_record(cif)]
+        inputs = [_as_retrieval_error(query_record, cif)]
     elif modality == "xrd":
-        inputs = read_xrd_profile(xrd, wavelength)[None]
+        inputs = _as_retrieval_error(read_xrd_profile, xrd, wavelength)[None]
     elif modality == "image":
-        inputs = read_image(image, _image_size(model))[None]
+        inputs = _as_retrieval_error(read_image, image, _image_size(model))[None]
     with _one_thread():
         return modality, model.embed(modality, inputs).float().cpu().numpy()[0]
 
