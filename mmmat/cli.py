@@ -72,8 +72,10 @@ def _console() -> Any:
 
 @data_app.command("build")
 def data_build(
-    source: str = typer.Argument(..., help="Source name: mp20, perov5, carbon24, generic, builtin."),
-    root: Path | None = typer.Option(None, help="Raw data: a folder (mp20: ../shared/data/mp_20) or CSV."),
+    source: str = typer.Argument(
+        ..., help="Source name: mp20, perov5, carbon24, generic, builtin, extxyz, asedb (.db), entries "
+        "(ComputedStructureEntry .json/.json.gz/.json.bz2)."),
+    root: Path | None = typer.Option(None, help="Raw data: a folder (mp20: ../shared/data/mp_20), CSV or file."),
     out: Path = typer.Option(..., help="Output folder for shards and manifest.json."),
     workers: int = typer.Option(1, help="Worker processes."),
     limit: int | None = typer.Option(None, help="At most this many rows in EACH split (train, val, test)."),
@@ -83,6 +85,10 @@ def data_build(
     describe: bool = typer.Option(True, help="Generated descriptions where no literature text exists."),
     joins: bool | None = typer.Option(None, help="Join recipes and literature from folders beside --root."),
     max_atoms: int = typer.Option(0, help="Skip (and report) structures with more atoms (0 = no limit)."),
+    prop: list[str] = typer.Option(
+        [], "--property", help="extxyz/asedb/entries: NAME=FIELD, a property from a named (dotted) field of each "
+        "record, e.g. band_gap=data.band_gap (repeatable)."),
+    id_field: str | None = typer.Option(None, help="extxyz/asedb/entries: the field holding each record's id."),
 ) -> None:
     """Build webdataset shards (one sample per material) and manifest.json; resumable."""
     from data_pipelines.base import BuildOptions, get_source
@@ -100,7 +106,21 @@ def data_build(
         _fail(f"--limit must be at least 1 (rows per split; leave it out for every row), got {limit}")
     if workers < 1 or shard_size < 1 or max_atoms < 0:
         _fail("--workers and --shard-size must be at least 1, --max-atoms at least 0")
-    kw = {} if joins is None else {"joins": joins}
+    kw: dict[str, Any] = {} if joins is None else {"joins": joins}
+    fields: dict[str, str] = {}
+    for item in prop:
+        name, sep, field = item.partition("=")
+        if not sep or not name.strip() or not field.strip():
+            _fail(f"--property {item!r} must be NAME=FIELD")
+        fields[name.strip()] = field.strip()
+    import inspect
+
+    accepts = inspect.signature(loader).parameters
+    for flag, key, value in (("--property", "properties", fields), ("--id-field", "id_field", id_field)):
+        if value:
+            if key not in accepts:
+                _fail(f"{flag} is for the extxyz, asedb and entries sources, not {source!r}")
+            kw[key] = value
     try:
         data = loader(root, limit=limit, **kw)
     except (FileNotFoundError, ValueError) as exc:
@@ -111,6 +131,8 @@ def data_build(
     cmd = f"mmmat data build {source} --out {shlex.quote(str(out))} --workers {workers} --shard-size {shard_size}"
     cmd += f" --root {shlex.quote(str(root))}" if root is not None else ""
     cmd += f" --limit {limit}" if limit else ""
+    cmd += "".join(f" --property {shlex.quote(f'{k}={v}')}" for k, v in fields.items())
+    cmd += f" --id-field {shlex.quote(id_field)}" if id_field else ""
     cmd += "".join(f" --no-{k}" for k, v in (("xrd", xrd), ("image", image), ("describe", describe)) if not v)
     manifest = build_shards(data, out, workers=workers, shard_size=shard_size, options=opts, command=cmd)
     _print_summary(manifest, out)
