@@ -612,8 +612,10 @@ def predict(
     except (RecordError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     t = Table()
+    units = df.attrs.get("units", {})
     for col in df.columns:
-        t.add_column(str(col), justify="right" if df[col].dtype.kind in "fi" else "left")
+        head = f"{col} ({units[col]})" if units.get(col) else str(col)
+        t.add_column(head, justify="right" if df[col].dtype.kind in "fi" else "left")
     for row in df.itertuples(index=False):
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     c = _console()

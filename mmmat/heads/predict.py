@@ -76,7 +76,8 @@ def predict_files(
     Returns:
         A pandas DataFrame with columns ``file``, ``formula`` (reduced), and per target ``<target>`` and
         ``<target>_std`` (regression, label units) or ``<target>`` (class index) and ``<target>_prob``
-        (classification), one row per file in input order.
+        (classification), one row per file in input order.  ``df.attrs["units"]`` maps each regression column
+        to its unit (from the model's config, ``""`` when unknown); ``df.attrs["failures"]`` lists skipped files.
 
     Raises:
         RecordError: A file is not a parsable CIF or holds an unusable crystal (the message names it).
@@ -110,6 +111,9 @@ def predict_files(
         table[extra] = pred[extra] if records else []
     df = pd.DataFrame(table)
     df.attrs["failures"] = failures
+    df.attrs["units"] = {
+        col: t.unit for t in model.targets if t.kind == "regression" for col in (t.name, f"{t.name}_std")
+    }
     if csv is not None:
         Path(csv).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(csv, index=False)
