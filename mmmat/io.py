@@ -760,11 +760,11 @@ def _checked(structure: Any, name: str, ordered: bool) -> Any:
     return structure
 
 
-def _cif_text_structure(text: str, name: str) -> Any:
-    """The first structure of CIF text (pymatgen's ``CifParser``)."""
+def parse_cif_text(text: str, name: str = "<CIF text>") -> Any:
+    """The first structure of CIF text (pymatgen's ``CifParser``, conventional cell); InputError names ``name``."""
     from pymatgen.io.cif import CifParser
 
-    if not text.strip():
+    if not isinstance(text, str) or not text.strip():
         raise InputError(f"{name}: empty CIF")
     try:
         with warnings.catch_warnings():
@@ -835,7 +835,7 @@ def read_structure(path: str | os.PathLike[str], ordered: bool = False) -> Any:
     from pymatgen.core import Structure
 
     if _is_text(path):
-        return _checked(_cif_text_structure(str(path), "<CIF text>"), "<CIF text>", ordered)
+        return _checked(parse_cif_text(str(path), "<CIF text>"), "<CIF text>", ordered)
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: structure file not found")
@@ -844,7 +844,7 @@ def read_structure(path: str | os.PathLike[str], ordered: bool = False) -> Any:
             text = p.read_text(encoding="utf-8", errors="replace")
         except OSError as exc:
             raise InputError(f"{p}: cannot read ({exc})") from None
-        return _checked(_cif_text_structure(text, str(p)), str(p), ordered)
+        return _checked(parse_cif_text(text, str(p)), str(p), ordered)
     problems = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
