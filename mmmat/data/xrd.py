@@ -19,7 +19,9 @@ Rendering
     :func:`render_profile` (numpy) and :func:`render_profile_torch` (batched, CPU or GPU, for on-the-fly
     augmentation) convert d to 2θ by Bragg's law (λ = 2 d sin θ) and broaden each peak by a pseudo-Voigt of
     a given full width at half maximum (degrees 2θ); a peak contributes nothing further than
-    :data:`CUTOFF_FWHM` FWHMs from its centre.
+    :data:`CUTOFF_FWHM` FWHMs from its centre.  The torch one draws through the project's one renderer,
+    :func:`mmmat.data.profile.render_lines`; the numpy one is kept for shard building and plots (no torch),
+    and a test checks that the two agree.
 
 Measured patterns
     The readers are in :mod:`mmmat.io` (:func:`mmmat.io.read_pattern` reads every supported format into a
