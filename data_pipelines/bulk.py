@@ -29,7 +29,6 @@ import bz2
 import gzip
 import io
 import logging
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -62,23 +61,27 @@ def lookup(record: Any, field: str) -> Any:
     return cur
 
 
-def _number(value: Any) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return f if math.isfinite(f) else math.nan
+def _properties(get: Any, fields: Mapping[str, str], n_atoms: int, energy: Any) -> dict[str, Any]:
+    """Named properties from ``get(field)``; ``energy_per_atom`` falls back to ``energy / n_atoms``.
 
-
-def _properties(get: Any, fields: Mapping[str, str], n_atoms: int, energy: Any) -> dict[str, float]:
-    """Named properties from ``get(field)``; ``energy_per_atom`` falls back to ``energy / n_atoms``."""
+    Values are kept as found: the record builder turns a missing or non-numeric one into NaN.
+    """
     out = {}
     for name, field in fields.items():
         value = get(field)
         if value is None and field == "energy_per_atom" and energy is not None and n_atoms:
-            value = _number(energy) / n_atoms
-        out[name] = _number(value)
+            try:
+                value = float(energy) / n_atoms
+            except (TypeError, ValueError):
+                value = None
+        out[name] = value
     return out
+
+
+def _record_id(get: Any, id_field: str | None, default: str) -> str:
+    """The record's id: ``get(id_field)``, else the first of :data:`ID_FIELDS` it has, else ``default``."""
+    found = get(id_field) if id_field else next((v for f in ID_FIELDS if (v := get(f)) is not None), None)
+    return str(found) if found is not None else default
 
 
 def _parse_fields(properties: Mapping[str, str] | None) -> dict[str, str]:
@@ -216,8 +219,7 @@ def load_extxyz(
         info = dict(atoms.info)
         results = dict(atoms.calc.results) if atoms.calc is not None else {}
         merged = {**results, **info}
-        rid = str(lookup(merged, id_field) if id_field else next(
-            (v for f in ID_FIELDS if (v := lookup(merged, f)) is not None), rid))
+        rid = _record_id(lambda f, m=merged: lookup(m, f), id_field, rid)
         try:
             structure = structure_from_atoms(atoms, f"{p.name} line {line}")
         except InputError as exc:
@@ -264,8 +266,7 @@ def load_asedb(
                 except Exception:  # noqa: BLE001 - a row property that cannot be computed is absent
                     return None
 
-            rid = str(get(id_field) if id_field else next(
-                (v for f in ID_FIELDS if (v := get(f)) is not None), f"row-{row.id}"))
+            rid = _record_id(get, id_field, f"row-{row.id}")
             ids = {"file": p.name, "row": str(row.id)}
             split = _split_of(rid, get("split"))
             try:
@@ -359,9 +360,7 @@ def load_entries(
             rows.append((_split_of(rid, None), RawRow(rid, source_ids=ids, error=f"{p.name} entry {k}: not an "
                                                                                 f"object")))
             continue
-        found = lookup(entry, id_field) if id_field else next(
-            (v for f in ID_FIELDS if (v := lookup(entry, f)) is not None), None)
-        rid = str(found) if found is not None else rid
+        rid = _record_id(lambda f, e=entry: lookup(e, f), id_field, rid)
         split = _split_of(rid, lookup(entry, "data.split"))
         sdict = entry.get("structure")
         try:
@@ -374,7 +373,10 @@ def load_entries(
             continue
         energy = entry.get("energy")
         if energy is not None and entry.get("correction") is not None:
-            energy = _number(energy) + _number(entry.get("correction"))
+            try:
+                energy = float(energy) + float(entry["correction"])
+            except (TypeError, ValueError):
+                energy = None
         props = _properties(lambda f, e=entry: lookup(e, f), fields, len(structure), energy)
         rows.append((split, _structure_row(structure, rid, props, ids)))
     return _finish("entries", rows, fields, limit, {"file": str(p), "properties": fields})

@@ -47,7 +47,11 @@ def test_extxyz_frames_fields_and_a_bad_frame(tmp_path, nacl, gan):
     assert rows["m-nacl"].error is None and rows["m-gan"].error is None
     assert rows["m-nacl"].properties["band_gap"] == pytest.approx(5.1)
     assert rows["m-nacl"].properties["energy_per_atom"] == pytest.approx(-27.0 / len(nacl))
-    assert math.isnan(rows["m-gan"].properties["energy_per_atom"])  # no energy: NaN, the record is kept
+    assert rows["m-gan"].properties["energy_per_atom"] is None  # no energy: NaN in the record, which is kept
+    from data_pipelines.base import BuildOptions, Joins, make_record
+
+    rec, _ = make_record(rows["m-gan"], "train", Joins(), BuildOptions(xrd=False, image=False, describe=False))
+    assert math.isnan(rec.properties["energy_per_atom"]) and rec.properties["band_gap"] == pytest.approx(2.0)
     bad_rows = [r for r in rows.values() if r.error]
     assert len(bad_rows) == 2 and data.info["records_unusable"] == 2
     assert any("expected an atom count" in r.error for r in bad_rows)
