@@ -114,7 +114,6 @@ def render_lines(
     out = torch.zeros(num_rows * n, dtype=dtype, device=device)
     if m == 0 or n == 0 or num_rows == 0:
         return out.view(num_rows, n)
-    min_step = float((grid[1:] - grid[:-1]).min()) if n > 1 else 1.0
 
     def add(sl: Any, w: int) -> None:
         p, c = pos[sl], cut[sl]
@@ -143,6 +142,7 @@ def render_lines(
         sel = torch.nonzero(keep).reshape(-1)
         if sel.numel() == 0:
             return out.view(num_rows, n)
+        min_step = float((grid[1:] - grid[:-1]).min()) if n > 1 else 1.0
         widths = torch.ceil(2.0 * cut[sel] / min_step).long() + 2
         order = torch.argsort(widths)
         sel, widths = sel[order], widths[order]
