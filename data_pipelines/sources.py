@@ -1,4 +1,7 @@
-"""The data sources that ``mmmat data build`` knows: mp20, perov5, carbon24, generic and builtin."""
+"""The data sources that ``mmmat data build`` knows: mp20, perov5, carbon24, generic and builtin.
+
+The large-file sources (extxyz, asedb, entries) live in :mod:`data_pipelines.bulk`, registered on import here.
+"""
 
 from __future__ import annotations
 
@@ -253,3 +256,6 @@ def load_builtin(root: str | Path | None = None, limit: int | None = None, joins
         ["density", "volume_per_atom", "num_atoms"],
         {"origin": "pymatgen.analysis.prototypes.AFLOW_PROTOTYPE_LIBRARY"},
     )
+
+
+import data_pipelines.bulk  # noqa: E402, F401  (registers extxyz, asedb and entries)

@@ -72,8 +72,10 @@ def _console() -> Any:
 
 @data_app.command("build")
 def data_build(
-    source: str = typer.Argument(..., help="Source name: mp20, perov5, carbon24, generic, builtin."),
-    root: Path | None = typer.Option(None, help="Raw data: a folder (mp20: ../shared/data/mp_20) or CSV."),
+    source: str = typer.Argument(
+        ..., help="Source name: mp20, perov5, carbon24, generic, builtin, extxyz, asedb (.db), entries "
+        "(ComputedStructureEntry .json/.json.gz/.json.bz2)."),
+    root: Path | None = typer.Option(None, help="Raw data: a folder (mp20: ../shared/data/mp_20), CSV or file."),
     out: Path = typer.Option(..., help="Output folder for shards and manifest.json."),
     workers: int = typer.Option(1, help="Worker processes."),
     limit: int | None = typer.Option(None, help="At most this many rows in EACH split (train, val, test)."),
@@ -83,6 +85,10 @@ def data_build(
     describe: bool = typer.Option(True, help="Generated descriptions where no literature text exists."),
     joins: bool | None = typer.Option(None, help="Join recipes and literature from folders beside --root."),
     max_atoms: int = typer.Option(0, help="Skip (and report) structures with more atoms (0 = no limit)."),
+    prop: list[str] = typer.Option(
+        [], "--property", help="extxyz/asedb/entries: NAME=FIELD, a property from a named (dotted) field of each "
+        "record, e.g. band_gap=data.band_gap (repeatable)."),
+    id_field: str | None = typer.Option(None, help="extxyz/asedb/entries: the field holding each record's id."),
 ) -> None:
     """Build webdataset shards (one sample per material) and manifest.json; resumable."""
     from data_pipelines.base import BuildOptions, get_source
@@ -100,7 +106,21 @@ def data_build(
         _fail(f"--limit must be at least 1 (rows per split; leave it out for every row), got {limit}")
     if workers < 1 or shard_size < 1 or max_atoms < 0:
         _fail("--workers and --shard-size must be at least 1, --max-atoms at least 0")
-    kw = {} if joins is None else {"joins": joins}
+    kw: dict[str, Any] = {} if joins is None else {"joins": joins}
+    fields: dict[str, str] = {}
+    for item in prop:
+        name, sep, field = item.partition("=")
+        if not sep or not name.strip() or not field.strip():
+            _fail(f"--property {item!r} must be NAME=FIELD")
+        fields[name.strip()] = field.strip()
+    import inspect
+
+    accepts = inspect.signature(loader).parameters
+    for flag, key, value in (("--property", "properties", fields), ("--id-field", "id_field", id_field)):
+        if value:
+            if key not in accepts:
+                _fail(f"{flag} is for the extxyz, asedb and entries sources, not {source!r}")
+            kw[key] = value
     try:
         data = loader(root, limit=limit, **kw)
     except (FileNotFoundError, ValueError) as exc:
@@ -111,6 +131,8 @@ def data_build(
     cmd = f"mmmat data build {source} --out {shlex.quote(str(out))} --workers {workers} --shard-size {shard_size}"
     cmd += f" --root {shlex.quote(str(root))}" if root is not None else ""
     cmd += f" --limit {limit}" if limit else ""
+    cmd += "".join(f" --property {shlex.quote(f'{k}={v}')}" for k, v in fields.items())
+    cmd += f" --id-field {shlex.quote(id_field)}" if id_field else ""
     cmd += "".join(f" --no-{k}" for k, v in (("xrd", xrd), ("image", image), ("describe", describe)) if not v)
     manifest = build_shards(data, out, workers=workers, shard_size=shard_size, options=opts, command=cmd)
     _print_summary(manifest, out)
@@ -209,11 +231,11 @@ app.add_typer(index_app, name="index")
 
 def _retrieval_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a retrieval function; its input errors become a clear message and exit code 2."""
-    from mmmat.retrieval import RetrievalError
+    from mmmat.io import InputError
 
     try:
         return fn(*args, **kwargs)
-    except RetrievalError as exc:
+    except InputError as exc:
         _fail(str(exc))
 
 
@@ -619,8 +641,10 @@ def predict(
     except (RecordError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     t = Table()
+    units = df.attrs.get("units", {})
     for col in df.columns:
-        t.add_column(str(col), justify="right" if df[col].dtype.kind in "fi" else "left")
+        head = f"{col} ({units[col]})" if units.get(col) else str(col)
+        t.add_column(head, justify="right" if df[col].dtype.kind in "fi" else "left")
     for row in df.itertuples(index=False):
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     c = _console()
@@ -718,13 +742,13 @@ def plot_overlay(
         if not p.is_file():
             _fail(f"{name} {p} not found")
     from mmmat.data.xrd import CU_KA
+    from mmmat.io import InputError, read_pattern, read_structure
     from mmmat.plots import pattern_overlay_plot
-    from mmmat.web.readers import ReadError, read_pattern_file, read_structure_file
 
     try:
-        pat = read_pattern_file(pattern, wavelength)
-        s = read_structure_file(cif)
-    except ReadError as exc:
+        pat = read_pattern(pattern, wavelength)
+        s = read_structure(cif, ordered=True)
+    except InputError as exc:
         _fail(str(exc))
     lam = float(pat.wavelength or CU_KA)
     pattern_overlay_plot(pat.two_theta, pat.intensity, lam, s, out, s.composition.reduced_formula, pattern.name)
@@ -757,8 +781,9 @@ def generate(
     """Generate crystals (de novo or for a composition), optionally conditioned on a pattern, text, image, targets."""
     from rich.progress import Progress
 
-    from mmmat.generative.api import GenerationError, load_generator, write_samples
     from mmmat.generative.api import generate as run_generate
+    from mmmat.generative.api import load_generator, write_samples
+    from mmmat.io import InputError
 
     if n < 1:
         _fail("-n must be at least 1")
@@ -785,12 +810,8 @@ def generate(
                 seed=seed, steps=steps, guidance=guidance, coord_anneal=coord_anneal, batch_size=batch_size,
                 wavelength=wavelength, progress=lambda k: bar.update(task, completed=k), condition=cond,
             )
-    except (GenerationError, FileNotFoundError) as exc:
+    except (InputError, FileNotFoundError) as exc:  # GenerationError and the readers' errors are InputErrors
         _fail(str(exc))
-    except Exception as exc:  # inputs the retrieval readers reject (RetrievalError) name the file
-        if type(exc).__name__ == "RetrievalError":
-            _fail(str(exc))
-        raise
     write_samples(structures, out, info)
     built = sum(s is not None for s in structures)
     g = info["generation"]
@@ -970,7 +991,7 @@ def serve(
         import dash  # noqa: F401
     except ImportError:
         _fail("`mmmat serve` needs Dash: pip install 'dash>=2.17'")
-    from mmmat.retrieval import RetrievalError
+    from mmmat.io import InputError
     from mmmat.web.app import serve as run_server
 
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -980,7 +1001,7 @@ def serve(
                f"uploads up to {max_upload_mb:g} MB go to a private temporary folder removed at exit")
     try:
         run_server(index, model, design_runs, generator, host=host, port=port, max_upload_mb=max_upload_mb)
-    except RetrievalError as exc:
+    except InputError as exc:
         _fail(str(exc))
 
 

@@ -29,7 +29,18 @@ Patterns
     or ``.xy``.
 
 Structures
-    :func:`read_structure` reads CIF, POSCAR/CONTCAR, extxyz and the other formats pymatgen or ASE read.
+    :func:`read_structure` reads CIF (a file or CIF text), POSCAR/CONTCAR, extxyz and the other formats
+    pymatgen or ASE read; :func:`read_structures` every frame of a multi-structure file.
+
+Images and texts
+    :func:`read_image` reads an image (Pillow formats, ``.npy``) as a square uint8 grayscale array;
+    :func:`read_text` a query sentence (the string itself, or a ``.txt``/``.md`` file).
+
+Model inputs
+    :func:`read_xrd_profile` puts a pattern on the model's 2θ grid (Cu Kα, background removed).
+
+Shards
+    :func:`find_shards` is the one place that finds the splits of a shard folder and their ``shard-*.tar``.
 """
 
 from __future__ import annotations
@@ -53,6 +64,10 @@ PATTERN_SUFFIXES: tuple[str, ...] = (
 )
 #: Suffixes :func:`read_structure` reads (plus any file name pymatgen recognises, such as ``POSCAR``).
 STRUCTURE_SUFFIXES: tuple[str, ...] = (".cif", ".vasp", ".poscar", ".extxyz", ".xyz", ".json", ".cssr", ".xsf")
+#: Suffixes :func:`read_image` reads.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".npy")
+#: Suffixes :func:`read_text` reads as a file (any other string is the text itself).
+TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".md")
 
 
 class InputError(ValueError):
@@ -729,8 +744,86 @@ def read_pattern(path: str | os.PathLike[str], wavelength: float | None = None) 
 
 
 # ====================================================================== structures
-def read_structure(path: str | os.PathLike[str]) -> Any:
+def _is_text(value: Any) -> bool:
+    """Whether a string argument is file content (it holds a newline) rather than a path."""
+    return isinstance(value, str) and ("\n" in value or "\r" in value)
+
+
+def _checked(structure: Any, name: str, ordered: bool) -> Any:
+    """``structure`` after the checks every reader applies (atoms present; ordered sites when asked)."""
+    if len(structure) == 0:
+        raise InputError(f"{name}: empty structure (no atoms)")
+    if ordered and not structure.is_ordered:
+        from mmmat.data.schema import order_policy_message
+
+        raise InputError(order_policy_message(name))
+    return structure
+
+
+def parse_cif_text(text: str, name: str = "<CIF text>") -> Any:
+    """The first structure of CIF text (pymatgen's ``CifParser``, conventional cell); InputError names ``name``."""
+    from pymatgen.io.cif import CifParser
+
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{name}: empty CIF")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            structures = CifParser.from_str(text).parse_structures(primitive=False)
+    except Exception as exc:  # pymatgen raises many types on bad CIFs
+        raise InputError(f"{name}: malformed CIF ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not structures:
+        raise InputError(f"{name}: the CIF holds no structure")
+    return structures[0]
+
+
+def structure_from_atoms(atoms: Any, name: str = "<atoms>") -> Any:
+    """An ASE ``Atoms`` as a pymatgen ``Structure``.
+
+    Raises:
+        InputError: no atoms, no periodic direction or no 3-D cell (the message names ``name``).
+
+    """
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if len(atoms) == 0:
+        raise InputError(f"{name}: empty structure (no atoms)")
+    if not atoms.pbc.any() or atoms.cell.rank < 3:
+        raise InputError(f"{name}: not a periodic crystal (no 3-D cell)")
+    try:
+        return AseAtomsAdaptor.get_structure(atoms)
+    except Exception as exc:  # pymatgen raises many types on odd frames
+        raise InputError(f"{name}: not a crystal ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def read_atoms(path: str | os.PathLike[str], index: Any = ":", format: str | None = None) -> list[Any]:
+    """ASE ``Atoms`` frames of a file (extxyz and the other formats ASE reads), ``info`` and arrays kept.
+
+    Raises:
+        InputError: missing or unreadable file (the message names it).
+
+    """
+    import ase.io
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: structure file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames = ase.io.read(str(p), index=index, format=format)
+    except Exception as exc:  # ASE raises many types on a bad file
+        raise InputError(f"{p}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return frames if isinstance(frames, list) else [frames]
+
+
+def read_structure(path: str | os.PathLike[str], ordered: bool = False) -> Any:
     """Read a crystal structure (CIF, POSCAR/CONTCAR, extxyz, ... through pymatgen, else ASE).
+
+    Args:
+        path: A file path, or CIF text itself (any string holding a newline).
+        ordered: Refuse a structure with partial occupancies (the message states the project's policy,
+            :func:`mmmat.data.schema.order_policy_message`).
 
     Returns:
         A pymatgen ``Structure`` (the first one of a multi-structure file).
@@ -741,34 +834,203 @@ def read_structure(path: str | os.PathLike[str]) -> Any:
     """
     from pymatgen.core import Structure
 
+    if _is_text(path):
+        return _checked(parse_cif_text(str(path), "<CIF text>"), "<CIF text>", ordered)
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: structure file not found")
+    if p.suffix.lower() in (".cif", ".mcif"):
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise InputError(f"{p}: cannot read ({exc})") from None
+        return _checked(parse_cif_text(text, str(p)), str(p), ordered)
     problems = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if p.suffix.lower() not in (".extxyz", ".xyz"):
             try:
-                s = Structure.from_file(str(p))
-                if len(s) == 0:
-                    raise InputError(f"{p}: empty structure")
-                return s
+                return _checked(Structure.from_file(str(p)), str(p), ordered)
             except InputError:
                 raise
             except Exception as exc:  # pymatgen raises many types on bad files
                 problems.append(f"pymatgen: {type(exc).__name__}: {str(exc)[:160]}")
         try:
-            import ase.io
-            from pymatgen.io.ase import AseAtomsAdaptor
-
-            atoms = ase.io.read(str(p), index=0)
-            if not atoms.pbc.any() or atoms.cell.rank < 3 or len(atoms) == 0:
-                raise InputError(f"{p}: not a periodic crystal (no 3-D cell)")
-            return AseAtomsAdaptor.get_structure(atoms)
-        except InputError:
-            raise
-        except Exception as exc:  # ASE raises many types on bad files
-            problems.append(f"ASE: {type(exc).__name__}: {str(exc)[:160]}")
+            return _checked(structure_from_atoms(read_atoms(p, 0)[0], str(p)), str(p), ordered)
+        except InputError as exc:
+            if p.suffix.lower() in (".extxyz", ".xyz") or "periodic" in str(exc) or "empty" in str(exc):
+                raise
+            problems.append(f"ASE: {str(exc).removeprefix(f'{p}: ')}")
     raise InputError(f"{p}: not a readable structure ({'; '.join(problems)})")
 
 
+def read_structures(path: str | os.PathLike[str]) -> list[Any]:
+    """Every structure of a file: each frame of an extxyz (or other ASE trajectory), else :func:`read_structure`.
+
+    Raises:
+        InputError: missing or unreadable file, or a frame that is not a 3-D crystal (the message names the
+            file and the frame).
+
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: structure file not found")
+    if p.suffix.lower() not in (".extxyz", ".xyz"):
+        return [read_structure(p)]
+    frames = read_atoms(p)
+    return [structure_from_atoms(a, f"{p} (frame {k})" if len(frames) > 1 else str(p)) for k, a in enumerate(frames)]
+
+
+# ====================================================================== images and texts
+def read_image(image: str | os.PathLike[str] | np.ndarray, size: int = 64) -> np.ndarray:
+    """An image file (Pillow formats or ``.npy``) or array as a (size, size) uint8 grayscale array.
+
+    Colour is reduced to luminance (ITU-R 601); 16-bit and float images are scaled from their own minimum
+    and maximum to 0-255; other sizes are resized (bilinear).
+
+    Raises:
+        InputError: missing or unreadable file, not a 2-D image, NaN or infinite values (names the file).
+
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = "<array>"
+    if isinstance(image, np.ndarray):
+        arr = image
+    else:
+        p = Path(image)
+        name = str(p)
+        if not p.is_file():
+            raise InputError(f"image file {p} not found")
+        try:
+            if p.suffix.lower() == ".npy":
+                arr = np.load(p, allow_pickle=False)
+            else:
+                with Image.open(p) as img:
+                    img.load()
+                    if img.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "PA"):
+                        img = img.convert("L")
+                    arr = np.asarray(img)
+        except (UnidentifiedImageError, ValueError, OSError) as exc:
+            raise InputError(f"{name}: not a readable image ({exc})") from None
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # channels first
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour: ITU-R 601 luminance
+        was_uint8 = arr.dtype == np.uint8
+        arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        if was_uint8:
+            arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+    if arr.ndim != 2 or min(arr.shape) < 2:
+        raise InputError(f"{name}: expected a 2-D grayscale or colour image, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        a = arr.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise InputError(f"{name}: image holds NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        scaled = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros(a.shape)
+        arr = np.round(scaled).astype(np.uint8)
+    if arr.shape != (size, size):
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
+    return np.array(arr, dtype=np.uint8, order="C")
+
+
+def read_text(value: str | os.PathLike[str]) -> str:
+    """A query sentence: the string itself, or the content of a ``.txt``/``.md`` file it names.
+
+    Raises:
+        InputError: empty text, or an unreadable file.
+
+    """
+    named_file = isinstance(value, str) and not _is_text(value) and value.lower().endswith(TEXT_SUFFIXES)
+    if isinstance(value, os.PathLike) or (named_file and Path(value).is_file()):
+        try:
+            value = Path(value).read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise InputError(f"{value}: cannot read ({exc})") from None
+    if not isinstance(value, str) or not value.strip():
+        raise InputError("empty text: give a sentence to search with")
+    return value.strip()
+
+
+# ====================================================================== model inputs
+def read_xrd_profile(pattern: Pattern | str | os.PathLike[str], wavelength: float | None = None) -> np.ndarray:
+    """A measured pattern (a :class:`Pattern` or a file for :func:`read_pattern`) on the model's 2θ grid.
+
+    The grid is :data:`mmmat.data.xrd.TWO_THETA` (5-90° 2θ for Cu Kα); :func:`mmmat.data.xrd.resample`
+    converts through d-spacing, removes the background and max-normalises.
+
+    Returns:
+        (1701,) float32 profile.
+
+    Raises:
+        InputError: unreadable file, or no part of the pattern on the grid above its background.
+
+    """
+    from mmmat.data.xrd import resample
+
+    pat = pattern if isinstance(pattern, Pattern) else read_pattern(pattern, wavelength=wavelength)
+    profile = resample(pat)
+    if not profile.any():
+        raise InputError(
+            f"{pat.source}: no part of the pattern falls on the model's grid (5-90° 2θ, Cu Kα) above its "
+            "background"
+        )
+    return profile
+
+
+# ====================================================================== shards
+class ShardsNotFoundError(InputError, FileNotFoundError):
+    """A shard folder, or a split of it, that holds no ``shard-*.tar`` (also a ``FileNotFoundError``)."""
+
+
+def find_shards(shard_dir: str | os.PathLike[str], splits: str | Any = None) -> dict[str, list[str]]:
+    """The splits of a shard folder written by ``mmmat data build`` and their shard paths, in order.
+
+    Splits are ``<shard_dir>/<split>/shard-*.tar``.  Without ``splits``, the folder's ``manifest.json``
+    names them (in its order; splits it names without shards on disk are left out); without a readable
+    manifest, every sub-folder holding shards does, sorted by name.
+
+    Args:
+        shard_dir: The folder.
+        splits: A split name, a comma-separated list, or a sequence of names; None for all.
+
+    Returns:
+        ``{split: [shard path, ...]}`` (paths sorted by name).
+
+    Raises:
+        ShardsNotFoundError: the folder is missing, holds no shards, or a named split holds none.
+
+    """
+    import json
+
+    d = Path(shard_dir)
+    if not d.is_dir():
+        raise ShardsNotFoundError(f"shard folder {d} not found")
+
+    def shards_of(name: str) -> list[str]:
+        return sorted(str(p) for p in (d / name).glob("shard-*.tar"))
+
+    if splits:
+        names = [s.strip() for s in splits.split(",") if s.strip()] if isinstance(splits, str) else list(splits)
+        out = {}
+        for name in names:
+            out[name] = shards_of(name)
+            if not out[name]:
+                raise ShardsNotFoundError(f"no shards for split {name!r} under {d}")
+        return out
+    names = []
+    manifest = d / "manifest.json"
+    if manifest.is_file():
+        try:
+            names = list(json.loads(manifest.read_text())["splits"])
+        except (OSError, ValueError, KeyError, TypeError):
+            names = []
+    if not names:
+        names = sorted(p.name for p in d.iterdir() if p.is_dir())
+    out = {name: found for name in names if (found := shards_of(name))}
+    if not out:
+        raise ShardsNotFoundError(f"{d} holds no shards (expected <split>/shard-*.tar from `mmmat data build`)")
+    return out

@@ -106,21 +106,21 @@ def test_assets_are_served_locally(app):
 
 def test_search_by_pattern_text_and_image(app, env, tmp_path):
     from mmmat.data.xrd import TWO_THETA
-    from mmmat.web.readers import read_pattern_file
+    from mmmat.io import read_pattern
 
     ctx = app.mmmat
     rec = list(env["records"].values())[3]
     p = tmp_path / "scan.xy"
     np.savetxt(p, np.c_[TWO_THETA, rec.xrd.astype(float) * 1000 + 5])
-    hits = ctx.search("xrd", read_pattern_file(p), 5)  # an untrained model: ranks mean nothing, the path works
+    hits = ctx.search("xrd", read_pattern(p), 5)  # an untrained model: ranks mean nothing, the path works
     assert len(hits) == 5 and hits["similarity"].is_monotonic_decreasing
     assert len(ctx.search("text", "a cubic oxide", 4)) == 4
     assert len(ctx.search("image", rec.image, 4)) == 4
 
 
 def test_structure_and_overlay_figures(env):
+    from mmmat.io import Pattern
     from mmmat.web import figures as F
-    from mmmat.web.readers import QueryPattern
 
     s = next(iter(env["records"].values())).to_structure()
     fig = F.structure_figure(s, "x")
@@ -133,7 +133,7 @@ def test_structure_and_overlay_figures(env):
     d_cu = 1.54184 / (2 * np.sin(np.radians(tt[np.argmax(cu)] / 2)))
     d_mo = 0.7093 / (2 * np.sin(np.radians(tt_mo[np.argmax(mo)] / 2)))
     assert cu.max() == pytest.approx(1.0) and d_cu == pytest.approx(d_mo, abs=0.01)  # the same d at Mo Kα
-    fig = F.pattern_overlay_figure(QueryPattern(tt, cu * 100, 1.54184, "m"), s, "x")
+    fig = F.pattern_overlay_figure(Pattern(tt, cu * 100, 1.54184, source="m"), s, "x")
     assert len(fig.data) == 2
 
 
@@ -150,12 +150,12 @@ def test_design_run_tables(app):
     assert len(run["rounds"]) == 3 and run["guards"]["duplicate"] == 3 and run["guards"]["single_element"] == 3
     assert len(run["ledger"]) == 12 and "e_hull_chgnet" in run["ledger"]
     assert set(run["hits"]["cif"]).issubset({f"hits/c{i}.cif" for i in range(12)})
+    from mmmat.io import InputError
     from mmmat.web.context import run_file
-    from mmmat.web.readers import ReadError
 
-    with pytest.raises(ReadError, match="inside the run folder"):
+    with pytest.raises(InputError, match="inside the run folder"):
         run_file(run["run"], "../../etc/passwd")
-    with pytest.raises(ReadError, match="no design run"):
+    with pytest.raises(InputError, match="no design run"):
         app.mmmat.design_run("../run_a")
 
 

@@ -138,12 +138,15 @@ def count_samples(urls: Sequence[str], sizes: dict[str, int]) -> int:
 
 
 def split_shards(shard_dir: str | Path, split: str) -> list[str]:
-    """Shard paths of one split of a folder written by ``mmmat data build``."""
-    d = Path(shard_dir) / split
-    shards = sorted(str(p) for p in d.glob("shard-*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"no shards for split {split!r} under {shard_dir}")
-    return shards
+    """Shard paths of one split of a folder written by ``mmmat data build`` (:func:`mmmat.io.find_shards`).
+
+    Raises:
+        mmmat.io.ShardsNotFoundError: (a ``FileNotFoundError``) the split holds no shards.
+
+    """
+    from mmmat.io import find_shards
+
+    return find_shards(shard_dir, [split])[split]
 
 
 def decode(sample: dict[str, Any]) -> MaterialRecord:

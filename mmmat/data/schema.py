@@ -374,23 +374,13 @@ def order_structure(structure: Any, max_supercell: int = 8, name: str = "?") -> 
 
 
 def parse_cif(cif: str, record_id: str = "?") -> Any:
-    """Parse CIF text into a pymatgen ``Structure``; any failure raises :class:`RecordError`."""
-    import warnings
+    """Parse CIF text into a pymatgen ``Structure`` (:func:`mmmat.io.parse_cif_text`); failures raise RecordError."""
+    from mmmat.io import InputError, parse_cif_text
 
-    from pymatgen.io.cif import CifParser
-
-    if not isinstance(cif, str) or not cif.strip():
-        raise RecordError(record_id, "empty CIF")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            parser = CifParser.from_str(cif)
-            structures = parser.parse_structures(primitive=False)
-    except Exception as exc:  # pymatgen raises many types on bad CIFs
-        raise RecordError(record_id, f"malformed CIF ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not structures:
-        raise RecordError(record_id, "CIF holds no structure")
-    return structures[0]
+        return parse_cif_text(cif, record_id)
+    except InputError as exc:
+        raise RecordError(record_id, str(exc).removeprefix(f"{record_id}: ")) from None
 
 
 def sample_key(material_id: str) -> str:

@@ -19,7 +19,9 @@ Rendering
     :func:`render_profile` (numpy) and :func:`render_profile_torch` (batched, CPU or GPU, for on-the-fly
     augmentation) convert d to 2θ by Bragg's law (λ = 2 d sin θ) and broaden each peak by a pseudo-Voigt of
     a given full width at half maximum (degrees 2θ); a peak contributes nothing further than
-    :data:`CUTOFF_FWHM` FWHMs from its centre.
+    :data:`CUTOFF_FWHM` FWHMs from its centre.  The torch one draws through the project's one renderer,
+    :func:`mmmat.data.profile.render_lines`; the numpy one is kept for shard building and plots (no torch),
+    and a test checks that the two agree.
 
 Measured patterns
     The readers are in :mod:`mmmat.io` (:func:`mmmat.io.read_pattern` reads every supported format into a
@@ -233,6 +235,8 @@ def render_profile_torch(
 ) -> Any:
     """Batched, differentiable-in-intensity profile rendering in torch (CPU or GPU), for augmentation.
 
+    Padded peak tables through the one renderer, :func:`mmmat.data.profile.render_lines`.
+
     Args:
         d: (B, P) d-spacings in Å, padded.
         intensity: (B, P) relative intensities, padded.
@@ -253,6 +257,8 @@ def render_profile_torch(
     """
     import torch
 
+    from mmmat.data.profile import render_lines
+
     dtype = d.dtype if d.is_floating_point() else torch.float32
     device = d.device
     if grid is None:
@@ -265,7 +271,6 @@ def render_profile_torch(
         grid_np = np.asarray(grid, dtype=np.float64)
         grid_t = torch.as_tensor(grid_np, dtype=dtype, device=device)
         min_step = float(np.diff(grid_np).min()) if grid_np.size > 1 else 1.0
-    n = grid_t.shape[0]
 
     d = d.to(dtype)
     batch = d.shape[0]
@@ -287,45 +292,34 @@ def render_profile_torch(
     else:
         fw = torch.full((batch,), float(fwhm), dtype=dtype, device=device)
         max_fwhm = float(fwhm)
-    fw = fw.reshape(batch, 1, 1)
-    cut = CUTOFF_FWHM * fw
     width = int(math.floor(2.0 * CUTOFF_FWHM * max_fwhm / min_step)) + 2
-
-    lo = torch.searchsorted(grid_t, (pos - cut[:, :, 0]).contiguous())  # (B, P)
-    idx = lo.unsqueeze(-1) + torch.arange(width, device=device)  # (B, P, W)
-    idx_c = idx.clamp(max=n - 1)
-    x = grid_t[idx_c] - pos.unsqueeze(-1)
-    valid = (idx < n) & (x.abs() <= cut) & ok.unsqueeze(-1)
-    values = intensity.unsqueeze(-1) * _pseudo_voigt(x, fw, eta)
-    values = torch.where(valid, values, torch.zeros((), dtype=dtype, device=device))
-    out = torch.zeros(batch, n, dtype=dtype, device=device)
-    out = out.scatter_add(1, idx_c.reshape(batch, -1), values.reshape(batch, -1))
+    owner = torch.arange(batch, device=device).reshape(-1, 1).expand_as(pos)
+    out = render_lines(pos, intensity, fw.reshape(batch, 1).expand_as(pos), owner, batch, grid_t, eta=eta,
+                       valid=ok, max_width=width)
     top = out.amax(dim=1, keepdim=True)
     return torch.where(top > 0, out / top.clamp_min(torch.finfo(dtype).tiny), out)
 
 
 # ====================================================================== resampling
-def _rolling(values: np.ndarray, window: int, reducer: Any) -> np.ndarray:
-    """Centred rolling min/max/mean over ``window`` points (edges padded with the edge value)."""
-    half = window // 2
-    padded = np.pad(values, (half, half), mode="edge")
-    return reducer(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
-
-
 def estimate_background(two_theta: np.ndarray, intensity: np.ndarray, window: float = 4.0) -> np.ndarray:
     """Slowly varying background under a pattern.
 
     A morphological opening (rolling minimum, then rolling maximum) over ``window`` degrees 2θ, which
     removes every feature narrower than the window (the Bragg peaks) and never exceeds the data, then a
     rolling mean over half the window to smooth its corners.  The window is turned into a number of points
-    through the median 2θ step.
+    through the median 2θ step.  Computed by :func:`mmmat.data.profile.background` (the one estimator; the
+    model's :func:`mmmat.encoders.spectrum.remove_background_torch` uses it too).
     """
+    import torch
+
+    from mmmat.data.profile import background
+
     if window <= 0 or intensity.size < 3:
         return np.zeros_like(intensity)
     step = float(np.median(np.diff(two_theta)))
     points = int(min(max(3, round(window / step)), 2 * (intensity.size // 2) - 1))
-    opened = _rolling(_rolling(intensity, points, np.min), points, np.max)
-    return _rolling(opened, max(3, points // 2), np.mean)
+    y = torch.from_numpy(np.ascontiguousarray(intensity, dtype=np.float64))[None]
+    return background(y, points)[0].numpy().astype(np.result_type(intensity.dtype, np.float32), copy=False)
 
 
 def resample(

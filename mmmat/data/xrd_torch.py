@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmmat.data.profile import render_lines
 from mmmat.data.xrd import (
     CU_KA,
     CUTOFF_FWHM,
@@ -57,7 +58,6 @@ from mmmat.data.xrd import (
     TWO_THETA,
     TWO_THETA_MAX,
     TWO_THETA_MIN,
-    _pseudo_voigt,
     _wavelength_value,
 )
 
@@ -320,8 +320,8 @@ def render_reflections_torch(
 ) -> Tensor:
     """Render ragged reflections as (num_crystals, L) profiles, each row max-normalised to 1.
 
-    The peak shape is :mod:`mmmat.data.xrd`'s pseudo-Voigt of unit height (``eta`` Lorentzian fraction),
-    scaled by the reflection's intensity, cut off beyond :data:`mmmat.data.xrd.CUTOFF_FWHM` FWHMs.
+    Drawn by :func:`mmmat.data.profile.render_lines`: a pseudo-Voigt of unit height (``eta`` Lorentzian
+    fraction), scaled by the reflection's intensity, cut off beyond :data:`mmmat.data.xrd.CUTOFF_FWHM` FWHMs.
 
     Args:
         refl: Reflections from :func:`reflections_torch`.
@@ -353,27 +353,9 @@ def render_reflections_torch(
         fw_all = torch.full((num_crystals,), float(fwhm), dtype=dtype, device=device)
         max_fwhm = float(fwhm)
     width = int(math.floor(2.0 * CUTOFF_FWHM * max_fwhm / min_step)) + 2
-
-    out = torch.zeros(num_crystals * n, dtype=dtype, device=device)
-    with torch.autocast(device_type=device.type, enabled=False):
-        p_count = int(refl.intensity.shape[0])
-        step = max(max_pairs // width, 1)
-        for r0 in range(0, p_count, step):
-            r1 = min(r0 + step, p_count)
-            pos = refl.two_theta[r0:r1]
-            cryst = refl.crystal[r0:r1]
-            fw = fw_all[cryst]
-            cut = CUTOFF_FWHM * fw
-            lo = torch.searchsorted(grid_t, (pos - cut).contiguous())
-            idx = lo.unsqueeze(-1) + torch.arange(width, device=device)
-            idx_c = idx.clamp(max=n - 1)
-            x = grid_t[idx_c] - pos.unsqueeze(-1)
-            valid = (idx < n) & (x.abs() <= cut.unsqueeze(-1))
-            values = refl.intensity[r0:r1].unsqueeze(-1) * _pseudo_voigt(x, fw.unsqueeze(-1), eta)
-            values = torch.where(valid, values, torch.zeros_like(values))
-            flat = cryst.unsqueeze(-1) * n + idx_c
-            out.index_add_(0, flat.reshape(-1), values.reshape(-1))
-    out = out.view(num_crystals, n)
+    out = render_lines(refl.two_theta, refl.intensity, fw_all[refl.crystal], refl.crystal, num_crystals, grid_t,
+                       eta=eta, valid=torch.ones_like(refl.crystal, dtype=torch.bool), max_width=width,
+                       max_pairs=max_pairs)
     top = out.amax(dim=1, keepdim=True) if n else out.new_zeros(num_crystals, 1)
     return torch.where(top > 0, out / top.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(out))
 

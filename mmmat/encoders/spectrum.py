@@ -127,14 +127,9 @@ def remove_background_torch(profile: torch.Tensor, window_points: int) -> torch.
         window_points: Opening window in grid points (at least 3).
 
     """
-    half = max(3, int(window_points)) // 2
-    x = profile.unsqueeze(1)
-    k = 2 * half + 1
-    low = -F.max_pool1d(F.pad(-x, (half, half), mode="replicate"), k, stride=1)
-    opened = F.max_pool1d(F.pad(low, (half, half), mode="replicate"), k, stride=1)
-    mhalf = max(3, int(window_points) // 2) // 2
-    background = F.avg_pool1d(F.pad(opened, (mhalf, mhalf), mode="replicate"), 2 * mhalf + 1, stride=1)
-    y = (x - background).clamp_min(0.0).squeeze(1)
+    from mmmat.data.profile import background
+
+    y = (profile - background(profile, max(3, int(window_points)))).clamp_min(0.0)
     top = y.amax(dim=1, keepdim=True)
     return torch.where(top > 0, y / top.clamp_min(1e-12), y)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from mmmat.evaluation.generation import (
     csp_match_details,
     evaluate_generated,
 )
+from mmmat.io import InputError, find_shards, read_atoms, read_structure, structure_from_atoms
 from mmmat.progress import note
 
 #: Name of the manifest of a generated folder.
@@ -43,47 +43,32 @@ MANIFEST_NAME = "manifest.json"
 EXTXYZ_NAME = "samples.extxyz"
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(InputError):
     """A generated folder or reference shard folder that cannot be evaluated (missing, empty, unreadable)."""
 
 
 # --------------------------------------------------------------------------------------------- reading
 def _read_cif(path: Path) -> tuple[Any, str | None]:
-    """``(Structure, None)`` or ``(None, reason)`` for one CIF file."""
-    from mmmat.data.schema import RecordError, parse_cif
-
+    """``(Structure, None)`` or ``(None, reason)`` for one CIF file (:func:`mmmat.io.read_structure`)."""
     try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return None, f"unreadable file ({exc})"
-    try:
-        return parse_cif(text, path.name), None
-    except RecordError as exc:
-        return None, exc.reason
+        return read_structure(path), None
+    except InputError as exc:
+        return None, str(exc).removeprefix(f"{path}: ")
 
 
 def _read_extxyz(path: Path) -> tuple[list, str | None]:
     """Every frame of an extended-XYZ file as ASE ``Atoms`` (``([], reason)`` when it cannot be read)."""
-    from ase.io import read
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            frames = read(str(path), index=":", format="extxyz")
-    except Exception as exc:  # noqa: BLE001 - ASE raises many types on a bad file
-        return [], f"unreadable extxyz ({type(exc).__name__}: {str(exc)[:200]})"
-    return list(frames), None
+        return read_atoms(path, ":", format="extxyz"), None
+    except InputError as exc:
+        return [], f"unreadable extxyz ({str(exc).removeprefix(f'{path}: ')})"
 
 
 def _atoms_to_structure(atoms: Any) -> tuple[Any, str | None]:
-    from pymatgen.io.ase import AseAtomsAdaptor
-
     try:
-        if not all(atoms.pbc) or abs(float(atoms.cell.volume)) <= 0:
-            return None, "frame has no periodic cell"
-        return AseAtomsAdaptor.get_structure(atoms), None
-    except Exception as exc:  # noqa: BLE001 - a frame pymatgen cannot take is an invalid sample
-        return None, f"bad extxyz frame ({type(exc).__name__}: {str(exc)[:200]})"
+        return structure_from_atoms(atoms, "frame"), None
+    except InputError as exc:
+        return None, f"bad extxyz {exc}"
 
 
 def read_generated(generated_dir: str | Path) -> tuple[list[Any], dict[str, Any]]:
@@ -198,32 +183,17 @@ def read_generated(generated_dir: str | Path) -> tuple[list[Any], dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------- reference
-def _split_names(shard_dir: Path) -> list[str]:
-    mpath = shard_dir / MANIFEST_NAME
-    if mpath.is_file():
-        try:
-            return list(json.loads(mpath.read_text())["splits"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    return sorted(p.name for p in shard_dir.iterdir() if p.is_dir() and any(p.glob("shard-*.tar")))
-
-
 def shard_splits(shard_dir: str | Path) -> list[str]:
-    """Names of the splits of a shard folder that hold shards.
+    """Names of the splits of a shard folder that hold shards (:func:`mmmat.io.find_shards`).
 
     Raises:
         EvaluationInputError: The folder is missing or holds no shards.
 
     """
-    d = Path(shard_dir)
-    if not d.is_dir():
-        raise EvaluationInputError(f"reference shard folder {d} not found")
-    names = [n for n in _split_names(d) if any((d / n).glob("shard-*.tar"))]
-    if not names:
-        raise EvaluationInputError(
-            f"{d} holds no shards (expected <split>/shard-*.tar from `mmmat data build`)"
-        )
-    return names
+    try:
+        return list(find_shards(shard_dir))
+    except InputError as exc:
+        raise EvaluationInputError(f"reference {exc}") from None
 
 
 def load_split_records(shard_dir: str | Path, splits: Sequence[str] | None = None) -> dict[str, list[Any]]:
@@ -233,12 +203,13 @@ def load_split_records(shard_dir: str | Path, splits: Sequence[str] | None = Non
         EvaluationInputError: The folder is missing or holds no shards.
 
     """
-    from mmmat.data.loader import load_records, split_shards
+    from mmmat.data.loader import load_records
 
-    have = shard_splits(shard_dir)
-    return {
-        n: load_records(split_shards(shard_dir, n)) for n in (have if splits is None else splits) if n in have
-    }
+    try:
+        have = find_shards(shard_dir)
+    except InputError as exc:
+        raise EvaluationInputError(f"reference {exc}") from None
+    return {n: load_records(urls) for n, urls in have.items() if splits is None or n in splits}
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from mmmat.generative.flow import CrystalFlow, to_structures
+from mmmat.io import InputError
 
 
-class GenerationError(ValueError):
-    """A generation request that cannot be served; the message says why."""
+class GenerationError(InputError):
+    """A generation request that cannot be served; the message says why (an :class:`mmmat.io.InputError`)."""
 
 
 @dataclass

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from mmmat.data.schema import MaterialRecord, RecordError, parse_cif
+from mmmat.data.schema import MaterialRecord, RecordError
+from mmmat.io import InputError, read_structure
 
 
 def _expand(files: Iterable[str | Path] | str | Path) -> list[Path]:
@@ -31,17 +32,17 @@ def _expand(files: Iterable[str | Path] | str | Path) -> list[Path]:
 
 
 def read_cif_file(path: str | Path, order: bool = False) -> MaterialRecord:
-    """Parse and validate one CIF file; a malformed file raises :class:`RecordError` naming the file.
+    """Read (:func:`mmmat.io.read_structure`) and validate one crystal file; a bad file raises :class:`RecordError`.
 
-    A disordered crystal (partial occupancies) is refused with :data:`~mmmat.data.schema.ORDER_POLICY`, or,
-    with ``order=True``, ordered by :func:`~mmmat.data.schema.order_structure`.
+    The message names the file.  A disordered crystal (partial occupancies) is refused with
+    :data:`~mmmat.data.schema.ORDER_POLICY`, or, with ``order=True``, ordered by
+    :func:`~mmmat.data.schema.order_structure`.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise RecordError(str(path), f"cannot read file ({exc})") from None
-    structure = parse_cif(text, str(path))
+        structure = read_structure(path)
+    except InputError as exc:
+        raise RecordError(str(path), str(exc).removeprefix(f"{path}: ")) from None
     if order and not structure.is_ordered:
         from mmmat.data.schema import order_structure
 
@@ -75,7 +76,8 @@ def predict_files(
     Returns:
         A pandas DataFrame with columns ``file``, ``formula`` (reduced), and per target ``<target>`` and
         ``<target>_std`` (regression, label units) or ``<target>`` (class index) and ``<target>_prob``
-        (classification), one row per file in input order.
+        (classification), one row per file in input order.  ``df.attrs["units"]`` maps each regression column
+        to its unit (from the model's config, ``""`` when unknown); ``df.attrs["failures"]`` lists skipped files.
 
     Raises:
         RecordError: A file is not a parsable CIF or holds an unusable crystal (the message names it).
@@ -109,6 +111,9 @@ def predict_files(
         table[extra] = pred[extra] if records else []
     df = pd.DataFrame(table)
     df.attrs["failures"] = failures
+    df.attrs["units"] = {
+        col: t.unit for t in model.targets if t.kind == "regression" for col in (t.name, f"{t.name}_std")
+    }
     if csv is not None:
         Path(csv).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(csv, index=False)

@@ -72,6 +72,9 @@ class Target:
         kind: ``regression`` or ``classification``.
         num_classes: Number of classes (classification only; labels are 0 .. num_classes - 1).
         weight: Weight of this target's loss in the sum over targets.
+        unit: Unit of the labels and predictions (regression), recorded in the model's ``config.json``; None
+            takes the project's unit for a known property name (:data:`mmmat.plots.PROPERTY_UNITS`, e.g.
+            ``band_gap`` in eV), else ``""`` (unknown or dimensionless; always ``""`` for classification).
 
     """
 
@@ -79,6 +82,7 @@ class Target:
     kind: str = "regression"
     num_classes: int | None = None
     weight: float = 1.0
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -89,6 +93,12 @@ class Target:
             raise ValueError(f"classification target {self.name!r} needs num_classes >= 2")
         if self.kind == "regression" and self.num_classes is not None:
             raise ValueError(f"regression target {self.name!r} takes no num_classes")
+        if self.unit is None:
+            from mmmat.plots import unit_of
+
+            object.__setattr__(self, "unit", unit_of(self.name) if self.kind == "regression" else "")
+        elif not isinstance(self.unit, str):
+            raise ValueError(f"target {self.name!r}: unit must be a string, got {self.unit!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -96,7 +106,7 @@ class Target:
 
 
 def parse_targets(targets: Sequence[str | dict[str, Any] | Target]) -> list[Target]:
-    """Targets from column names (regression) or ``{name, kind, num_classes, weight}`` dicts."""
+    """Targets from column names (regression) or ``{name, kind, num_classes, weight, unit}`` dicts."""
     if isinstance(targets, str | dict | Target):
         targets = [targets]
     out: list[Target] = []
@@ -106,15 +116,15 @@ def parse_targets(targets: Sequence[str | dict[str, Any] | Target]) -> list[Targ
         elif isinstance(t, str):
             out.append(Target(t))
         elif isinstance(t, dict):
-            unknown = sorted(set(t) - {"name", "kind", "num_classes", "weight"})
+            unknown = sorted(set(t) - {"name", "kind", "num_classes", "weight", "unit"})
             if unknown:
-                raise ValueError(f"target {t!r}: unknown keys {unknown} (name, kind, num_classes, weight)")
+                raise ValueError(f"target {t!r}: unknown keys {unknown} (name, kind, num_classes, weight, unit)")
             if "name" not in t:
                 raise ValueError(f"target {t!r} has no name")
             nc = t.get("num_classes")
             out.append(
                 Target(str(t["name"]), str(t.get("kind", "regression")), None if nc is None else int(nc),
-                       float(t.get("weight", 1.0)))
+                       float(t.get("weight", 1.0)), t.get("unit"))
             )
         else:
             raise TypeError(f"a target is a column name or a dict, got {type(t).__name__}")

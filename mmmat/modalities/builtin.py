@@ -128,26 +128,18 @@ class CrystalSpec(ModalitySpec):
 
     def read_query(self, source: Any, model: Any = None, **options: Any) -> Any:
         """A validated :class:`~mmmat.data.schema.MaterialRecord` from a structure file, CIF text or object."""
-        from mmmat.data.schema import MaterialRecord, RecordError, as_records, parse_cif
-        from mmmat.io import read_structure
+        from pymatgen.core import Structure
 
+        from mmmat.data.schema import RecordError, as_records
+        from mmmat.retrieval.api import query_record
+
+        if isinstance(source, str | Path | Structure):  # a structure file (any format mmmat.io reads) or CIF text
+            return query_record(source)
         try:
-            if isinstance(source, str | Path) and not (isinstance(source, str) and "\n" in source):
-                name, path = str(source), Path(source)
-                if path.suffix.lower() in (".cif", ".mcif") and path.is_file():
-                    text = path.read_text(encoding="utf-8", errors="replace")
-                    rec = MaterialRecord.from_structure(parse_cif(text, name), name)
-                else:
-                    rec = MaterialRecord.from_structure(read_structure(path), name)
-            elif isinstance(source, str):
-                name = "<CIF text>"
-                rec = MaterialRecord.from_structure(parse_cif(source, name), name)
-            else:
-                name = "<structure>"
-                rec = as_records([source])[0]
+            rec = as_records([source])[0]
             rec.validate()
         except RecordError as exc:
-            raise _input_error(f"{name}: {exc.reason}") from None
+            raise _input_error(f"<structure>: {exc.reason}") from None
         return rec
 
     def record_input(self, record: Any) -> Any:
@@ -219,19 +211,11 @@ class XRDSpec(ModalitySpec):
 
     def read_query(self, source: Any, model: Any = None, wavelength: float | None = None, **options: Any) -> Any:
         """A (1701,) profile from a pattern file (:func:`mmmat.io.read_pattern`), a ``Pattern`` or a profile."""
-        from mmmat.data.xrd import resample
-        from mmmat.io import Pattern, read_pattern
+        from mmmat.io import Pattern, read_xrd_profile
 
         if isinstance(source, np.ndarray):  # a profile already on the grid
             return _grid_profile(source, self.name)
-        pattern = source if isinstance(source, Pattern) else read_pattern(Path(source), wavelength=wavelength)
-        profile = resample(pattern)
-        if not profile.any():
-            raise _input_error(
-                f"{pattern.source}: no part of the pattern falls on the model's grid (5-90° 2θ, Cu Kα) above its "
-                "background"
-            )
-        return profile
+        return read_xrd_profile(source if isinstance(source, Pattern) else Path(source), wavelength=wavelength)
 
     def record_input(self, record: Any) -> Any:
         """The stored profile."""
@@ -310,10 +294,11 @@ class ImageSpec(ModalitySpec):
         return b
 
     def read_query(self, source: Any, model: Any = None, **options: Any) -> Any:
-        """A (size, size) uint8 image at the model's image size (see :func:`mmmat.retrieval.api.load_image`)."""
-        from mmmat.retrieval.api import _image_size, load_image
+        """A (size, size) uint8 image at the model's image size (see :func:`mmmat.io.read_image`)."""
+        from mmmat.io import read_image
+        from mmmat.retrieval.api import _image_size
 
-        return load_image(source, _image_size(model) if model is not None else 64)
+        return read_image(source, _image_size(model) if model is not None else 64)
 
     def record_input(self, record: Any) -> Any:
         """The stored image."""

@@ -18,7 +18,6 @@ with a message that names it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmmat.io import InputError, read_image, read_structure, read_text, read_xrd_profile
 from mmmat.retrieval.index import (
     DEFAULT_APPROX_THRESHOLD,
     DEFAULT_NPROBE,
@@ -100,32 +100,16 @@ def _require(model: Any, modality: str) -> None:
 
 
 # ---------------------------------------------------------------------- shards
-def _splits(shard_dir: Path, split: str | Sequence[str] | None) -> list[str]:
-    if split:
-        return [s.strip() for s in split.split(",") if s.strip()] if isinstance(split, str) else list(split)
-    manifest = shard_dir / "manifest.json"
-    if manifest.is_file():
-        return list(json.loads(manifest.read_text())["splits"])
-    return sorted(p.name for p in shard_dir.iterdir() if p.is_dir() and any(p.glob("shard-*.tar")))
-
-
 def shard_records(shard_dir: str | Path, split: str | Sequence[str] | None = None) -> list[Any]:
     """Every record of the given splits (default: all in ``manifest.json``) of a shard folder."""
-    from mmmat.data.loader import load_records, split_shards
+    from mmmat.data.loader import load_records
+    from mmmat.io import find_shards
 
-    d = Path(shard_dir)
-    if not d.is_dir():
-        raise RetrievalError(f"shard directory {d} not found")
-    names = _splits(d, split)
-    if not names:
-        raise RetrievalError(f"{d} holds no splits of shards (expected <split>/shard-*.tar)")
-    urls: list[str] = []
-    for s in names:
-        try:
-            urls += split_shards(d, s)
-        except FileNotFoundError as exc:
-            raise RetrievalError(str(exc)) from None
-    return load_records(urls)
+    try:
+        found = find_shards(shard_dir, split)
+    except InputError as exc:
+        raise RetrievalError(str(exc)) from None
+    return load_records([u for urls in found.values() for u in urls])
 
 
 def _spacegroup(rec: Any, symprec: float) -> int | None:
@@ -407,63 +391,30 @@ def read_query(modality: str, value: Any, model: Any = None, wavelength: float |
         raise RetrievalError(f"unusable {spec.label or spec.name} query: {exc}") from None
 
 
-def _read_cif(cif: str | Path) -> Any:
-    return read_query("crystal", cif)
+def query_record(cif: str | Path | Any) -> Any:
+    """A crystal query as a validated record.
 
+    ``cif`` is a structure file or CIF text (:func:`mmmat.io.read_structure`), or a pymatgen ``Structure``.
 
-def _read_xrd(xrd: str | Path | Any, wavelength: float | None) -> np.ndarray:
-    return read_query("xrd", xrd, wavelength=wavelength)
+    Raises:
+        InputError: unreadable file, or a structure that is no valid record (the message names it).
 
-
-def load_image(image: str | Path | np.ndarray, size: int = 64) -> np.ndarray:
-    """An image file (Pillow formats or ``.npy``) or array as a (size, size) uint8 grayscale array.
-
-    Colour is reduced to luminance; 16-bit and float images are scaled from their own minimum and maximum
-    to 0-255; other sizes are resized (bilinear).
     """
-    from PIL import Image, UnidentifiedImageError
+    from mmmat.data.schema import MaterialRecord, RecordError
 
-    name = "<array>"
-    if isinstance(image, np.ndarray):
-        arr = image
-    else:
-        p = Path(image)
-        name = str(p)
-        if not p.is_file():
-            raise RetrievalError(f"image file {p} not found")
-        try:
-            if p.suffix.lower() == ".npy":
-                arr = np.load(p, allow_pickle=False)
-            else:
-                with Image.open(p) as img:
-                    img.load()
-                    if img.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "PA"):
-                        img = img.convert("L")
-                    arr = np.asarray(img)
-        except (UnidentifiedImageError, ValueError, OSError) as exc:
-            raise RetrievalError(f"{name}: not a readable image ({exc})") from None
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # channels first
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour: ITU-R 601 luminance
-        was_uint8 = arr.dtype == np.uint8
-        arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        if was_uint8:
-            arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
-    if arr.ndim != 2 or min(arr.shape) < 2:
-        raise RetrievalError(f"{name}: expected a 2-D grayscale or colour image, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        a = arr.astype(np.float64)
-        if not np.isfinite(a).all():
-            raise RetrievalError(f"{name}: image holds NaN or infinite values")
-        lo, hi = float(a.min()), float(a.max())
-        scaled = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros(a.shape)
-        arr = np.round(scaled).astype(np.uint8)
-    if arr.shape != (size, size):
-        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
-    return np.array(arr, dtype=np.uint8, order="C")
+    text_given = isinstance(cif, str) and "\n" in cif
+    name = "<CIF text>" if text_given else str(cif) if isinstance(cif, str | Path) else "<structure>"
+    structure = read_structure(cif) if isinstance(cif, str | Path) else cif
+    try:
+        rec = MaterialRecord.from_structure(structure, name)
+        rec.validate()
+    except RecordError as exc:
+        raise InputError(f"{name}: {exc.reason}") from None
+    return rec
+
+
+#: An image query as a (size, size) uint8 array (:func:`mmmat.io.read_image`; kept importable here).
+load_image = read_image
 
 
 def _image_size(model: Any) -> int:

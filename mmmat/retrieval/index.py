@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmmat.io import InputError
+
 #: Above this many vectors, ``kind="auto"`` builds an approximate IVF index.
 DEFAULT_APPROX_THRESHOLD = 200_000
 #: IVF lists scanned per query.
@@ -66,8 +68,8 @@ META_COLUMNS = ("material_id", "formula", "spacegroup_number", "spacegroup_symbo
 KINDS = ("auto", "exact", "ivf")
 
 
-class RetrievalError(ValueError):
-    """A retrieval input or index that cannot be used; the message names the problem."""
+class RetrievalError(InputError):
+    """A retrieval input or index that cannot be used; the message names the problem (an :class:`InputError`)."""
 
 
 class DuplicateIdError(RetrievalError):

@@ -17,12 +17,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmmat.io import (
+    IMAGE_SUFFIXES,
+    PATTERN_SUFFIXES,
+    STRUCTURE_SUFFIXES,
+    InputError,
+    Pattern,
+    read_pattern,
+    read_structure,
+)
 from mmmat.web.context import ServeContext, index_vectors, model_summary, run_file
-from mmmat.web.readers import ReadError, pattern_suffixes, read_pattern_file, read_structure_file, structure_suffixes
 from mmmat.web.uploads import DEFAULT_MAX_UPLOAD_MB, UploadError
 
 #: Errors a user's input can cause; shown on the page.
-USER_ERRORS = (ReadError, UploadError, ValueError, FileNotFoundError)
+USER_ERRORS = (InputError, UploadError, ValueError, FileNotFoundError)
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 0 1.5em; color: #222; }
@@ -105,7 +113,7 @@ def _layout(ctx: ServeContext) -> Any:
 
     mb = ctx.uploads.max_bytes
     limit = f"at most {mb / 1e6:.0f} MB"
-    s_suf, p_suf = structure_suffixes(), pattern_suffixes()
+    s_suf, p_suf = STRUCTURE_SUFFIXES, PATTERN_SUFFIXES
     search = html.Div([
         html.P(f"Drop a crystal ({', '.join(s_suf)}), a powder pattern ({', '.join(p_suf)}) or an image "
                f"(png, tif, npy), {limit}, or type a sentence. Hits come from {ctx.index_dir} "
@@ -285,12 +293,12 @@ def create_app(
             if cbctx.triggered_id == "search-upload":
                 path = sctx.uploads.save(filename, contents)
                 low = path.name.lower()
-                if low.endswith(tuple(pattern_suffixes())) and not low.endswith(tuple(structure_suffixes())):
-                    pattern = read_pattern_file(path, wavelength)
+                if low.endswith(PATTERN_SUFFIXES) and not low.endswith(STRUCTURE_SUFFIXES):
+                    pattern = _read_upload_pattern(path, wavelength)
                     table = sctx.search("xrd", pattern, k)
                     query = {"kind": "xrd", "name": path.name, "two_theta": pattern.two_theta.tolist(),
                              "intensity": pattern.intensity.tolist(), "wavelength": pattern.wavelength}
-                elif low.endswith(tuple(structure_suffixes())):
+                elif low.endswith(STRUCTURE_SUFFIXES):
                     structure = _read_crystal_or_powder(path, wavelength)
                     if isinstance(structure, tuple):  # a powder CIF: a pattern, not a crystal
                         pattern = structure[1]
@@ -300,11 +308,11 @@ def create_app(
                     else:
                         table = sctx.search("crystal", structure, k)
                         query = {"kind": "crystal", "name": path.name}
-                elif low.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".npy")):
+                elif low.endswith(IMAGE_SUFFIXES):
                     table = sctx.search("image", path, k)
                     query = {"kind": "image", "name": path.name}
                 else:
-                    raise ReadError(f"{path.name}: unknown kind of file (crystal, pattern or image expected)")
+                    raise InputError(f"{path.name}: unknown kind of file (crystal, pattern or image expected)")
             else:
                 if not text or not str(text).strip():
                     raise ValueError("type a sentence first")
@@ -331,10 +339,8 @@ def create_app(
         sfig = F.structure_figure(s, title) if s is not None else F.empty_figure(
             f"{row['material_id']}: the index's shard folder is not readable here, no structure to show")
         if query and query.get("kind") == "xrd" and s is not None:
-            from mmmat.web.readers import QueryPattern
-
-            pat = QueryPattern(np.asarray(query["two_theta"]), np.asarray(query["intensity"]), query["wavelength"],
-                               query["name"])
+            pat = Pattern(np.asarray(query["two_theta"]), np.asarray(query["intensity"]), query["wavelength"],
+                          source=query["name"])
             return sfig, F.pattern_overlay_figure(pat, s, row["formula"]), {}
         return sfig, F.empty_figure(""), {"display": "none"}
 
@@ -374,7 +380,7 @@ def create_app(
             if cbctx.triggered_id == "identify-upload" or not stored:
                 if not contents:
                     raise ValueError("drop a scan first")
-                path = sctx.uploads.save(filename, contents, tuple(pattern_suffixes()))
+                path = sctx.uploads.save(filename, contents, PATTERN_SUFFIXES)
             else:
                 path = Path(stored)
                 if sctx.uploads.root not in path.resolve().parents:
@@ -446,7 +452,7 @@ def create_app(
                 parse_composition(comp)
             xrd = None
             if pattern:
-                xrd = str(sctx.uploads.save(pattern_name, pattern, tuple(pattern_suffixes())))
+                xrd = str(sctx.uploads.save(pattern_name, pattern, PATTERN_SUFFIXES))
             jid = sctx.start_generation(n, steps, seed, comp, (text or "").strip() or None, xrd, targets)
         except USER_ERRORS as exc:
             return _status(f"error: {exc}"), None, True
@@ -590,7 +596,7 @@ def create_app(
         row = data[selected[0]]
         try:
             run = {p.name: p for p in sctx.design_run_folders()}[name]
-            s = read_structure_file(run_file(run, str(row.get("cif") or "")))
+            s = read_structure(run_file(run, str(row.get("cif") or "")), ordered=True)
         except (KeyError, *USER_ERRORS) as exc:
             return F.empty_figure(f"no structure: {exc}")
         return F.structure_figure(s, f"{row.get('formula', '')} ({row.get('id', '')})")
@@ -618,16 +624,23 @@ def create_app(
     return app
 
 
+def _read_upload_pattern(path: Path, wavelength: float | None) -> Pattern:
+    """An uploaded pattern (:func:`mmmat.io.read_pattern`), named by its file name."""
+    pattern = read_pattern(path, wavelength=wavelength)
+    pattern.source = path.name
+    return pattern
+
+
 def _read_crystal_or_powder(path: Path, wavelength: float | None) -> Any:
     """A ``.cif`` upload: a crystal, or, when it holds a powder pattern and no crystal, ``("xrd", pattern)``."""
     try:
-        return read_structure_file(path)
-    except ReadError as first:
+        return read_structure(path, ordered=True)
+    except InputError as first:
         if path.suffix.lower() != ".cif":
             raise
         try:
-            return ("xrd", read_pattern_file(path, wavelength))
-        except ReadError:
+            return ("xrd", _read_upload_pattern(path, wavelength))
+        except InputError:
             raise first from None
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmmat.web.readers import QueryPattern, ReadError
+from mmmat.io import InputError, read_image, read_xrd_profile
 from mmmat.web.uploads import DEFAULT_MAX_UPLOAD_MB, UploadStore
 
 #: Meta columns that describe a hit rather than a property of it.
@@ -147,9 +147,8 @@ class ServeContext:
 
     # ------------------------------------------------------------------ search
     def embed(self, kind: str, value: Any) -> np.ndarray:
-        """Embed one query of ``kind`` crystal (Structure), xrd (QueryPattern), image (array/file) or text."""
+        """Embed one query of ``kind`` crystal (Structure), xrd (mmmat.io.Pattern), image (array/file) or text."""
         from mmmat.data.schema import MaterialRecord
-        from mmmat.data.xrd import resample
         from mmmat.retrieval.api import _image_size, _one_thread, _require
 
         model = self.model
@@ -157,24 +156,19 @@ class ServeContext:
             modality, inputs = "crystal", [MaterialRecord.from_structure(value, "query")]
         elif kind == "xrd":
             modality = "xrd"
-            prof = resample(value.to_measured())
-            if not prof.any():
-                raise ReadError(f"{value.source}: no part of the pattern falls on the model's grid (5-90° 2θ, Cu Kα)")
-            inputs = prof[None]
+            inputs = read_xrd_profile(value)[None]
         elif kind == "image":
-            from mmmat.web.readers import read_image_file
-
             modality = "image"
-            inputs = (read_image_file(value, _image_size(model)) if not isinstance(value, np.ndarray) else value)[None]
+            inputs = (read_image(value, _image_size(model)) if not isinstance(value, np.ndarray) else value)[None]
         else:
             modality = "literature_text"
             if not isinstance(value, str) or not value.strip():
-                raise ReadError("empty text: type a sentence to search with")
+                raise InputError("empty text: type a sentence to search with")
             inputs = [value.strip()[:4000]]
         try:
             _require(model, modality)
         except ValueError as exc:
-            raise ReadError(str(exc)) from None
+            raise InputError(str(exc)) from None
         with _one_thread():
             return model.embed(modality, inputs).float().cpu().numpy()[0]
 
@@ -221,7 +215,7 @@ class ServeContext:
         """Start sampling ``n`` crystals in a background thread; returns the job id (see :attr:`jobs`)."""
         gen = self.generator()
         if gen is None:
-            raise ReadError("this server has no generator (start it with --generator DIR)")
+            raise InputError("this server has no generator (start it with --generator DIR)")
         job = Job(total=n)
         jid = uuid.uuid4().hex
         self.jobs[jid] = job
@@ -264,7 +258,7 @@ class ServeContext:
         """One run folder's report, ledger table and hits (path checked to be one of the listed runs)."""
         runs = {p.name: p for p in self.design_run_folders()}
         if name not in runs:
-            raise ReadError(f"no design run named {name!r}")
+            raise InputError(f"no design run named {name!r}")
         return read_design_run(runs[name])
 
 
@@ -295,7 +289,7 @@ def read_design_run(run: Path) -> dict[str, Any]:
     try:
         report = json.loads((run / "report.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ReadError(f"{run.name}/report.json: {exc}") from None
+        raise InputError(f"{run.name}/report.json: {exc}") from None
     rounds = pd.DataFrame(report.get("rounds", []))
     if "guards" in rounds:
         guards = pd.DataFrame(list(rounds["guards"].map(lambda g: g or {}))).fillna(0).sum().astype(int)
@@ -318,7 +312,7 @@ def read_design_run(run: Path) -> dict[str, Any]:
         try:
             ledger = pd.read_sql_query("SELECT * FROM candidates", con)
         except (sqlite3.Error, pd.errors.DatabaseError) as exc:
-            raise ReadError(f"{run.name}/ledger.sqlite: {exc}") from None
+            raise InputError(f"{run.name}/ledger.sqlite: {exc}") from None
         finally:
             con.close()
     return {"run": run, "report": report, "rounds": rounds, "guards": guards, "hits": pd.DataFrame(hits),
@@ -329,7 +323,7 @@ def run_file(run: Path, relative: str) -> Path:
     """A file named by a run's report, refused unless it lies inside the run folder."""
     p = (run / relative).resolve()
     if run.resolve() not in p.parents or not p.is_file():
-        raise ReadError(f"{relative!r} is not a file inside the run folder {run.name}")
+        raise InputError(f"{relative!r} is not a file inside the run folder {run.name}")
     return p
 
 
@@ -372,14 +366,13 @@ def index_vectors(ctx: ServeContext, limit: int = 20000, seed: int = 0) -> tuple
     try:
         vec = np.stack([idx.reconstruct(int(i)) for i in rows]) if len(rows) else np.zeros((0, ctx.index.dim))
     except RuntimeError as exc:
-        raise ReadError(f"this index cannot return its vectors ({exc})") from None
+        raise InputError(f"this index cannot return its vectors ({exc})") from None
     return vec, ctx.index.meta.iloc[rows].reset_index(drop=True)
 
 
 __all__ = [
     "Cancelled",
     "Job",
-    "QueryPattern",
     "ServeContext",
     "index_vectors",
     "model_summary",

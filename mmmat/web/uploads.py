@@ -18,13 +18,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mmmat.io import InputError
+
 #: Default upload limit in MB (10^6 bytes) per file.
 DEFAULT_MAX_UPLOAD_MB = 20.0
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.()+,=@ -]{0,199}$")
 
 
-class UploadError(ValueError):
+class UploadError(InputError):
     """An upload that is refused: unsafe name, too large, or not decodable. The message names it."""
 
 

@@ -326,7 +326,8 @@ def classical_scores(
 def learned_candidates(pattern: Pattern, index: Path, model: str | Path | None, table: PhaseTable,
                        allowed: np.ndarray | None, k: int = LEARNED_POOL) -> list[tuple[int, float]]:
     """(table row, cosine) of the crystals nearest to the scan in the model's latent space."""
-    from mmmat.retrieval.api import _read_xrd, _require, check_model, load_model, open_index
+    from mmmat.io import read_xrd_profile
+    from mmmat.retrieval.api import _require, check_model, load_model, open_index
 
     emb = open_index(index)
     mdir = Path(model) if model is not None else Path(emb.info.get("model_path", ""))
@@ -336,7 +337,7 @@ def learned_candidates(pattern: Pattern, index: Path, model: str | Path | None, 
     import torch
 
     with torch.no_grad():
-        q = loaded.embed("xrd", _read_xrd(pattern, None)[None]).float().cpu().numpy()[0]
+        q = loaded.embed("xrd", read_xrd_profile(pattern)[None]).float().cpu().numpy()[0]
     want = len(emb) if allowed is not None else k
     scores, rows = emb.search_batch(q, min(want, len(emb)))
     id_to_row = {m: i for i, m in enumerate(table.material_id.tolist())}

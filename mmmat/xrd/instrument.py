@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmmat.data.profile import render_lines
+
 #: Scherrer constant for spherical crystallites.
 SCHERRER_K = 0.9
 #: A peak contributes nothing further than this many FWHMs (of its wider half) from its centre.
@@ -275,7 +277,7 @@ def bragg_profiles(
     """
     dtype = intensity.dtype if intensity.is_floating_point() else torch.float32
     device = d.device
-    batch, n = d.shape[0], grid.shape[0]
+    batch = d.shape[0]
     grid = grid.to(device=device, dtype=dtype)
     d = d.to(dtype)
     intensity = intensity.to(dtype)
@@ -308,36 +310,11 @@ def bragg_profiles(
     area = eta * (math.pi / 2.0) * h + (1.0 - eta) * 0.5 * math.sqrt(math.pi / math.log(2.0)) * h
     height = amp / area
 
-    # ragged list of visible lines
+    # the visible lines through the one renderer, each with its own window
     cut = (cutoff_fwhm * h * (1.0 + a.abs())).clamp(max=MAX_CUTOFF)
-    keep = (height > 0) & (pos + cut >= grid[0]) & (pos - cut <= grid[-1])
-    owner = torch.arange(batch, device=device).reshape(-1, 1).expand_as(pos)[keep]
-    pos, h, eta, a, height, cut = pos[keep], h[keep], eta[keep], a[keep], height[keep], cut[keep]
-    out = torch.zeros(batch * n, dtype=dtype, device=device)
-    if pos.numel():
-        step = float((grid[1:] - grid[:-1]).min()) if n > 1 else 1.0
-        width = torch.ceil(2.0 * cut / step).long() + 2
-        order = torch.argsort(width)
-        pos, h, eta, a, height, cut, owner, width = (x[order] for x in (pos, h, eta, a, height, cut, owner, width))
-        start = 0
-        total = pos.numel()
-        while start < total:
-            w = int(width[min(start + max(max_pairs // int(width[start]), 1), total) - 1])
-            stop = min(start + max(max_pairs // w, 1), total)
-            sl = slice(start, stop)
-            lo = torch.searchsorted(grid, (pos[sl] - cut[sl]).contiguous())
-            idx = lo.unsqueeze(-1) + torch.arange(w, device=device)
-            idx_c = idx.clamp(max=n - 1)
-            x = grid[idx_c] - pos[sl].unsqueeze(-1)
-            half = torch.where(x < 0, (h[sl] * (1 + a[sl])).unsqueeze(-1), (h[sl] * (1 - a[sl])).unsqueeze(-1))
-            u = (x / half) ** 2
-            e = eta[sl].unsqueeze(-1)
-            shape = e / (1.0 + 4.0 * u) + (1.0 - e) * torch.exp(-_FOUR_LN2 * u)
-            valid = (idx < n) & (x.abs() <= cut[sl].unsqueeze(-1))
-            values = torch.where(valid, height[sl].unsqueeze(-1) * shape, torch.zeros_like(shape))
-            out.index_add_(0, (owner[sl].unsqueeze(-1) * n + idx_c).reshape(-1), values.reshape(-1))
-            start = stop
-    return out.view(batch, n)
+    owner = torch.arange(batch, device=device).reshape(-1, 1).expand_as(pos)
+    return render_lines(pos, height, h, owner, batch, grid, eta=eta, asymmetry=a, cutoff=cut, valid=height > 0,
+                        max_pairs=max_pairs)
 
 
 def render(
