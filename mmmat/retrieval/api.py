@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmmat.io import InputError, read_image, read_structure, read_text, read_xrd_profile
+from mmmat.io import InputError, read_image, read_structure
 from mmmat.retrieval.index import (
     DEFAULT_APPROX_THRESHOLD,
     DEFAULT_NPROBE,
