@@ -73,7 +73,7 @@ BACKGROUND_DEGREE = 12
 #: A phase is kept when it lowers the BIC by more than this ("very strong" evidence, Kass & Raftery 1995).
 MIN_DELTA_BIC = 10.0
 #: Function evaluations of a refinement (twice as many for the final one).
-REFINE_STEPS = 5
+REFINE_STEPS = 3
 #: Half-range of the lattice-scale refinement around the screening value.
 SCALE_REFINE = 0.01
 
@@ -341,6 +341,15 @@ _GRID_HI = -math.log(D_MIN)
 _SCREEN: dict[tuple, Any] = {}
 
 
+def _rows_within(table: PhaseTable, elements: Sequence[str]) -> np.ndarray:
+    """Rows of the crystals made only of ``elements`` (element sets cached per table)."""
+    key = ("sets", id(table))
+    if key not in _SCREEN:
+        _SCREEN[key] = table.element_sets()
+    allowed = frozenset(elements)
+    return np.array([i for i, e in enumerate(_SCREEN[key]) if e <= allowed], dtype=np.int64)
+
+
 def molecular_rows(table: PhaseTable) -> np.ndarray:
     """Boolean flag per crystal: made only of :data:`VOLATILE` elements (molecular or gas-phase solids)."""
     key = ("molecular", id(table))
@@ -393,8 +402,13 @@ def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int
             np.add.at(acc, a, w[a + j] * k)
             np.add.at(acc, a + j, w[a] * k)
         _SCREEN[key] = w * acc
-    inside = (col >= lo_bin) & (col <= hi_bin)
-    return np.bincount(row[inside], weights=_SCREEN[key][inside], minlength=len(table))
+    rkey = ("range", id(table), level, lo_bin, hi_bin)
+    if rkey not in _SCREEN:
+        for old in [k for k in _SCREEN if k[0] == "range"][:-4]:  # keep a few recent ranges
+            del _SCREEN[old]
+        inside = (col >= lo_bin) & (col <= hi_bin)
+        _SCREEN[rkey] = np.bincount(row[inside], weights=_SCREEN[key][inside], minlength=len(table))
+    return _SCREEN[rkey]
 
 
 def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarray, wavelength: float,
@@ -501,6 +515,7 @@ _SHAPE_BOUNDS = {"zero_shift": (-0.3, 0.3), "displacement_mm": (-0.6, 0.6),
                  "W": (math.log(1e-5), math.log(0.3)), "U": (0.0, 0.1),
                  "size_nm": (math.log(5.0), math.log(1e4)), "asymmetry": (-0.3, 0.3)}
 _LOG_SHAPE = ("W", "size_nm")
+_ALL_SHAPE = ("zero_shift", "displacement_mm", "W", "U", "size_nm", "asymmetry")
 #: Forward-difference step of each shape parameter (in its refined coordinate).
 _SHAPE_STEP = {"zero_shift": 2e-3, "displacement_mm": 5e-3, "W": 0.02, "U": 5e-4, "size_nm": 0.02,
                "asymmetry": 5e-3}
@@ -532,6 +547,11 @@ class _Fitter:
         for _ in range(2, BACKGROUND_DEGREE + 1):
             basis.append(2 * x * basis[-1] - basis[-2])
         self.bg = np.stack(basis, axis=1)
+        abg = self.bg * self.sw[:, None]  # the background's part of the normal equations, once
+        self._nbg = np.sqrt((abg * abg).sum(axis=0))
+        self._abg = abg / self._nbg
+        self._gbg = self._abg.T @ self._abg
+        self._rbg = self._abg.T @ (self.y * self.sw)
         self.shape = {"zero_shift": 0.0, "displacement_mm": 0.0, "W": fwhm**2, "U": 0.0, "size_nm": 1000.0,
                       "asymmetry": 0.0}
         self.n_eff = max((tt[-1] - tt[0]) / fwhm, 10.0)
@@ -591,17 +611,19 @@ class _Fitter:
         Normal equations on unit-norm columns; a phase whose scale comes out negative is dropped (set to 0)
         and the rest solved again (an active set over the phase columns).
         """
-        design = np.concatenate([prof, self.bg], axis=1)
-        a = design * self.sw[:, None]
-        b = self.y * self.sw
-        norm = np.sqrt((a * a).sum(axis=0))
-        norm[norm == 0] = 1.0
-        an = a / norm
-        gram = an.T @ an
-        rhs = an.T @ b
         n_ph = prof.shape[1]
-        active = np.ones(a.shape[1], dtype=bool)
-        coef = np.zeros(a.shape[1])
+        ap = prof * self.sw[:, None]
+        b = self.y * self.sw
+        norm_p = np.sqrt((ap * ap).sum(axis=0))
+        norm_p[norm_p == 0] = 1.0
+        apn = ap / norm_p
+        cross = apn.T @ self._abg
+        gram = np.block([[apn.T @ apn, cross], [cross.T, self._gbg]])
+        rhs = np.concatenate([apn.T @ b, self._rbg])
+        norm = np.concatenate([norm_p, self._nbg])
+        a_cols = n_ph + self.bg.shape[1]
+        active = np.ones(a_cols, dtype=bool)
+        coef = np.zeros(a_cols)
         for _ in range(n_ph + 1):
             g = gram[np.ix_(active, active)] + 1e-10 * np.eye(int(active.sum()))
             coef[:] = 0.0
@@ -611,7 +633,7 @@ class _Fitter:
                 break
             active[neg[np.argmin(coef[neg])]] = False
         coef = coef / norm
-        fit = design @ coef
+        fit = prof @ coef[:n_ph] + self.bg @ coef[n_ph:]
         rss = float((((self.y - fit) * self.sw) ** 2).sum())
         return coef, rss, fit
 
@@ -731,7 +753,7 @@ def identify(
     elements = _check_elements(elements)
     index = Path(index)
     table = load_table(index)
-    rows = table.rows_within(elements) if elements else np.arange(len(table))
+    rows = _rows_within(table, elements) if elements else np.arange(len(table))
     if not include_molecular and rows.size:
         rows = rows[~molecular_rows(table)[rows]]
     restricted = bool(elements) or not include_molecular
@@ -839,8 +861,7 @@ def identify(
             new_rows, new_scales = [*chosen, row], [*chosen_scales, scale]
             new_lines = [lines(r) for r in new_rows]
             saved = dict(fitter.shape)
-            shape_names = ("zero_shift", "displacement_mm", "W") if chosen else \
-                ("zero_shift", "displacement_mm", "W", "size_nm")
+            shape_names = ("zero_shift", "displacement_mm", "W") if chosen else _ALL_SHAPE
             new_scales, _ = fitter.refine(new_lines, new_scales, [len(chosen)], shape_names, max_nfev=REFINE_STEPS)
             coef, rss_new, fit_new = fitter.solve(fitter.profiles(new_lines, new_scales))
             bic_new = fitter.bic(rss_new, len(new_rows))
@@ -851,11 +872,6 @@ def identify(
         if not accepted:
             break
         chosen, chosen_scales, bic, fit = new_rows, new_scales, bic_new, fit_new
-        if len(chosen) == 1:  # the peak shape, from the strongest phase, before looking for minor ones
-            shape_all = ("zero_shift", "displacement_mm", "W", "U", "size_nm", "asymmetry")
-            chosen_scales, _ = fitter.refine(new_lines, chosen_scales, [0], shape_all, max_nfev=REFINE_STEPS)
-            _, rss1, fit = fitter.solve(fitter.profiles(new_lines, chosen_scales))
-            bic = fitter.bic(rss1, 1)
         alive = [i for i in range(len(chosen)) if coef[i] > 0]
         if len(alive) < len(chosen):  # a phase the new one made redundant
             chosen = [chosen[i] for i in alive]
@@ -864,8 +880,7 @@ def identify(
     evidence: list[float] = []
     if chosen:
         chosen_scales, _ = fitter.refine([lines(r) for r in chosen], chosen_scales, list(range(len(chosen))),
-                                         ("zero_shift", "displacement_mm", "W", "U", "size_nm", "asymmetry"),
-                                         max_nfev=REFINE_STEPS)
+                                         _ALL_SHAPE, max_nfev=REFINE_STEPS)
     # backward check with the final peak shape: a phase whose removal does not raise the BIC by more than
     # MIN_DELTA_BIC goes; each kept phase's score is the BIC rise its removal would cause
     while chosen:
