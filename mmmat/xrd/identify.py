@@ -3,25 +3,32 @@
 :func:`identify` takes a measured pattern (any format of :func:`mmmat.io.read_pattern`) and an index folder
 whose crystals carry peak tables (:mod:`mmmat.xrd.phases`), and returns an :class:`IdentifyResult`.
 
-1. **Candidates** come from two routes, restricted to crystals made only of ``elements`` when given:
+1. **Candidates** come from two routes, restricted to crystals made only of ``elements`` when given, and
+   never (unless ``include_molecular``) crystals made only of H, N, O, F, Cl and noble gases: molecular or
+   gas-phase solids such as solid O2 or H3O2 (:func:`molecular_rows`), not expected at room conditions:
 
-   * *classical*: the background-subtracted scan is put on a uniform ln(1/d) grid (an isotropic lattice
-     scale is then a shift) and widened by a running maximum of ±:data:`TOLERANCE` in d; each crystal's
-     strongest lines (Lorentz-polarised at the scan's wavelength) are read off it at every lattice scale
-     in :data:`SCALE_RANGE`.  A crystal's amplitude at a scale is a low quantile (:data:`QUANTILE`) of
-     data/line over its strongest lines, so a crystal whose strong lines are missing gets none, and its
-     score is the intensity it can explain this way (amplitude × summed line intensity ÷ the scan's net
-     intensity), at its best scale;
+   * *classical* (:func:`screen`): a matched filter over the whole index at once.  The signal (the
+     background-free scan, later the positive residual of the current fit) is divided by the
+     Lorentz-polarisation factor and put on an absolute ln(1/d) grid (bin :data:`SCREEN_STEP`), where an
+     isotropic lattice scale is a shift and every crystal's lines are one row of a sparse stick matrix built
+     once per index; it is blurred by a Gaussian of the scan's peak width and multiplied by the stick matrix
+     at every lattice scale in :data:`SCALE_RANGE` (one sparse-dense product).  A crystal's score is the
+     squared non-negative projection over the self-overlap of its blurred sticks: the share of the signal it
+     can explain alone, at its best scale;
    * *learned* (when the index holds crystal embeddings and its model has an ``xrd`` encoder, or
      ``model`` is given): the scan is embedded and the nearest crystals of the index are taken.
 
-2. **Fit**: phases are added greedily.  Each step tries every pooled candidate (the best
-   :data:`POOL` classical ones plus the learned ones) against the current fit, keeps the one that lowers the
-   weighted residual most, then refines all non-linear parameters (each phase's lattice scale, zero shift,
-   Caglioti W, Scherrer size, axial asymmetry) by least squares with the linear ones (one non-negative
-   scale per phase, a Chebyshev background of degree :data:`BACKGROUND_DEGREE`) solved exactly at every
-   step (variable projection).  Peaks are rendered by :func:`mmmat.xrd.instrument.bragg_profiles` with the
-   scan's Kα1/Kα2 wavelengths and ratio.
+2. **Fit** (iterative residual search): phases are added greedily.  Each step screens the residual of the
+   current fit, takes the best :data:`POOL` candidates plus the learned ones, fits each together with the
+   phases already kept (linear parameters only: exact and fast) and keeps the one that lowers the weighted
+   residual most, after refining its lattice scale and the peak shape.  Non-linear parameters (each phase's
+   lattice scale, zero shift, sample displacement, Caglioti U and W, Scherrer size, axial asymmetry) are
+   refined by a damped Gauss-Newton (Levenberg-Marquardt) loop whose forward-difference Jacobian is rendered
+   in one batched call of :func:`mmmat.xrd.instrument.bragg_profiles` (the scan's Kα1/Kα2 wavelengths and
+   ratio); the linear ones (one non-negative scale per phase, a Chebyshev background of degree
+   :data:`BACKGROUND_DEGREE`) are solved exactly at every step (variable projection).  After the last phase,
+   the residual is screened once more and its best candidates, ranked by how much each would lower the
+   misfit, are the *runners-up* of :meth:`IdentifyResult.ranking`.
 
 3. **Criterion**: a phase is kept only if the Bayesian information criterion falls by more than
    :data:`MIN_DELTA_BIC`,
@@ -55,15 +62,6 @@ from mmmat.xrd.phases import D_MIN, PhaseTable, ensure_table
 
 #: Lattice scales (d multiplied by s) searched for each candidate: computed cells are often 1-3 % too large.
 SCALE_RANGE = (0.96, 1.03)
-#: Relative d tolerance of the classical match (running maximum half-width).
-TOLERANCE = 1.5e-3
-#: Bin width of the ln(1/d) grid.
-LNQ_STEP = 5e-4
-#: Lines per candidate used for its amplitude, and the quantile taken over them.
-TOP_LINES = 15
-QUANTILE = 0.2
-#: Lines weaker than this fraction of a candidate's strongest are not used in screening.
-MIN_LINE = 0.03
 #: Classical candidates carried into the fit.
 POOL = 12
 #: Learned candidates carried into the fit.
@@ -72,7 +70,7 @@ LEARNED_POOL = 10
 BACKGROUND_DEGREE = 12
 #: A phase is kept when it lowers the BIC by more than this ("very strong" evidence, Kass & Raftery 1995).
 MIN_DELTA_BIC = 10.0
-#: Function evaluations of a refinement (twice as many for the final one).
+#: Levenberg-Marquardt iterations of a refinement.
 REFINE_STEPS = 3
 #: Half-range of the lattice-scale refinement around the screening value.
 SCALE_REFINE = 0.01
@@ -236,13 +234,6 @@ def _lp(two_theta: np.ndarray) -> np.ndarray:
     return (1 + np.cos(2 * th) ** 2) / (np.sin(th) ** 2 * np.cos(th))
 
 
-def _running_max(x: np.ndarray, half: int) -> np.ndarray:
-    if half <= 0:
-        return x
-    padded = np.pad(x, (half, half), mode="edge")
-    return np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1).max(axis=1)
-
-
 def _fwhm_estimate(tt: np.ndarray, net: np.ndarray) -> float:
     """FWHM (degrees) of the strongest peak of a background-free scan."""
     i = int(np.argmax(net))
@@ -254,76 +245,6 @@ def _fwhm_estimate(tt: np.ndarray, net: np.ndarray) -> float:
     while hi < net.size - 1 and net[hi] > half:
         hi += 1
     return float(np.clip(tt[hi] - tt[lo], 0.02, 1.0))
-
-
-# ====================================================================== classical screening
-def classical_scores(
-    table: PhaseTable, rows: np.ndarray, tt: np.ndarray, net: np.ndarray, wavelength: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Screening score and best lattice scale of each of ``rows`` (see the module docstring)."""
-    lnq_data = np.log(2 * np.sin(np.radians(tt) / 2) / wavelength)
-    lo, hi = float(lnq_data[0]), float(lnq_data[-1])
-    grid = np.arange(lo, hi + LNQ_STEP, LNQ_STEP)
-    m = np.interp(grid, lnq_data, net / max(float(net.max()), 1e-12))
-    m_s = _running_max(m, max(1, round(TOLERANCE / LNQ_STEP)))
-    total = float(m.sum())
-    nb = grid.size
-    # lines of the candidates, inside the scan's range at any scale
-    starts, stops = table.offsets[rows], table.offsets[rows + 1]
-    lens = (stops - starts).astype(np.int64)
-    owner = np.repeat(np.arange(rows.size), lens)
-    idx = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if rows.size else np.zeros(0, int)
-    d = table.d[idx].astype(np.float64)
-    inten = table.intensity[idx].astype(np.float64)
-    s = wavelength / (2 * d)
-    ok = s < 1
-    tt_line = np.degrees(2 * np.arcsin(np.where(ok, s, 0.5)))
-    r = np.where(ok, inten * _lp(tt_line), 0.0)
-    lnq = -np.log(d)
-    inside = ok & (lnq > lo - 0.04) & (lnq < hi + 0.04)
-    r = np.where(inside, r, 0.0)
-    top = np.zeros(rows.size)
-    np.maximum.at(top, owner, r)
-    rel = r / np.maximum(top[owner], 1e-30)
-    use = rel >= MIN_LINE
-    owner, rel, lnq = owner[use], rel[use], lnq[use]
-    # the TOP_LINES strongest lines of each candidate, padded
-    order = np.lexsort((-rel, owner))
-    owner, rel, lnq = owner[order], rel[order], lnq[order]
-    first = np.searchsorted(owner, np.arange(rows.size))
-    rank = np.arange(owner.size) - first[owner]
-    keep = rank < TOP_LINES
-    n_lines = np.bincount(owner[keep], minlength=rows.size)
-    sum_rel = np.bincount(owner, weights=rel, minlength=rows.size)
-    pad_b = np.full((rows.size, TOP_LINES), -1.0)
-    pad_r = np.ones((rows.size, TOP_LINES))
-    pad_b[owner[keep], rank[keep]] = (lnq[keep] - lo) / LNQ_STEP
-    pad_r[owner[keep], rank[keep]] = rel[keep]
-    # lattice scale s: d -> d s moves ln q by -ln s, i.e. the data are read k = ln(s)/step bins lower
-    shifts = np.arange(math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1]) + LNQ_STEP, LNQ_STEP * 2) / LNQ_STEP
-    best = np.full(rows.size, -1.0)
-    best_shift = np.zeros(rows.size)
-    valid_line = pad_b >= 0
-    q_index = np.floor(QUANTILE * np.maximum(n_lines - 1, 0)).astype(np.int64)
-    for k0 in range(0, shifts.size, 16):
-        ks = shifts[k0:k0 + 16]
-        b = np.rint(pad_b[:, :, None] - ks[None, None, :]).astype(np.int64)
-        in_grid = valid_line[:, :, None] & (b >= 0) & (b < nb)
-        vals = np.where(in_grid, m_s[np.clip(b, 0, nb - 1)], 0.0)
-        ratio = np.where(valid_line[:, :, None], vals / pad_r[:, :, None], np.inf)
-        ratio.sort(axis=1)
-        amp = np.take_along_axis(ratio, q_index[:, None, None], axis=1)[:, 0, :]
-        amp = np.where(np.isfinite(amp), amp, 0.0)
-        score = amp * sum_rel[:, None]
-        j = score.argmax(axis=1)
-        sc = score[np.arange(rows.size), j]
-        better = sc > best
-        best = np.where(better, sc, best)
-        best_shift = np.where(better, ks[j], best_shift)
-    width_bins = 3.0  # nominal line width in bins: only a display normalisation
-    scores = best * width_bins / max(total, 1e-12)
-    scales = np.exp(best_shift * LNQ_STEP)
-    return np.where(n_lines > 0, scores, 0.0), scales
 
 
 # ====================================================================== matched-filter screening (whole index)
