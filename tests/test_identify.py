@@ -166,3 +166,14 @@ def test_benchmark_learned_route(tmp_path):
         assert case[tag]["top5_learned"] in (True, False)
         assert len(case[tag]["top5"]) >= 2
     assert case["elements"]["top5"][0] in set(bench._STATE["table"].material_id.tolist())
+
+
+def test_molecular_solids_flagged():
+    """Crystals made only of H, N, O, F, Cl and noble gases (solid O2, H3O2 ...) are flagged; oxides are not."""
+    from mmmat.xrd.identify import molecular_rows
+    from mmmat.xrd.phases import empty_table
+
+    t = empty_table()
+    t.elements = np.array(["O", "H O", "Zn O", "N", "C O", "Cl Na"])
+    t.material_id = np.array([f"m{i}" for i in range(6)])
+    assert molecular_rows(t).tolist() == [True, True, False, True, False, False]

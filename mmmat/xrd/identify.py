@@ -259,30 +259,37 @@ SCREEN_SHIFT_BINS = 2
 VOLATILE = frozenset("H He N O F Ne Cl Ar Kr Xe Rn".split())
 _GRID_LO = -math.log(50.0)
 _GRID_HI = -math.log(D_MIN)
-_SCREEN: dict[tuple, Any] = {}
+
+
+def _cache(table: PhaseTable) -> dict[tuple, Any]:
+    """Derived arrays of one table, kept on the table object itself (they go when it goes)."""
+    return table.__dict__.setdefault("_identify_cache", {})
 
 
 def _rows_within(table: PhaseTable, elements: Sequence[str]) -> np.ndarray:
     """Rows of the crystals made only of ``elements`` (element sets cached per table)."""
-    key = ("sets", id(table))
-    if key not in _SCREEN:
-        _SCREEN[key] = table.element_sets()
+    cache = _cache(table)
+    key = ("sets",)
+    if key not in cache:
+        cache[key] = table.element_sets()
     allowed = frozenset(elements)
-    return np.array([i for i, e in enumerate(_SCREEN[key]) if e <= allowed], dtype=np.int64)
+    return np.array([i for i, e in enumerate(cache[key]) if e <= allowed], dtype=np.int64)
 
 
 def molecular_rows(table: PhaseTable) -> np.ndarray:
     """Boolean flag per crystal: made only of :data:`VOLATILE` elements (molecular or gas-phase solids)."""
-    key = ("molecular", id(table))
-    if key not in _SCREEN:
-        _SCREEN[key] = np.array([frozenset(e.split()) <= VOLATILE for e in table.elements], dtype=bool)
-    return _SCREEN[key]
+    cache = _cache(table)
+    key = ("molecular",)
+    if key not in cache:
+        cache[key] = np.array([frozenset(e.split()) <= VOLATILE for e in table.elements], dtype=bool)
+    return cache[key]
 
 
 def _screen_matrix(table: PhaseTable) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
     """Sparse (crystals x bins) stick matrix on the ln(1/d) grid, with each line's bin, owner and weight."""
-    key = ("sticks", id(table))
-    if key not in _SCREEN:
+    cache = _cache(table)
+    key = ("sticks",)
+    if key not in cache:
         from scipy import sparse
 
         n = len(table)
@@ -299,16 +306,17 @@ def _screen_matrix(table: PhaseTable) -> tuple[Any, np.ndarray, np.ndarray, np.n
         mat = sparse.csr_matrix((inten, (owner, b)), shape=(n, nb))
         mat.sum_duplicates()
         coo = mat.tocoo()
-        _SCREEN[key] = (mat, coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data)
-    return _SCREEN[key]
+        cache[key] = (mat, coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data)
+    return cache[key]
 
 
 def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int) -> np.ndarray:
     """||sticks * Gaussian(sigma)||² of each crystal over the bins lo_bin..hi_bin (lines there only)."""
     _, row, col, w = _screen_matrix(table)
     level = round(math.log(max(sigma_bins, 0.5)) / math.log(1.25))
-    key = ("self", id(table), level)
-    if key not in _SCREEN:  # Σ_l' w_l' exp(-Δ²/4σ²) for each line l: the self-overlap of blurred sticks
+    cache = _cache(table)
+    key = ("self", level)
+    if key not in cache:  # Σ_l' w_l' exp(-Δ²/4σ²) for each line l: the self-overlap of blurred sticks
         sig = 1.25**level
         reach = int(math.ceil(4 * sig))
         acc = w.copy()
@@ -322,14 +330,14 @@ def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int
             a = np.flatnonzero(near)
             np.add.at(acc, a, w[a + j] * k)
             np.add.at(acc, a + j, w[a] * k)
-        _SCREEN[key] = w * acc
-    rkey = ("range", id(table), level, lo_bin, hi_bin)
-    if rkey not in _SCREEN:
-        for old in [k for k in _SCREEN if k[0] == "range"][:-4]:  # keep a few recent ranges
-            del _SCREEN[old]
+        cache[key] = w * acc
+    rkey = ("range", level, lo_bin, hi_bin)
+    if rkey not in cache:
+        for old in [k for k in cache if k[0] == "range"][:-4]:  # keep a few recent ranges
+            del cache[old]
         inside = (col >= lo_bin) & (col <= hi_bin)
-        _SCREEN[rkey] = np.bincount(row[inside], weights=_SCREEN[key][inside], minlength=len(table))
-    return _SCREEN[rkey]
+        cache[rkey] = np.bincount(row[inside], weights=cache[key][inside], minlength=len(table))
+    return cache[rkey]
 
 
 def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarray, wavelength: float,
