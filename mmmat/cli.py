@@ -408,7 +408,7 @@ def identify(
     wavelength: float | None = typer.Option(None, help="Kα1 wavelength in Å when the file gives none."),
     learned: bool | None = typer.Option(None, "--learned/--no-learned", help="Use the learned candidates."),
     include_molecular: bool = typer.Option(
-        False, help="Also propose molecular/gas-phase solids (crystals of only H, N, O, F, Cl, noble gases)."
+        False, help="Also propose molecular/gas-phase solids (only H, N, O, F, Cl, noble gases, C: O2, CO2 ...)."
     ),
 ) -> None:
     """Identify the phases of a powder scan: weight fractions, lattice scales and Rwp (%)."""

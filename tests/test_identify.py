@@ -169,11 +169,11 @@ def test_benchmark_learned_route(tmp_path):
 
 
 def test_molecular_solids_flagged():
-    """Crystals made only of H, N, O, F, Cl and noble gases (solid O2, H3O2 ...) are flagged; oxides are not."""
+    """Molecular solids (O2, H3O2, CO2 ...) are flagged; oxides, carbonates and carbon itself are not."""
     from mmmat.xrd.identify import molecular_rows
     from mmmat.xrd.phases import empty_table
 
     t = empty_table()
-    t.elements = np.array(["O", "H O", "Zn O", "N", "C O", "Cl Na"])
-    t.material_id = np.array([f"m{i}" for i in range(6)])
-    assert molecular_rows(t).tolist() == [True, True, False, True, False, False]
+    t.elements = np.array(["O", "H O", "Zn O", "N", "C O", "Cl Na", "C", "C Ca O"])
+    t.material_id = np.array([f"m{i}" for i in range(8)])
+    assert molecular_rows(t).tolist() == [True, True, False, True, True, False, False, False]

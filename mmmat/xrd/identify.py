@@ -4,8 +4,9 @@
 whose crystals carry peak tables (:mod:`mmmat.xrd.phases`), and returns an :class:`IdentifyResult`.
 
 1. **Candidates** come from two routes, restricted to crystals made only of ``elements`` when given, and
-   never (unless ``include_molecular``) crystals made only of H, N, O, F, Cl and noble gases: molecular or
-   gas-phase solids such as solid O2 or H3O2 (:func:`molecular_rows`), not expected at room conditions:
+   never (unless ``include_molecular``) crystals made only of H, N, O, F, Cl and noble gases, with or without
+   carbon: molecular or gas-phase solids such as solid O2, H3O2 or CO2 (:func:`molecular_rows`), not expected
+   in a scan at room conditions:
 
    * *classical* (:func:`screen`): a matched filter over the whole index at once.  The signal (the
      background-free scan, later the positive residual of the current fit) is divided by the
@@ -257,6 +258,8 @@ SCREEN_SHIFT_BINS = 2
 #: Elements of molecular and gas-phase crystals (solid O2, N2, H3O2, Cl2 ...): a crystal made only of these is
 #: implausible in a powder scan taken at room conditions and is not a candidate unless asked for.
 VOLATILE = frozenset("H He N O F Ne Cl Ar Kr Xe Rn".split())
+_CARBON = frozenset({"C"})
+_VOLATILE_C = VOLATILE | _CARBON  # with carbon: CO2, CH4, C2N2 ... (carbon alone is graphite or diamond)
 _GRID_LO = -math.log(50.0)
 _GRID_HI = -math.log(D_MIN)
 
@@ -277,11 +280,16 @@ def _rows_within(table: PhaseTable, elements: Sequence[str]) -> np.ndarray:
 
 
 def molecular_rows(table: PhaseTable) -> np.ndarray:
-    """Boolean flag per crystal: made only of :data:`VOLATILE` elements (molecular or gas-phase solids)."""
+    """Boolean flag per crystal: made only of :data:`VOLATILE` elements, with or without carbon (not carbon alone).
+
+    These are molecular or gas-phase solids (solid O2, N2, H3O2, CO2, CH4 ...); a few real solids such as
+    C3N4 fall under the rule too and are then proposed only with ``include_molecular``.
+    """
     cache = _cache(table)
     key = ("molecular",)
     if key not in cache:
-        cache[key] = np.array([frozenset(e.split()) <= VOLATILE for e in table.elements], dtype=bool)
+        sets = [frozenset(e.split()) for e in table.elements]
+        cache[key] = np.array([e <= VOLATILE or (e <= _VOLATILE_C and e != _CARBON) for e in sets], dtype=bool)
     return cache[key]
 
 
@@ -657,7 +665,7 @@ def identify(
         learned: Use the learned route (default: whenever the index has an xrd-capable model).
         two_theta_range: 2θ range to fit, degrees (default: the whole scan from 5°, up to the angle of the
             peak tables' smallest d-spacing).
-        include_molecular: Keep crystals made only of H, N, O, F, Cl and noble gases (solid O2, N2, H3O2 ...:
+        include_molecular: Keep crystals made only of H, N, O, F, Cl, noble gases and C (solid O2, H3O2, CO2:
             molecular or gas-phase solids, not expected in a scan at room conditions) as candidates.
 
     Returns:
