@@ -287,7 +287,11 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
     table = load_table(args.index)
     id_row = {m: i for i, m in enumerate(table.material_id.tolist())}
     rows = []
-    for name, s, pat in iucr_items(args.data):
+    items = iucr_items(args.data)
+    if args.iucr_slice:
+        a, b = (int(x) if x else None for x in args.iucr_slice.split(":"))
+        items = items[a:b]
+    for name, s, pat in items:
         row: dict = {"file": name}
         if s is None or not isinstance(pat, Pattern):
             row["error"] = pat if isinstance(pat, str) else "structure not parsed"
@@ -322,6 +326,11 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
         rows.append(row)
         print(name, {k: row.get(k, {}).get("rank_identify") if isinstance(row.get(k), dict) else None
                      for k in ("elements", "none")}, row.get("error", ""), flush=True)
+    return iucr_metrics(rows, args.model is not None), {"iucr": rows}
+
+
+def iucr_metrics(rows: list[dict], learned: bool) -> dict:
+    """Counts over the IUCr rows (also used to merge rows measured by several processes)."""
     ok = [r for r in rows if "elements" in r and "none" in r]
     metrics = {
         "iucr_profiles": len(rows),
@@ -334,14 +343,15 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
     }
     for tag, suffix in (("elements", "_elements"), ("none", "")):
         ranks = [r[tag]["rank_learned"] for r in ok]
-        metrics[f"iucr_learned_rank1{suffix}"] = sum(x == 1 for x in ranks) if args.model else None
-        metrics[f"iucr_learned_top10{suffix}"] = sum((x or 99) <= 10 for x in ranks) if args.model else None
+        metrics[f"iucr_learned_rank1{suffix}"] = sum(x == 1 for x in ranks) if learned else None
+        metrics[f"iucr_learned_top10{suffix}"] = sum((x or 99) <= 10 for x in ranks) if learned else None
         metrics[f"iucr_learned_median_rank{suffix}"] = (
-            float(np.median([x or 99 for x in ranks])) if args.model and ranks else None)
+            float(np.median([x or 99 for x in ranks])) if learned and ranks else None)
         cl = [r[tag]["rank_classical"] for r in ok]
         metrics[f"iucr_classical_top10{suffix}"] = sum((x or 99) <= 10 for x in cl)
         metrics[f"iucr_classical_median_rank{suffix}"] = float(np.median([x or 99 for x in cl])) if cl else None
-    return metrics, {"iucr": rows}
+    return metrics
+
 
 
 # ---------------------------------------------------------------------- real scans
@@ -366,6 +376,9 @@ def scans(args: argparse.Namespace) -> tuple[dict, dict]:
     with tarfile.open(args.data / "xrd_measured/alab_binary_reactions/binary_reactions_xrdml.tar.xz") as t:
         t.extractall(tmp, filter="data")
     files = sorted(Path(tmp).rglob("*.xrdml"))
+    if args.scan_slice:
+        a, b = (int(x) if x else None for x in args.scan_slice.split(":"))
+        files = files[a:b]
     plots = Path(args.plots)
     plots.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -411,6 +424,8 @@ def main() -> None:
     ap.add_argument("--parts", default="synthetic,iucr,scans")
     ap.add_argument("--plots", default=str(ROOT / "runs" / "identify_scans"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--scan-slice", default=None, help="Only these XRDML scans (Python slice a:b of the sorted list).")
+    ap.add_argument("--iucr-slice", default=None, help="Only these IUCr files (Python slice a:b of the sorted list).")
     ap.add_argument("--model", default=None, help="Model folder with an xrd encoder: measure the learned route.")
     ap.add_argument("--shards", type=Path, default=None,
                     help="mp20p shards (`mmmat data build`) to embed the index with --model when it has no embeddings.")
