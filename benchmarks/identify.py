@@ -73,6 +73,28 @@ def build_index(index: Path, data: Path) -> None:
         add_crystals(index, iucr, info={"source": "mp20p (train, val, test) + IUCr structures"})
 
 
+def ensure_embeddings(index: Path, model: Path, shards: Path | None, data: Path) -> None:
+    """Crystal embeddings of the index's crystals by ``model`` beside the peak tables (learned route)."""
+    if (index / "index.json").is_file():
+        return
+    if shards is None:
+        raise SystemExit(f"{index} holds no embeddings: pass --shards (mp20p shards of `mmmat data build`)")
+    from mmmat.retrieval import build_index as embed_shards_index
+    from mmmat.retrieval.api import add_structures_to_index
+
+    embed_shards_index(model, shards, index)
+    iucr = [(f"iucr-{name}", s) for name, s, _ in iucr_items(data) if s is not None] if \
+        (data / "xrd_measured").is_dir() else []
+    if iucr:
+        add_structures_to_index(index, iucr, model, skip_duplicates=True)
+
+
+def learned_ranking(res) -> list[str]:
+    """The learned route's ranking: candidates by their rank in the model's latent space."""
+    hits = [c for c in res.candidates if c.get("learned_rank")]
+    return [c["material_id"] for c in sorted(hits, key=lambda c: c["learned_rank"])]
+
+
 def iucr_items(data: Path) -> list[tuple[str, object, object]]:
     """(file stem, structure or None, pattern or error text) of the IUCr Rietveld CIFs."""
     from pymatgen.io.cif import CifParser
@@ -102,7 +124,7 @@ def iucr_items(data: Path) -> list[tuple[str, object, object]]:
 _STATE: dict = {}
 
 
-def _init(index: str) -> None:
+def _init(index: str, model: str | None = None) -> None:
     import torch
 
     from mmmat.xrd.identify import load_table
@@ -110,6 +132,7 @@ def _init(index: str) -> None:
     torch.set_num_threads(1)
     table = load_table(index)
     _STATE["index"] = index
+    _STATE["model"] = model
     _STATE["table"] = table
     _STATE["test"] = np.flatnonzero(np.char.startswith(table.source.astype(str), "mp20:test"))
     # the same phase indexed twice (mp20p holds some compounds more than once): same formula and space group
@@ -157,7 +180,8 @@ def synthetic_case(seed: int) -> dict:
     out = {"seed": seed, "truth": truth, "formulas": [str(f) for f in table.formula[rows]]}
     for tag, els in (("elements", elements), ("none", None)):
         t0, c0 = time.perf_counter(), time.process_time()
-        res = identify(pat, _STATE["index"], elements=els, max_phases=4)
+        res = identify(pat, _STATE["index"], elements=els, max_phases=4, model=_STATE["model"],
+                       learned=_STATE["model"] is not None)
         sec, cpu = time.perf_counter() - t0, time.process_time() - c0
         classical = [c["material_id"] for c in sorted(res.candidates, key=lambda c: -(c["classical_score"] or -1))]
         key = _STATE["key"]
@@ -167,6 +191,7 @@ def synthetic_case(seed: int) -> dict:
         true_keys = {key[m]: wt for m, wt in truth.items()}
         top_id = {key[m] for m in res.ranking()[:5]}
         top_cl = {key[m] for m in classical[:5]}
+        top_le = {key[m] for m in learned_ranking(res)[:5]}
         out[tag] = {
             "seconds": sec,
             "cpu_seconds": cpu,
@@ -175,6 +200,7 @@ def synthetic_case(seed: int) -> dict:
             "top5": res.ranking()[:5],
             "top5_identify": all(k in top_id for k in true_keys),
             "top5_classical": all(k in top_cl for k in true_keys),
+            "top5_learned": all(k in top_le for k in true_keys) if _STATE["model"] else None,
             "exact": set(found) == set(true_keys),
             "wf_abs_err": [abs(found.get(k, 0.0) - wt) for k, wt in true_keys.items()],
             "false_phases": len(set(found) - set(true_keys)),
@@ -188,13 +214,20 @@ def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
     cases = []
     t0 = time.perf_counter()
     if args.workers > 1:
-        with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(str(args.index),)) as ex:
-            for c in ex.map(synthetic_case, seeds, chunksize=4):
-                cases.append(c)
+        with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(str(args.index), args.model)) as ex:
+            futures = [ex.submit(synthetic_case, s) for s in seeds]
+            for fut in futures:  # in seed order: a time limit keeps the first patterns, not the easiest
+                left = args.max_seconds - (time.perf_counter() - t0) if args.max_seconds else None
+                try:
+                    cases.append(fut.result(timeout=None if left is None else max(left, 0.0)))
+                except TimeoutError:
+                    print(f"stopping after {len(cases)} patterns: --max-seconds {args.max_seconds}", flush=True)
+                    break
                 if len(cases) % 50 == 0:
                     print(f"synthetic {len(cases)}/{args.n} in {time.perf_counter() - t0:.0f} s", flush=True)
+            ex.shutdown(wait=False, cancel_futures=True)
     else:
-        _init(str(args.index))
+        _init(str(args.index), args.model)
         for s in seeds:
             cases.append(synthetic_case(s))
             if len(cases) % 10 == 0:
@@ -229,7 +262,8 @@ def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
         "seconds_per_scan_no_elements": round(float(np.median(sec_none)), 3),
         "cpu_seconds_per_scan": round(float(np.median([c["elements"]["cpu_seconds"] for c in cases])), 3),
         "cpu_seconds_per_scan_no_elements": round(float(np.median([c["none"]["cpu_seconds"] for c in cases])), 3),
-        "synthetic_learned_all_phases_top5": None,
+        "synthetic_learned_all_phases_top5_elements": frac("elements", "top5_learned") if args.model else None,
+        "synthetic_learned_all_phases_top5": frac("none", "top5_learned") if args.model else None,
     }
     by_k = {}
     for k in (2, 3):
@@ -253,7 +287,11 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
     table = load_table(args.index)
     id_row = {m: i for i, m in enumerate(table.material_id.tolist())}
     rows = []
-    for name, s, pat in iucr_items(args.data):
+    items = iucr_items(args.data)
+    if args.iucr_slice:
+        a, b = (int(x) if x else None for x in args.iucr_slice.split(":"))
+        items = items[a:b]
+    for name, s, pat in items:
         row: dict = {"file": name}
         if s is None or not isinstance(pat, Pattern):
             row["error"] = pat if isinstance(pat, str) else "structure not parsed"
@@ -267,13 +305,17 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
         for tag, els in (("elements", sorted({e.symbol for e in s.composition.elements})), ("none", None)):
             try:
                 t0 = time.perf_counter()
-                res = identify(pat, args.index, elements=els, max_phases=4)
+                res = identify(pat, args.index, elements=els, max_phases=4, model=args.model,
+                               learned=args.model is not None)
             except InputError as exc:
                 row["error"] = str(exc)
                 break
             ranking = res.ranking()
             classical = [c["material_id"] for c in sorted(res.candidates, key=lambda c: -(c["classical_score"] or -1))]
+            learned = learned_ranking(res)
             row[tag] = {
+                "rank_learned": next((i + 1 for i, m in enumerate(learned) if m in true_ids), None)
+                if args.model else None,
                 "rank_identify": next((i + 1 for i, m in enumerate(ranking) if m in true_ids), None),
                 "rank_classical": next((i + 1 for i, m in enumerate(classical) if m in true_ids), None),
                 "top3_identify": ranking[:3],
@@ -284,6 +326,11 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
         rows.append(row)
         print(name, {k: row.get(k, {}).get("rank_identify") if isinstance(row.get(k), dict) else None
                      for k in ("elements", "none")}, row.get("error", ""), flush=True)
+    return iucr_metrics(rows, args.model is not None), {"iucr": rows}
+
+
+def iucr_metrics(rows: list[dict], learned: bool) -> dict:
+    """Counts over the IUCr rows (also used to merge rows measured by several processes)."""
     ok = [r for r in rows if "elements" in r and "none" in r]
     metrics = {
         "iucr_profiles": len(rows),
@@ -293,9 +340,18 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
         "iucr_rank1_classical": sum(r["elements"]["rank_classical"] == 1 for r in ok),
         "iucr_rank1_classical_no_elements": sum(r["none"]["rank_classical"] == 1 for r in ok),
         "iucr_top10_classical_no_elements": sum((r["none"]["rank_classical"] or 99) <= 10 for r in ok),
-        "iucr_learned_rank1": None,
     }
-    return metrics, {"iucr": rows}
+    for tag, suffix in (("elements", "_elements"), ("none", "")):
+        ranks = [r[tag]["rank_learned"] for r in ok]
+        metrics[f"iucr_learned_rank1{suffix}"] = sum(x == 1 for x in ranks) if learned else None
+        metrics[f"iucr_learned_top10{suffix}"] = sum((x or 99) <= 10 for x in ranks) if learned else None
+        metrics[f"iucr_learned_median_rank{suffix}"] = (
+            float(np.median([x or 99 for x in ranks])) if learned and ranks else None)
+        cl = [r[tag]["rank_classical"] for r in ok]
+        metrics[f"iucr_classical_top10{suffix}"] = sum((x or 99) <= 10 for x in cl)
+        metrics[f"iucr_classical_median_rank{suffix}"] = float(np.median([x or 99 for x in cl])) if cl else None
+    return metrics
+
 
 
 # ---------------------------------------------------------------------- real scans
@@ -320,6 +376,9 @@ def scans(args: argparse.Namespace) -> tuple[dict, dict]:
     with tarfile.open(args.data / "xrd_measured/alab_binary_reactions/binary_reactions_xrdml.tar.xz") as t:
         t.extractall(tmp, filter="data")
     files = sorted(Path(tmp).rglob("*.xrdml"))
+    if args.scan_slice:
+        a, b = (int(x) if x else None for x in args.scan_slice.split(":"))
+        files = files[a:b]
     plots = Path(args.plots)
     plots.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -365,8 +424,15 @@ def main() -> None:
     ap.add_argument("--parts", default="synthetic,iucr,scans")
     ap.add_argument("--plots", default=str(ROOT / "runs" / "identify_scans"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--scan-slice", default=None, help="Only these XRDML scans (Python slice a:b of the sorted list).")
+    ap.add_argument("--iucr-slice", default=None, help="Only these IUCr files (Python slice a:b of the sorted list).")
+    ap.add_argument("--model", default=None, help="Model folder with an xrd encoder: measure the learned route.")
+    ap.add_argument("--shards", type=Path, default=None,
+                    help="mp20p shards (`mmmat data build`) to embed the index with --model when it has no embeddings.")
     args = ap.parse_args()
     build_index(args.index, args.data)
+    if args.model:
+        ensure_embeddings(args.index, Path(args.model), args.shards, args.data)
     metrics: dict = {"index_crystals": None}
     extra: dict = {"bench_ranges": BENCH_RANGES}
     from mmmat.xrd.phases import PhaseTable
@@ -379,8 +445,8 @@ def main() -> None:
             metrics.update(m)
             extra.update(e)
     metrics["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
-    extra["note"] = ("learned route: not measured (no trained model with an xrd encoder on this machine); "
-                     "pass --model and an index built with it.")
+    extra["note"] = (f"learned route: model {args.model}" if args.model else
+                     "learned route: not measured (no --model given); pass --model and --shards.")
     write_result("identify", metrics, extra, out=args.out)
 
 

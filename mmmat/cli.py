@@ -433,6 +433,9 @@ def identify(
     model: Path | None = typer.Option(None, help="Model for the learned route (default: the index's)."),
     wavelength: float | None = typer.Option(None, help="Kα1 wavelength in Å when the file gives none."),
     learned: bool | None = typer.Option(None, "--learned/--no-learned", help="Use the learned candidates."),
+    include_molecular: bool = typer.Option(
+        False, help="Also propose molecular/gas-phase solids (only H, N, O, F, Cl, noble gases, C: O2, CO2 ...)."
+    ),
 ) -> None:
     """Identify the phases of a powder scan: weight fractions, lattice scales and Rwp (%)."""
     from mmmat.io import InputError
@@ -441,7 +444,7 @@ def identify(
     els = [e.strip() for e in elements.split(",")] if elements else None
     try:
         res = run(scan, index, elements=els, max_phases=max_phases, model=model, wavelength=wavelength,
-                  learned=learned)
+                  learned=learned, include_molecular=include_molecular)
     except InputError as exc:
         _fail(str(exc))
     from rich.console import Console

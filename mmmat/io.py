@@ -25,8 +25,10 @@ Patterns
     with Boost), xrayutilities reads XRDML and RAS scans but not the wavelength they record (and pulls
     h5py, lmfit, odrpack), and fabio reads 2-D detector images, not 1-D scans.  The formats above are small,
     so they are read here with the standard library (``xml.etree``, ``zipfile``, ``struct``).  Bruker RAW
-    version 4 (``RAW4.00``) is refused with a message that names the file; export such scans as ``.brml``
-    or ``.xy``.
+    version 4 (``RAW4.00``) is refused with a message that names the file: Bruker publishes no specification
+    of it (versions 1-3 are documented in the DIFFRAC manuals; the readers of version 4 that exist were
+    reverse-engineered from sample files, with several record types left unknown), so a reader could not be
+    checked against anything but its own guesses.  Export such scans as ``.brml`` (documented XML) or ``.xy``.
 
 Structures
     :func:`read_structure` reads CIF (a file or CIF text), POSCAR/CONTCAR, extxyz and the other formats

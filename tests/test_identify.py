@@ -124,3 +124,56 @@ def test_real_xrdml_scan_runs(tiny_index, tmp_path):
     res = identify(scan, tiny_index, elements=["Zn", "O", "Mg", "Ti"])
     assert "zno" in [p.material_id for p in res.phases]
     assert np.isfinite(res.rwp) and res.rwp < 50
+
+
+def test_benchmark_learned_route(tmp_path):
+    """The benchmark's learned route on a tiny model (tiny pretraining config, random weights) and its index."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from data_pipelines.base import BuildOptions, get_source
+    from data_pipelines.build import build_shards
+    from mmmat.latent.model import MultimodalModel
+    from mmmat.retrieval.api import shard_records
+    from mmmat.xrd.phases import add_crystals, crystal_from_record
+
+    pytest.importorskip("faiss")
+    root = Path(__file__).resolve().parents[1]
+    shards = tmp_path / "shards"
+    build_shards(get_source("builtin")(None, limit=6), shards, progress=False, options=BuildOptions())
+    torch.manual_seed(0)
+    enc = yaml.safe_load((root / "configs/pretrain/tiny.yaml").read_text())["model"]["init_args"]["encoders"]
+    model = MultimodalModel(enc, embed_dim=32).save_pretrained(tmp_path / "model")
+    index = tmp_path / "index"
+    add_crystals(index, [crystal_from_record(r) for r in shard_records(shards)])
+    spec = importlib.util.spec_from_file_location("identify_bench", root / "benchmarks" / "identify.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["identify_bench"] = bench
+    spec.loader.exec_module(bench)
+    bench.ensure_embeddings(index, model, shards, tmp_path / "no_data")
+    assert (index / "index.json").is_file()
+    threads = torch.get_num_threads()
+    bench._init(str(index), str(model))
+    bench._STATE["test"] = np.arange(len(bench._STATE["table"]))  # every crystal may be drawn
+    try:
+        case = bench.synthetic_case(3)
+    finally:
+        torch.set_num_threads(threads)
+    for tag in ("elements", "none"):
+        assert case[tag]["top5_learned"] in (True, False)
+        assert len(case[tag]["top5"]) >= 2
+    assert case["elements"]["top5"][0] in set(bench._STATE["table"].material_id.tolist())
+
+
+def test_molecular_solids_flagged():
+    """Molecular solids (O2, H3O2, CO2 ...) are flagged; oxides, carbonates and carbon itself are not."""
+    from mmmat.xrd.identify import molecular_rows
+    from mmmat.xrd.phases import empty_table
+
+    t = empty_table()
+    t.elements = np.array(["O", "H O", "Zn O", "N", "C O", "Cl Na", "C", "C Ca O"])
+    t.material_id = np.array([f"m{i}" for i in range(8)])
+    assert molecular_rows(t).tolist() == [True, True, False, True, True, False, False, False]

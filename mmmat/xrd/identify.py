@@ -3,25 +3,33 @@
 :func:`identify` takes a measured pattern (any format of :func:`mmmat.io.read_pattern`) and an index folder
 whose crystals carry peak tables (:mod:`mmmat.xrd.phases`), and returns an :class:`IdentifyResult`.
 
-1. **Candidates** come from two routes, restricted to crystals made only of ``elements`` when given:
+1. **Candidates** come from two routes, restricted to crystals made only of ``elements`` when given, and
+   never (unless ``include_molecular``) crystals made only of H, N, O, F, Cl and noble gases, with or without
+   carbon: molecular or gas-phase solids such as solid O2, H3O2 or CO2 (:func:`molecular_rows`), not expected
+   in a scan at room conditions:
 
-   * *classical*: the background-subtracted scan is put on a uniform ln(1/d) grid (an isotropic lattice
-     scale is then a shift) and widened by a running maximum of ±:data:`TOLERANCE` in d; each crystal's
-     strongest lines (Lorentz-polarised at the scan's wavelength) are read off it at every lattice scale
-     in :data:`SCALE_RANGE`.  A crystal's amplitude at a scale is a low quantile (:data:`QUANTILE`) of
-     data/line over its strongest lines, so a crystal whose strong lines are missing gets none, and its
-     score is the intensity it can explain this way (amplitude × summed line intensity ÷ the scan's net
-     intensity), at its best scale;
+   * *classical* (:func:`screen`): a matched filter over the whole index at once.  The signal (the
+     background-free scan, later the positive residual of the current fit) is divided by the
+     Lorentz-polarisation factor and put on an absolute ln(1/d) grid (bin :data:`SCREEN_STEP`), where an
+     isotropic lattice scale is a shift and every crystal's lines are one row of a sparse stick matrix built
+     once per index; it is blurred by a Gaussian of the scan's peak width and multiplied by the stick matrix
+     at every lattice scale in :data:`SCALE_RANGE` (one sparse-dense product).  A crystal's score is the
+     squared non-negative projection over the self-overlap of its blurred sticks: the share of the signal it
+     can explain alone, at its best scale;
    * *learned* (when the index holds crystal embeddings and its model has an ``xrd`` encoder, or
      ``model`` is given): the scan is embedded and the nearest crystals of the index are taken.
 
-2. **Fit**: phases are added greedily.  Each step tries every pooled candidate (the best
-   :data:`POOL` classical ones plus the learned ones) against the current fit, keeps the one that lowers the
-   weighted residual most, then refines all non-linear parameters (each phase's lattice scale, zero shift,
-   Caglioti W, Scherrer size, axial asymmetry) by least squares with the linear ones (one non-negative
-   scale per phase, a Chebyshev background of degree :data:`BACKGROUND_DEGREE`) solved exactly at every
-   step (variable projection).  Peaks are rendered by :func:`mmmat.xrd.instrument.bragg_profiles` with the
-   scan's Kα1/Kα2 wavelengths and ratio.
+2. **Fit** (iterative residual search): phases are added greedily.  Each step screens the residual of the
+   current fit, takes the best :data:`POOL` candidates plus the learned ones, fits each together with the
+   phases already kept (linear parameters only: exact and fast) and keeps the one that lowers the weighted
+   residual most, after refining its lattice scale and the peak shape.  Non-linear parameters (each phase's
+   lattice scale, zero shift, sample displacement, Caglioti U and W, Scherrer size, axial asymmetry) are
+   refined by a damped Gauss-Newton (Levenberg-Marquardt) loop whose forward-difference Jacobian is rendered
+   in one batched call of :func:`mmmat.xrd.instrument.bragg_profiles` (the scan's Kα1/Kα2 wavelengths and
+   ratio); the linear ones (one non-negative scale per phase, a Chebyshev background of degree
+   :data:`BACKGROUND_DEGREE`) are solved exactly at every step (variable projection).  After the last phase,
+   the residual is screened once more and its best candidates, ranked by how much each would lower the
+   misfit, are the *runners-up* of :meth:`IdentifyResult.ranking`.
 
 3. **Criterion**: a phase is kept only if the Bayesian information criterion falls by more than
    :data:`MIN_DELTA_BIC`,
@@ -55,15 +63,6 @@ from mmmat.xrd.phases import D_MIN, PhaseTable, ensure_table
 
 #: Lattice scales (d multiplied by s) searched for each candidate: computed cells are often 1-3 % too large.
 SCALE_RANGE = (0.96, 1.03)
-#: Relative d tolerance of the classical match (running maximum half-width).
-TOLERANCE = 1.5e-3
-#: Bin width of the ln(1/d) grid.
-LNQ_STEP = 5e-4
-#: Lines per candidate used for its amplitude, and the quantile taken over them.
-TOP_LINES = 15
-QUANTILE = 0.2
-#: Lines weaker than this fraction of a candidate's strongest are not used in screening.
-MIN_LINE = 0.03
 #: Classical candidates carried into the fit.
 POOL = 12
 #: Learned candidates carried into the fit.
@@ -72,8 +71,8 @@ LEARNED_POOL = 10
 BACKGROUND_DEGREE = 12
 #: A phase is kept when it lowers the BIC by more than this ("very strong" evidence, Kass & Raftery 1995).
 MIN_DELTA_BIC = 10.0
-#: Function evaluations of a refinement (twice as many for the final one).
-REFINE_STEPS = 5
+#: Levenberg-Marquardt iterations of a refinement.
+REFINE_STEPS = 3
 #: Half-range of the lattice-scale refinement around the screening value.
 SCALE_REFINE = 0.01
 
@@ -113,15 +112,19 @@ class IdentifyResult:
     background: np.ndarray
     contributions: dict[str, np.ndarray]
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    runners_up: list[str] = field(default_factory=list)
     wavelength: float = 0.0
     source: str = ""
     instrument: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     def ranking(self) -> list[str]:
-        """Material ids: the phases found (in the order added), then the other candidates by score."""
-        found = [p.material_id for p in self.phases]
-        return found + [c["material_id"] for c in self.candidates if c["material_id"] not in found]
+        """Material ids: the phases found (in the order added), the runners-up, then the other candidates."""
+        out = [p.material_id for p in self.phases]
+        for m in [*self.runners_up, *(c["material_id"] for c in self.candidates)]:
+            if m not in out:
+                out.append(m)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: phases, Rwp (%), the curves as lists, contributions by material id, candidates."""
@@ -232,13 +235,6 @@ def _lp(two_theta: np.ndarray) -> np.ndarray:
     return (1 + np.cos(2 * th) ** 2) / (np.sin(th) ** 2 * np.cos(th))
 
 
-def _running_max(x: np.ndarray, half: int) -> np.ndarray:
-    if half <= 0:
-        return x
-    padded = np.pad(x, (half, half), mode="edge")
-    return np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1).max(axis=1)
-
-
 def _fwhm_estimate(tt: np.ndarray, net: np.ndarray) -> float:
     """FWHM (degrees) of the strongest peak of a background-free scan."""
     i = int(np.argmax(net))
@@ -252,74 +248,151 @@ def _fwhm_estimate(tt: np.ndarray, net: np.ndarray) -> float:
     return float(np.clip(tt[hi] - tt[lo], 0.02, 1.0))
 
 
-# ====================================================================== classical screening
-def classical_scores(
-    table: PhaseTable, rows: np.ndarray, tt: np.ndarray, net: np.ndarray, wavelength: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Screening score and best lattice scale of each of ``rows`` (see the module docstring)."""
-    lnq_data = np.log(2 * np.sin(np.radians(tt) / 2) / wavelength)
-    lo, hi = float(lnq_data[0]), float(lnq_data[-1])
-    grid = np.arange(lo, hi + LNQ_STEP, LNQ_STEP)
-    m = np.interp(grid, lnq_data, net / max(float(net.max()), 1e-12))
-    m_s = _running_max(m, max(1, round(TOLERANCE / LNQ_STEP)))
-    total = float(m.sum())
-    nb = grid.size
-    # lines of the candidates, inside the scan's range at any scale
-    starts, stops = table.offsets[rows], table.offsets[rows + 1]
-    lens = (stops - starts).astype(np.int64)
-    owner = np.repeat(np.arange(rows.size), lens)
-    idx = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if rows.size else np.zeros(0, int)
-    d = table.d[idx].astype(np.float64)
-    inten = table.intensity[idx].astype(np.float64)
-    s = wavelength / (2 * d)
-    ok = s < 1
-    tt_line = np.degrees(2 * np.arcsin(np.where(ok, s, 0.5)))
-    r = np.where(ok, inten * _lp(tt_line), 0.0)
-    lnq = -np.log(d)
-    inside = ok & (lnq > lo - 0.04) & (lnq < hi + 0.04)
-    r = np.where(inside, r, 0.0)
-    top = np.zeros(rows.size)
-    np.maximum.at(top, owner, r)
-    rel = r / np.maximum(top[owner], 1e-30)
-    use = rel >= MIN_LINE
-    owner, rel, lnq = owner[use], rel[use], lnq[use]
-    # the TOP_LINES strongest lines of each candidate, padded
-    order = np.lexsort((-rel, owner))
-    owner, rel, lnq = owner[order], rel[order], lnq[order]
-    first = np.searchsorted(owner, np.arange(rows.size))
-    rank = np.arange(owner.size) - first[owner]
-    keep = rank < TOP_LINES
-    n_lines = np.bincount(owner[keep], minlength=rows.size)
-    sum_rel = np.bincount(owner, weights=rel, minlength=rows.size)
-    pad_b = np.full((rows.size, TOP_LINES), -1.0)
-    pad_r = np.ones((rows.size, TOP_LINES))
-    pad_b[owner[keep], rank[keep]] = (lnq[keep] - lo) / LNQ_STEP
-    pad_r[owner[keep], rank[keep]] = rel[keep]
-    # lattice scale s: d -> d s moves ln q by -ln s, i.e. the data are read k = ln(s)/step bins lower
-    shifts = np.arange(math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1]) + LNQ_STEP, LNQ_STEP * 2) / LNQ_STEP
-    best = np.full(rows.size, -1.0)
-    best_shift = np.zeros(rows.size)
-    valid_line = pad_b >= 0
-    q_index = np.floor(QUANTILE * np.maximum(n_lines - 1, 0)).astype(np.int64)
-    for k0 in range(0, shifts.size, 16):
-        ks = shifts[k0:k0 + 16]
-        b = np.rint(pad_b[:, :, None] - ks[None, None, :]).astype(np.int64)
-        in_grid = valid_line[:, :, None] & (b >= 0) & (b < nb)
-        vals = np.where(in_grid, m_s[np.clip(b, 0, nb - 1)], 0.0)
-        ratio = np.where(valid_line[:, :, None], vals / pad_r[:, :, None], np.inf)
-        ratio.sort(axis=1)
-        amp = np.take_along_axis(ratio, q_index[:, None, None], axis=1)[:, 0, :]
-        amp = np.where(np.isfinite(amp), amp, 0.0)
-        score = amp * sum_rel[:, None]
-        j = score.argmax(axis=1)
-        sc = score[np.arange(rows.size), j]
-        better = sc > best
-        best = np.where(better, sc, best)
-        best_shift = np.where(better, ks[j], best_shift)
-    width_bins = 3.0  # nominal line width in bins: only a display normalisation
-    scores = best * width_bins / max(total, 1e-12)
-    scales = np.exp(best_shift * LNQ_STEP)
-    return np.where(n_lines > 0, scores, 0.0), scales
+# ====================================================================== matched-filter screening (whole index)
+#: Bin width of the absolute ln(1/d) screening grid.
+SCREEN_STEP = 5e-4
+#: Lines weaker than this fraction of a crystal's strongest (no Lorentz-polarisation) are left out of screening.
+SCREEN_MIN_LINE = 5e-3
+#: Lattice-scale steps of the screening search, in grid bins.
+SCREEN_SHIFT_BINS = 2
+#: Elements of molecular and gas-phase crystals (solid O2, N2, H3O2, Cl2 ...): a crystal made only of these is
+#: implausible in a powder scan taken at room conditions and is not a candidate unless asked for.
+VOLATILE = frozenset("H He N O F Ne Cl Ar Kr Xe Rn".split())
+_CARBON = frozenset({"C"})
+_VOLATILE_C = VOLATILE | _CARBON  # with carbon: CO2, CH4, C2N2 ... (carbon alone is graphite or diamond)
+_GRID_LO = -math.log(50.0)
+_GRID_HI = -math.log(D_MIN)
+
+
+def _cache(table: PhaseTable) -> dict[tuple, Any]:
+    """Derived arrays of one table, kept on the table object itself (they go when it goes)."""
+    return table.__dict__.setdefault("_identify_cache", {})
+
+
+def _rows_within(table: PhaseTable, elements: Sequence[str]) -> np.ndarray:
+    """Rows of the crystals made only of ``elements`` (element sets cached per table)."""
+    cache = _cache(table)
+    key = ("sets",)
+    if key not in cache:
+        cache[key] = table.element_sets()
+    allowed = frozenset(elements)
+    return np.array([i for i, e in enumerate(cache[key]) if e <= allowed], dtype=np.int64)
+
+
+def molecular_rows(table: PhaseTable) -> np.ndarray:
+    """Boolean flag per crystal: made only of :data:`VOLATILE` elements, with or without carbon (not carbon alone).
+
+    These are molecular or gas-phase solids (solid O2, N2, H3O2, CO2, CH4 ...); a few real solids such as
+    C3N4 fall under the rule too and are then proposed only with ``include_molecular``.
+    """
+    cache = _cache(table)
+    key = ("molecular",)
+    if key not in cache:
+        sets = [frozenset(e.split()) for e in table.elements]
+        cache[key] = np.array([e <= VOLATILE or (e <= _VOLATILE_C and e != _CARBON) for e in sets], dtype=bool)
+    return cache[key]
+
+
+def _screen_matrix(table: PhaseTable) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse (crystals x bins) stick matrix on the ln(1/d) grid, with each line's bin, owner and weight."""
+    cache = _cache(table)
+    key = ("sticks",)
+    if key not in cache:
+        from scipy import sparse
+
+        n = len(table)
+        lens = np.diff(table.offsets).astype(np.int64)
+        owner = np.repeat(np.arange(n), lens)
+        inten = table.intensity.astype(np.float64)
+        top = np.zeros(n)
+        np.maximum.at(top, owner, inten)
+        keep = inten >= SCREEN_MIN_LINE * top[owner]
+        owner, inten = owner[keep], inten[keep] / top[owner[keep]]
+        b = np.rint((-np.log(table.d[keep].astype(np.float64)) - _GRID_LO) / SCREEN_STEP).astype(np.int64)
+        nb = int(round((_GRID_HI - _GRID_LO) / SCREEN_STEP)) + 1
+        b = np.clip(b, 0, nb - 1)
+        mat = sparse.csr_matrix((inten, (owner, b)), shape=(n, nb))
+        mat.sum_duplicates()
+        coo = mat.tocoo()
+        cache[key] = (mat, coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data)
+    return cache[key]
+
+
+def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int) -> np.ndarray:
+    """||sticks * Gaussian(sigma)||² of each crystal over the bins lo_bin..hi_bin (lines there only)."""
+    _, row, col, w = _screen_matrix(table)
+    level = round(math.log(max(sigma_bins, 0.5)) / math.log(1.25))
+    cache = _cache(table)
+    key = ("self", level)
+    if key not in cache:  # Σ_l' w_l' exp(-Δ²/4σ²) for each line l: the self-overlap of blurred sticks
+        sig = 1.25**level
+        reach = int(math.ceil(4 * sig))
+        acc = w.copy()
+        for j in range(1, 200):
+            same = row[j:] == row[:-j]
+            gap = col[j:] - col[:-j]
+            near = same & (gap <= 2 * reach)
+            if not near.any():
+                break
+            k = np.exp(-(gap[near] ** 2) / (4 * sig * sig))
+            a = np.flatnonzero(near)
+            np.add.at(acc, a, w[a + j] * k)
+            np.add.at(acc, a + j, w[a] * k)
+        cache[key] = w * acc
+    rkey = ("range", level, lo_bin, hi_bin)
+    if rkey not in cache:
+        for old in [k for k in cache if k[0] == "range"][:-4]:  # keep a few recent ranges
+            del cache[old]
+        inside = (col >= lo_bin) & (col <= hi_bin)
+        cache[rkey] = np.bincount(row[inside], weights=cache[key][inside], minlength=len(table))
+    return cache[rkey]
+
+
+def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarray, wavelength: float,
+           fwhm: float, zero_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Matched-filter score and best lattice scale of each of ``rows`` against ``signal`` (module docstring).
+
+    ``signal`` (the background-free scan, or the residual of a fit) is divided by the Lorentz-polarisation
+    factor, put on the absolute ln(1/d) grid, and correlated with every crystal's sticks at every lattice
+    scale in :data:`SCALE_RANGE`; a crystal's score is the squared non-negative projection over its blurred
+    sticks' norm, i.e. the share of the signal's energy it can explain alone at its best scale.
+    """
+    mat, *_ = _screen_matrix(table)
+    nb = mat.shape[1]
+    tt_c = tt - zero_shift
+    th = np.radians(tt_c) / 2
+    lnq = np.log(2 * np.sin(np.clip(th, 1e-4, None)) / wavelength)
+    m_data = signal / _lp(np.clip(tt_c, 1e-2, None))
+    lo_bin = int(math.ceil((lnq[0] - _GRID_LO) / SCREEN_STEP)) + 1
+    hi_bin = int(math.floor((lnq[-1] - _GRID_LO) / SCREEN_STEP)) - 1
+    if hi_bin <= lo_bin:
+        return np.zeros(rows.size), np.ones(rows.size)
+    centres = _GRID_LO + SCREEN_STEP * np.arange(lo_bin, hi_bin + 1)
+    m = np.interp(centres, lnq, m_data)
+    # the peak FWHM in ln q at the strongest peak sets the blur (and the matched filter's self-overlap)
+    i = int(np.argmax(signal))
+    th_i = max(float(th[i]), 1e-3)
+    sigma = max(math.radians(fwhm) / 2 / math.tan(th_i) / SCREEN_STEP / 2.355, 1.0)
+    from scipy.ndimage import gaussian_filter1d
+
+    m = gaussian_filter1d(m, sigma / math.sqrt(2), mode="constant")
+    norms = _screen_norms(table, sigma / math.sqrt(2), lo_bin, hi_bin)[rows]
+    full = np.zeros(nb + 1)
+    full[lo_bin:hi_bin + 1] = m
+    lo_k = int(math.floor(math.log(SCALE_RANGE[0]) / SCREEN_STEP))
+    hi_k = int(math.ceil(math.log(SCALE_RANGE[1]) / SCREEN_STEP))
+    ks = np.arange(lo_k, hi_k + 1, SCREEN_SHIFT_BINS)
+    # scale s moves a line from bin b to b - ln(s)/step: reading the data at b - k is the same as shifting it
+    src = np.arange(nb)[:, None] - ks[None, :]
+    shifted = np.where((src >= lo_bin) & (src <= hi_bin), full[np.clip(src, 0, nb)], 0.0)
+    sub = mat[rows]
+    corr = np.asarray(sub @ shifted)
+    # a line pushed out of the scan by the shift is not seen: norms over the range are an approximation
+    j = corr.argmax(axis=1)
+    best = corr[np.arange(rows.size), j]
+    energy = float((m * m).sum()) * math.sqrt(2 * math.pi) * sigma / math.sqrt(2) + 1e-30
+    score = np.where((best > 0) & (norms > 0), best**2 / np.maximum(norms, 1e-30) / energy, 0.0)
+    return score, np.exp(ks[j] * SCREEN_STEP)
 
 
 # ====================================================================== learned candidates
@@ -376,9 +449,14 @@ FIT_CUTOFF_FWHM = 6.0
 #: Lines weaker than this fraction of a phase's strongest (after Lorentz-polarisation) are left out of the fit.
 FIT_MIN_LINE = 2e-3
 #: Shape parameters refined with the phases: name -> (lower, upper) bound in the refined coordinate.
-_SHAPE_BOUNDS = {"zero_shift": (-0.3, 0.3), "W": (math.log(1e-5), math.log(0.3)), "U": (0.0, 0.1),
-                 "size_nm": (math.log(20.0), math.log(1e4)), "asymmetry": (-0.3, 0.3)}
+_SHAPE_BOUNDS = {"zero_shift": (-0.3, 0.3), "displacement_mm": (-0.6, 0.6),
+                 "W": (math.log(1e-5), math.log(0.3)), "U": (0.0, 0.1),
+                 "size_nm": (math.log(5.0), math.log(1e4)), "asymmetry": (-0.3, 0.3)}
 _LOG_SHAPE = ("W", "size_nm")
+_ALL_SHAPE = ("zero_shift", "displacement_mm", "W", "U", "size_nm", "asymmetry")
+#: Forward-difference step of each shape parameter (in its refined coordinate).
+_SHAPE_STEP = {"zero_shift": 2e-3, "displacement_mm": 5e-3, "W": 0.02, "U": 5e-4, "size_nm": 0.02,
+               "asymmetry": 5e-3}
 _OFFSET = 10.0
 
 
@@ -407,7 +485,13 @@ class _Fitter:
         for _ in range(2, BACKGROUND_DEGREE + 1):
             basis.append(2 * x * basis[-1] - basis[-2])
         self.bg = np.stack(basis, axis=1)
-        self.shape = {"zero_shift": 0.0, "W": fwhm**2, "U": 0.0, "size_nm": 1000.0, "asymmetry": 0.0}
+        abg = self.bg * self.sw[:, None]  # the background's part of the normal equations, once
+        self._nbg = np.sqrt((abg * abg).sum(axis=0))
+        self._abg = abg / self._nbg
+        self._gbg = self._abg.T @ self._abg
+        self._rbg = self._abg.T @ (self.y * self.sw)
+        self.shape = {"zero_shift": 0.0, "displacement_mm": 0.0, "W": fwhm**2, "U": 0.0, "size_nm": 1000.0,
+                      "asymmetry": 0.0}
         self.n_eff = max((tt[-1] - tt[0]) / fwhm, 10.0)
         self._lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -424,25 +508,40 @@ class _Fitter:
     def profiles(self, lines: list[tuple[np.ndarray, np.ndarray]], scales: Sequence[float],
                  shape: dict[str, float] | None = None) -> np.ndarray:
         """(L, n) unit-scale profiles of phases given as (d, intensity) line lists at lattice ``scales``."""
+        return self.profiles_batch(lines, [list(scales)], [shape or self.shape])[0]
+
+    def profiles_batch(self, lines: list[tuple[np.ndarray, np.ndarray]], scale_sets: Sequence[Sequence[float]],
+                       shapes: Sequence[dict[str, float]]) -> list[np.ndarray]:
+        """Profiles of the same phases under several (lattice scales, shape) settings, rendered in one call."""
         from mmmat.xrd.instrument import InstrumentParams, bragg_profiles
 
         torch = self.torch
-        sh = shape or self.shape
         n = len(lines)
+        sets = len(scale_sets)
         width = max(1, max(ln[0].size for ln in lines))
-        d = np.ones((n, width))
+        d0 = np.ones((n, width))
         inten = np.zeros((n, width))
-        for i, ((dl, il), s) in enumerate(zip(lines, scales)):
-            d[i, : dl.size] = dl * s
+        for i, (dl, il) in enumerate(lines):
+            d0[i, : dl.size] = dl
             inten[i, : il.size] = il
-        p = InstrumentParams.fixed(n, dtype=torch.float32, wavelength=self.lam1, wavelength2=self.lam2,
-                                   ka2_ratio=self.ratio, W=max(sh["W"], 1e-6), U=sh["U"], size_nm=sh["size_nm"],
-                                   asymmetry=sh["asymmetry"], zero_shift=sh["zero_shift"])
-        dt = torch.as_tensor(d, dtype=torch.float32)
-        it = torch.as_tensor(inten / np.maximum(inten.max(axis=1, keepdims=True), 1e-30), dtype=torch.float32)
-        prof = bragg_profiles(dt, it, it > 0, p, self.grid, lp=True, cutoff_fwhm=FIT_CUTOFF_FWHM)
+        sc = np.asarray(scale_sets, dtype=np.float64).reshape(sets, n, 1)
+        d = (d0[None] * sc).reshape(sets * n, width)
+        rel = inten / np.maximum(inten.max(axis=1, keepdims=True), 1e-30)
+        it = torch.as_tensor(np.tile(rel, (sets, 1)), dtype=torch.float32)
+
+        def col(name: str, floor: float | None = None) -> Any:
+            v = np.repeat([sh[name] for sh in shapes], n)
+            return torch.as_tensor(v if floor is None else np.maximum(v, floor), dtype=torch.float32)
+
+        p = InstrumentParams.fixed(sets * n, dtype=torch.float32, wavelength=self.lam1, wavelength2=self.lam2,
+                                   ka2_ratio=self.ratio, W=col("W", 1e-6), U=col("U"), size_nm=col("size_nm"),
+                                   asymmetry=col("asymmetry"), zero_shift=col("zero_shift"),
+                                   displacement_mm=col("displacement_mm"))
+        prof = bragg_profiles(torch.as_tensor(d, dtype=torch.float32), it, it > 0, p, self.grid, lp=True,
+                              cutoff_fwhm=FIT_CUTOFF_FWHM)
         scale_back = np.maximum(inten.max(axis=1), 1e-30)
-        return prof.double().numpy().T * scale_back[None, :]
+        out = prof.double().numpy().reshape(sets, n, -1)
+        return [o.T * scale_back[None, :] for o in out]
 
     def solve(self, prof: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
         """Non-negative phase scales and free background by weighted least squares: (coef, RSS_w, fit).
@@ -450,17 +549,19 @@ class _Fitter:
         Normal equations on unit-norm columns; a phase whose scale comes out negative is dropped (set to 0)
         and the rest solved again (an active set over the phase columns).
         """
-        design = np.concatenate([prof, self.bg], axis=1)
-        a = design * self.sw[:, None]
-        b = self.y * self.sw
-        norm = np.sqrt((a * a).sum(axis=0))
-        norm[norm == 0] = 1.0
-        an = a / norm
-        gram = an.T @ an
-        rhs = an.T @ b
         n_ph = prof.shape[1]
-        active = np.ones(a.shape[1], dtype=bool)
-        coef = np.zeros(a.shape[1])
+        ap = prof * self.sw[:, None]
+        b = self.y * self.sw
+        norm_p = np.sqrt((ap * ap).sum(axis=0))
+        norm_p[norm_p == 0] = 1.0
+        apn = ap / norm_p
+        cross = apn.T @ self._abg
+        gram = np.block([[apn.T @ apn, cross], [cross.T, self._gbg]])
+        rhs = np.concatenate([apn.T @ b, self._rbg])
+        norm = np.concatenate([norm_p, self._nbg])
+        a_cols = n_ph + self.bg.shape[1]
+        active = np.ones(a_cols, dtype=bool)
+        coef = np.zeros(a_cols)
         for _ in range(n_ph + 1):
             g = gram[np.ix_(active, active)] + 1e-10 * np.eye(int(active.sum()))
             coef[:] = 0.0
@@ -470,7 +571,7 @@ class _Fitter:
                 break
             active[neg[np.argmin(coef[neg])]] = False
         coef = coef / norm
-        fit = design @ coef
+        fit = prof @ coef[:n_ph] + self.bg @ coef[n_ph:]
         rss = float((((self.y - fit) * self.sw) ** 2).sum())
         return coef, rss, fit
 
@@ -480,44 +581,65 @@ class _Fitter:
         return self.n_eff * math.log(max(rss, 1e-300) / self.y.size) + k * math.log(self.n_eff)
 
     def refine(self, lines: list[tuple[np.ndarray, np.ndarray]], scales: list[float], free_phases: Sequence[int],
-               shape_names: Sequence[str], max_nfev: int = 30) -> tuple[list[float], float]:
-        """Refine the lattice scales of ``free_phases`` and the named shape parameters by least squares.
+               shape_names: Sequence[str], max_nfev: int = 4) -> tuple[list[float], float]:
+        """Refine the lattice scales of ``free_phases`` and the named shape parameters (Levenberg-Marquardt).
+
+        Each iteration renders the current setting and one forward-difference setting per parameter in a
+        single batched call, solves the linear parameters of each exactly (variable projection), and takes a
+        damped Gauss-Newton step within the bounds; ``max_nfev`` iterations at most.
 
         Returns:
             (all lattice scales, weighted RSS); the refined shape is kept in ``self.shape``.
 
         """
-        from scipy.optimize import least_squares
-
         s0 = np.array(scales, dtype=float)
-        sh0 = dict(self.shape)
         free = list(free_phases)
         names = list(shape_names)
-
-        def unpack(u: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-            v = u - _OFFSET
-            sc = s0.copy()
-            sc[free] = s0[free] * (1 + v[: len(free)])
-            sh = dict(sh0)
-            for name, x in zip(names, v[len(free):]):
-                sh[name] = math.exp(x) if name in _LOG_SHAPE else float(x)
-            return sc, sh
-
-        def resid(v: np.ndarray) -> np.ndarray:
-            sc, sh = unpack(v)
-            _, _, fit = self.solve(self.profiles(lines, sc, sh))
-            return (self.y - fit) * self.sw
-
-        v0 = [0.0] * len(free) + [math.log(sh0[nm]) if nm in _LOG_SHAPE else sh0[nm] for nm in names]
         lo = np.array([-SCALE_REFINE] * len(free) + [_SHAPE_BOUNDS[nm][0] for nm in names])
         hi = np.array([SCALE_REFINE] * len(free) + [_SHAPE_BOUNDS[nm][1] for nm in names])
-        v0 = np.clip(v0, lo + 1e-9, hi - 1e-9)
-        # shifted by a constant: relative finite-difference steps never collapse at a parameter equal to 0
-        res = least_squares(resid, v0 + _OFFSET, bounds=(lo + _OFFSET, hi + _OFFSET), max_nfev=max_nfev,
-                            x_scale="jac", diff_step=1e-4, method="trf")
-        sc, sh = unpack(res.x)
+        steps = np.array([2e-4] * len(free) + [_SHAPE_STEP[nm] for nm in names])
+
+        def unpack(v: np.ndarray) -> tuple[list[float], dict[str, float]]:
+            sc = s0.copy()
+            sc[free] = s0[free] * (1 + v[: len(free)])
+            sh = dict(self.shape)
+            for name, x in zip(names, v[len(free):]):
+                sh[name] = math.exp(x) if name in _LOG_SHAPE else float(x)
+            return list(sc), sh
+
+        def residuals(settings: list[np.ndarray]) -> list[np.ndarray]:
+            unpacked = [unpack(v) for v in settings]
+            profs = self.profiles_batch(lines, [u[0] for u in unpacked], [u[1] for u in unpacked])
+            return [(self.y - self.solve(pr)[2]) * self.sw for pr in profs]
+
+        v = np.array([0.0] * len(free) + [math.log(self.shape[nm]) if nm in _LOG_SHAPE else self.shape[nm]
+                                          for nm in names])
+        v = np.clip(v, lo + 1e-9, hi - 1e-9)
+        lam = 1e-2
+        r = None
+        for _ in range(max(1, max_nfev)):
+            h = np.where(v + steps < hi, steps, -steps)
+            settings = [v] + [v + np.eye(v.size)[j] * h[j] for j in range(v.size)]
+            res = residuals(settings) if r is None else [r, *residuals(settings[1:])]
+            r = res[0]
+            jac = np.stack([(rj - r) / hj for rj, hj in zip(res[1:], h)], axis=1)
+            jtj = jac.T @ jac
+            g = jac.T @ r
+            rss = float(r @ r)
+            improved = False
+            for _try in range(3):
+                delta = -np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), g)
+                v_new = np.clip(v + delta, lo, hi)
+                r_new = residuals([v_new])[0]
+                if float(r_new @ r_new) < rss:
+                    v, r, lam, improved = v_new, r_new, lam / 3, True
+                    break
+                lam *= 10
+            if not improved:
+                break
+        sc, sh = unpack(v)
         self.shape = sh
-        return list(sc), float((res.fun**2).sum())
+        return sc, float(r @ r)
 
 
 # ====================================================================== the entry point
@@ -530,6 +652,7 @@ def identify(
     wavelength: float | None = None,
     learned: bool | None = None,
     two_theta_range: tuple[float, float] | None = None,
+    include_molecular: bool = False,
 ) -> IdentifyResult:
     """Identify the crystalline phases of a powder scan and their weight fractions (module docstring).
 
@@ -543,6 +666,8 @@ def identify(
         learned: Use the learned route (default: whenever the index has an xrd-capable model).
         two_theta_range: 2θ range to fit, degrees (default: the whole scan from 5°, up to the angle of the
             peak tables' smallest d-spacing).
+        include_molecular: Keep crystals made only of H, N, O, F, Cl, noble gases and C (solid O2, H3O2, CO2:
+            molecular or gas-phase solids, not expected in a scan at room conditions) as candidates.
 
     Returns:
         The phases found, Rwp (%), the fitted curves and the ranked candidates.
@@ -566,7 +691,10 @@ def identify(
     elements = _check_elements(elements)
     index = Path(index)
     table = load_table(index)
-    rows = table.rows_within(elements) if elements else np.arange(len(table))
+    rows = _rows_within(table, elements) if elements else np.arange(len(table))
+    if not include_molecular and rows.size:
+        rows = rows[~molecular_rows(table)[rows]]
+    restricted = bool(elements) or not include_molecular
     if rows.size == 0:
         raise InputError(f"no crystal in {index} is made only of {', '.join(elements or [])} "
                          f"({len(table)} crystals indexed)")
@@ -586,17 +714,19 @@ def identify(
         raise InputError(f"{pattern.source}: no signal above the background")
     fwhm = _fwhm_estimate(tt, net)
 
-    scores, scales = classical_scores(table, rows, tt, net, pattern.wavelength)
+    fitter = _Fitter(tt, y, pattern, fwhm)
+    # classical route: one matched-filter pass over the background-free scan
+    scores, scales = screen(table, rows, tt, net, pattern.wavelength, fwhm)
     order = np.argsort(-scores, kind="stable")
     candidates = [{"material_id": str(table.material_id[rows[i]]), "formula": str(table.formula[rows[i]]),
-                   "classical_score": round(float(scores[i]), 5), "lattice_scale": round(float(scales[i]), 5)}
+                   "classical_score": round(float(scores[i]), 6), "lattice_scale": round(float(scales[i]), 5)}
                   for i in order[: max(POOL * 3, 30)]]
-    pool = {int(rows[i]): float(scales[i]) for i in order[:POOL]}
-    scale_of_row = dict(zip(rows.tolist(), scales.tolist()))
+    by_id = {c["material_id"]: c for c in candidates}
+    learned_rows: dict[int, float] = {}
     use_learned = _has_xrd_model(index, model) if learned is None else learned
     if use_learned:
-        hits = learned_candidates(pattern, index, model, table, rows if elements else None)
-        by_id = {c["material_id"]: c for c in candidates}
+        scale_of_row = dict(zip(rows.tolist(), scales.tolist()))
+        hits = learned_candidates(pattern, index, model, table, rows if restricted else None)
         for rank, (row, cos) in enumerate(hits, 1):
             mid = str(table.material_id[row])
             entry = by_id.get(mid)
@@ -606,68 +736,93 @@ def identify(
                 candidates.append(entry)
                 by_id[mid] = entry
             entry["learned_rank"], entry["learned_score"] = rank, round(cos, 5)
-            pool.setdefault(row, float(scale_of_row.get(row, 1.0)))
+            learned_rows[row] = float(scale_of_row.get(row, 1.0))
 
-    fitter = _Fitter(tt, y, pattern, fwhm)
-    lines_of = {r: fitter.lines(r, *table.peaks(r)) for r in pool}
-    pool = {r: sc for r, sc in pool.items() if lines_of[r][0].size}
+    lines_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def lines(r: int) -> tuple[np.ndarray, np.ndarray]:
+        if r not in lines_of:
+            lines_of[r] = fitter.lines(r, *table.peaks(r))
+        return lines_of[r]
+
+    def search(fit: np.ndarray, chosen: list[int], first: bool) -> dict[int, float]:
+        """Pool for the next phase: the best matched-filter candidates of the residual, plus the learned ones."""
+        if first:
+            sc, sl = scores, scales
+        else:
+            resid = np.clip(fitter.y - fit, 0.0, None)
+            sc, sl = screen(table, rows, fitter.tt, resid, pattern.wavelength, fwhm,
+                            fitter.shape["zero_shift"])
+        pool: dict[int, float] = {}
+        for i in np.argsort(-sc, kind="stable"):
+            r = int(rows[i])
+            if sc[i] <= 0 or len(pool) >= POOL:
+                break
+            if r not in chosen and lines(r)[0].size:
+                pool[r] = float(sl[i])
+        for r, s_ in learned_rows.items():
+            if r not in chosen and r not in pool and lines(r)[0].size:
+                pool[r] = s_
+        return pool
+
+    def trials(chosen: list[int], chosen_scales: list[float], pool: dict[int, float]) -> list[tuple[float, int, float]]:
+        """(weighted RSS, row, lattice scale) of the current phases plus each pool candidate, best first."""
+        base = fitter.profiles([lines(r) for r in chosen], chosen_scales) if chosen else \
+            np.zeros((fitter.y.size, 0))
+        t_lines, t_scales, t_owner = [], [], []
+        for r, s_ in pool.items():
+            for f in (0.998, 1.0, 1.002):
+                t_lines.append(lines(r))
+                t_scales.append(s_ * f)
+                t_owner.append(r)
+        if not t_owner:
+            return []
+        prof = fitter.profiles(t_lines, t_scales)
+        best: dict[int, tuple[float, int, float]] = {}
+        for j, r in enumerate(t_owner):
+            coef, rss_j, _ = fitter.solve(np.concatenate([base, prof[:, j:j + 1]], axis=1))
+            if coef[len(chosen)] > 0 and rss_j < best.get(r, (math.inf,))[0]:
+                best[r] = (rss_j, r, t_scales[j])
+        return sorted(best.values())
+
     chosen: list[int] = []
     chosen_scales: list[float] = []
-    evidence: list[float] = []
-    _, rss, _ = fitter.solve(np.zeros((fitter.y.size, 0)))
+    _, rss, fit = fitter.solve(np.zeros((fitter.y.size, 0)))
     bic = fitter.bic(rss, 0)
-    while len(chosen) < max_phases:
-        trial_rows = [r for r in pool if r not in chosen]
-        if not trial_rows:
+    while True:
+        pool = search(fit, chosen, not chosen)
+        tried = trials(chosen, chosen_scales, pool)
+        if len(chosen) >= max_phases or not tried:
             break
-        base_lines = [lines_of[r] for r in chosen]
-        base_prof = fitter.profiles(base_lines, chosen_scales) if chosen else np.zeros((fitter.y.size, 0))
-        trial_lines, trial_scales, trial_owner = [], [], []
-        for r in trial_rows:
-            for f in (0.999, 1.0, 1.001):
-                trial_lines.append(lines_of[r])
-                trial_scales.append(pool[r] * f)
-                trial_owner.append(r)
-        prof = fitter.profiles(trial_lines, trial_scales)
-        best = (math.inf, -1, 1.0)
-        for j, r in enumerate(trial_owner):
-            coef, rss_j, _ = fitter.solve(np.concatenate([base_prof, prof[:, j:j + 1]], axis=1))
-            if coef[len(chosen)] > 0 and rss_j < best[0]:
-                best = (rss_j, r, trial_scales[j])
-        if best[1] < 0:
-            break
-        new_rows = [*chosen, best[1]]
-        new_lines = [lines_of[r] for r in new_rows]
-        new_scales = [*chosen_scales, best[2]]
-        rss_new = best[0]
-        if not fitter.bic(rss_new, len(new_rows)) < bic - MIN_DELTA_BIC:  # refine its scale and the shape first
-            shape_names = ("zero_shift", "W") if chosen else ("zero_shift", "W", "size_nm")
+        accepted = False
+        for rss_new, row, scale in tried[:2]:  # the best trial, refined; the runner-up if it fails
+            new_rows, new_scales = [*chosen, row], [*chosen_scales, scale]
+            new_lines = [lines(r) for r in new_rows]
+            saved = dict(fitter.shape)
+            shape_names = ("zero_shift", "displacement_mm", "W") if chosen else _ALL_SHAPE
             new_scales, _ = fitter.refine(new_lines, new_scales, [len(chosen)], shape_names, max_nfev=REFINE_STEPS)
-        coef, rss_new, _ = fitter.solve(fitter.profiles(new_lines, new_scales))
-        bic_new = fitter.bic(rss_new, len(new_rows))
-        if not bic_new < bic - MIN_DELTA_BIC or coef[len(chosen)] <= 0:
+            coef, rss_new, fit_new = fitter.solve(fitter.profiles(new_lines, new_scales))
+            bic_new = fitter.bic(rss_new, len(new_rows))
+            if bic_new < bic - MIN_DELTA_BIC and coef[len(chosen)] > 0:
+                accepted = True
+                break
+            fitter.shape = saved
+        if not accepted:
             break
-        evidence.append(bic - bic_new)
-        chosen, chosen_scales, bic = new_rows, new_scales, bic_new
-        if len(chosen) == 1:  # the peak shape, from the strongest phase, before looking for minor ones
-            shape_all = ("zero_shift", "W", "U", "size_nm", "asymmetry")
-            chosen_scales, _ = fitter.refine(new_lines, chosen_scales, [0], shape_all, max_nfev=REFINE_STEPS)
-            _, rss1, _ = fitter.solve(fitter.profiles(new_lines, chosen_scales))
-            bic = fitter.bic(rss1, 1)
+        chosen, chosen_scales, bic, fit = new_rows, new_scales, bic_new, fit_new
         alive = [i for i in range(len(chosen)) if coef[i] > 0]
         if len(alive) < len(chosen):  # a phase the new one made redundant
             chosen = [chosen[i] for i in alive]
             chosen_scales = [chosen_scales[i] for i in alive]
-            evidence = [evidence[i] for i in alive]
-
-    lines = [lines_of[r] for r in chosen]
+            _, _, fit = fitter.solve(fitter.profiles([lines(r) for r in chosen], chosen_scales))
+    evidence: list[float] = []
     if chosen:
-        chosen_scales, _ = fitter.refine(lines, chosen_scales, list(range(len(chosen))),
-                                         ("zero_shift", "W", "U", "size_nm", "asymmetry"), max_nfev=2 * REFINE_STEPS)
+        chosen_scales, _ = fitter.refine([lines(r) for r in chosen], chosen_scales, list(range(len(chosen))),
+                                         _ALL_SHAPE, max_nfev=REFINE_STEPS)
     # backward check with the final peak shape: a phase whose removal does not raise the BIC by more than
     # MIN_DELTA_BIC goes; each kept phase's score is the BIC rise its removal would cause
     while chosen:
-        prof = fitter.profiles([lines_of[r] for r in chosen], chosen_scales)
+        prof = fitter.profiles([lines(r) for r in chosen], chosen_scales)
         _, rss_all, _ = fitter.solve(prof)
         bic_all = fitter.bic(rss_all, len(chosen))
         rise = []
@@ -679,9 +834,20 @@ def identify(
             evidence = rise
             break
         del chosen[weakest], chosen_scales[weakest]
-    lines = [lines_of[r] for r in chosen]
-    prof = fitter.profiles(lines, chosen_scales) if chosen else np.zeros((fitter.y.size, 0))
+    prof = fitter.profiles([lines(r) for r in chosen], chosen_scales) if chosen else np.zeros((fitter.y.size, 0))
     coef, rss, fit = fitter.solve(prof)
+    # the runners-up: candidates of the final residual, ranked by how much each would lower the misfit
+    ranked = []
+    for rank, (_, r, s_) in enumerate(trials(chosen, chosen_scales, search(fit, chosen, not chosen)), 1):
+        mid = str(table.material_id[r])
+        entry = by_id.get(mid)
+        if entry is None:
+            entry = {"material_id": mid, "formula": str(table.formula[r]), "classical_score": None,
+                     "lattice_scale": round(float(s_), 5)}
+            candidates.append(entry)
+            by_id[mid] = entry
+        entry["residual_rank"] = rank
+        ranked.append(mid)
     tt, y = fitter.tt, fitter.y
     n = len(chosen)
     background = fitter.bg @ coef[n:]
@@ -695,7 +861,7 @@ def identify(
     contributions = {str(table.material_id[r]): prof[:, i] * coef[i] for i, r in enumerate(chosen)}
     return IdentifyResult(
         phases=phases, rwp=rwp, two_theta=tt, measured=y, fitted=fit, residual=y - fit, background=background,
-        contributions=contributions, candidates=candidates, wavelength=float(pattern.wavelength),
+        contributions=contributions, candidates=candidates, runners_up=ranked, wavelength=float(pattern.wavelength),
         source=pattern.source, instrument={k: float(v) for k, v in fitter.shape.items()},
         seconds=time.perf_counter() - t0,
     )
