@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 from mmmat.data.batch import MultimodalBatch
+from mmmat.encoders.registry import EncoderConfig, encoder_spec
 from mmmat.heads.property import PropertyModel, parse_targets, select_labelled
 from mmmat.tasks.pretrain import _id_hash, _unique_first
 from mmmat.tasks.schedule import start_epoch, warmup_cosine
@@ -36,7 +37,8 @@ class PropertyFinetuning(pl.LightningModule):
         targets: Property columns (regression) or ``{name, kind, num_classes, weight}`` dicts.
         pretrained: Folder of a saved :class:`~mmmat.latent.model.MultimodalModel`; its crystal encoder is
             fine-tuned. None trains from scratch with ``encoder``.
-        encoder: Encoder config ``{"name": "crystal/schnet", **kwargs}`` (used only without ``pretrained``).
+        encoder: Typed encoder config (YAML ``class_path: mmmat.encoders.crystal.CrystalEncoderConfig`` with
+            ``init_args``), used only without ``pretrained``; kept in the hyperparameters in the plain form.
         mode: ``linear_probe`` (encoder frozen, heads trained), ``partial`` (the last ``unfreeze_last``
             interaction blocks and the readout train) or ``full`` (everything trains).
         unfreeze_last: Interaction blocks unfrozen in ``partial`` mode.
@@ -73,7 +75,7 @@ class PropertyFinetuning(pl.LightningModule):
         self,
         targets: list[str | dict[str, Any]],
         pretrained: str | None = None,
-        encoder: dict[str, Any] | None = None,
+        encoder: EncoderConfig | None = None,
         mode: Literal["linear_probe", "partial", "full"] = "full",
         unfreeze_last: int = 1,
         encoder_lr_ratio: float = 0.1,
@@ -97,6 +99,7 @@ class PropertyFinetuning(pl.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        encoder = encoder_spec(encoder) if encoder is not None else None  # plain hyperparameters
         # not merged into the logger's hparams by Lightning: ``mode`` would clash with the data module's
         # ``mode`` (on_fit_start logs them under ``finetune``)
         self.save_hyperparameters(logger=False)

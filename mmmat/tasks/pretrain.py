@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from mmmat.data.batch import MultimodalBatch
+from mmmat.encoders.registry import EncoderConfig, encoder_spec
 from mmmat.latent.losses import MultimodalContrastiveLoss
 from mmmat.latent.model import TEXT_MODALITIES, MultimodalModel
 from mmmat.tasks.schedule import start_epoch, warmup_cosine
@@ -45,7 +46,9 @@ class ContrastivePretraining(pl.LightningModule):
     """LightningModule for multimodal contrastive pretraining.
 
     Args:
-        encoders: modality -> ``{"name": registered encoder, **kwargs}`` (see :class:`MultimodalModel`).
+        encoders: modality -> typed encoder config (YAML ``class_path: mmmat.encoders.<module>.<Encoder>Config``
+            with ``init_args``; see :mod:`mmmat.encoders.registry`); kept in the hyperparameters in the plain
+            form ``{"name": ..., **kwargs}`` that :class:`MultimodalModel` stores.
         embed_dim: Shared latent dimension.
         projection: ``linear`` or ``mlp`` projection heads.
         loss_mode: ``anchor`` (every modality aligned to ``anchor``) or ``all_pairs``.
@@ -84,7 +87,7 @@ class ContrastivePretraining(pl.LightningModule):
 
     def __init__(
         self,
-        encoders: dict[str, dict[str, Any]],
+        encoders: dict[str, EncoderConfig],
         embed_dim: int = 256,
         projection: str = "linear",
         loss_mode: str = "anchor",
@@ -107,6 +110,7 @@ class ContrastivePretraining(pl.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        encoders = {modality: encoder_spec(cfg) for modality, cfg in encoders.items()}  # plain hyperparameters
         self.save_hyperparameters()
         unknown_engine = sorted(set(engine or {}) - set(ENGINE_DEFAULTS))
         if unknown_engine:
