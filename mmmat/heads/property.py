@@ -356,12 +356,13 @@ class PropertyModel(nn.Module):
             for p in enc.parameters():
                 p.requires_grad_(True)
             self._encoder_frozen = False
+            self.train(self.training)
             return
         for p in enc.parameters():
             p.requires_grad_(False)
         self._encoder_frozen = mode == "linear_probe"
         if mode == "linear_probe":
-            self.encoder.eval()
+            self.train(self.training)
             return
         fused = not isinstance(getattr(enc, "blocks", None), nn.ModuleList) and isinstance(
             getattr(enc, "gnn", None), nn.Module
@@ -388,12 +389,20 @@ class PropertyModel(nn.Module):
             elif after:
                 for p in child.parameters():
                     p.requires_grad_(True)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> PropertyModel:
-        """Set training mode; a fully frozen encoder stays in eval mode."""
+        """Set training mode; every encoder part whose parameters are all frozen stays in eval mode.
+
+        So frozen parts (all of the encoder in ``linear_probe``, the early blocks in ``partial``, parameters
+        frozen by hand in ``full``) neither update normalisation statistics nor drop units.
+        """
         super().train(mode)
-        if self._encoder_frozen:
-            self.encoder.eval()
+        if mode:
+            for module in self.encoder.modules():
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
         return self
 
     # ------------------------------------------------------------------ forward

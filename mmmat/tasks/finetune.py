@@ -27,7 +27,7 @@ from mmmat.data.batch import MultimodalBatch
 from mmmat.encoders.registry import EncoderConfig, encoder_spec
 from mmmat.heads.property import PropertyModel, parse_targets, select_labelled
 from mmmat.tasks.pretrain import _id_hash, _unique_first
-from mmmat.tasks.schedule import start_epoch, warmup_cosine
+from mmmat.tasks.schedule import adamw_param_groups, start_epoch, warmup_cosine
 
 
 class PropertyFinetuning(pl.LightningModule):
@@ -377,23 +377,21 @@ class PropertyFinetuning(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW with linear warm-up and cosine decay; the encoder at ``encoder_lr_ratio`` × ``lr``."""
         h = self.hparams
-        groups: dict[tuple[str, bool, float], list[torch.nn.Parameter]] = {}
         n_blocks = len(getattr(getattr(self.model.encoder, "gnn", self.model.encoder), "blocks", []))
         named = [*self.model.named_parameters(), *(("aux." + n, p) for n, p in self.aux.named_parameters())]
-        for name, p in named:
-            if not p.requires_grad:
-                continue
-            part = "encoder" if name.startswith("encoder.") else "head"
-            decay = p.ndim >= 2 and "norm" not in name.lower()
-            scale = h.encoder_lr_ratio if part == "encoder" else 1.0
-            if part == "encoder" and h.layer_decay is not None:
-                depth = n_blocks + 1 - encoder_layer_id(name.removeprefix("encoder."), n_blocks)
-                scale *= h.layer_decay**depth
-            groups.setdefault((part, decay, scale), []).append(p)
-        params = [
-            {"params": ps, "lr": h.lr * scale, "weight_decay": h.weight_decay if decay else 0.0, "part": part}
-            for (part, decay, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2]))
-        ]
+
+        def part(name: str) -> str:
+            return "encoder" if name.startswith("encoder.") else "head"
+
+        def scale(name: str) -> float:
+            if part(name) != "encoder":
+                return 1.0
+            s = h.encoder_lr_ratio
+            if h.layer_decay is not None:
+                s *= h.layer_decay ** (n_blocks + 1 - encoder_layer_id(name.removeprefix("encoder."), n_blocks))
+            return s
+
+        params = adamw_param_groups(named, h.lr, h.weight_decay, lr_scale=scale, part=part)
         opt = torch.optim.AdamW(params, lr=h.lr, betas=(0.9, 0.999))
         return warmup_cosine(self, opt)
 
