@@ -122,3 +122,18 @@ def test_typed_and_plain_encoder_configs_build_the_same_model():
     assert "modality" not in TextEncoderConfig(hidden=8).spec()
     with pytest.raises(ValueError, match="class_path"):
         encoder_spec({"hidden": 3})
+
+
+def test_old_plain_encoder_dict_in_yaml_stops_with_the_typed_replacement(tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(ROOT)
+    doc = yaml.safe_load((ROOT / "configs" / "finetune" / "tiny.yaml").read_text())
+    doc["model"]["init_args"]["encoder"] = {"name": "crystal/schnet", "hidden": 32}
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SystemExit) as e:
+        train.main(["fit", "--config", str(old), "--print_config"])
+    msg = str(e.value.code)
+    assert "model.init_args.encoder" in msg and "class_path: mmmat.encoders.crystal.CrystalEncoderConfig" in msg
+    assert "init_args: {hidden: 32}" in msg
