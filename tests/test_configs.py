@@ -137,3 +137,35 @@ def test_old_plain_encoder_dict_in_yaml_stops_with_the_typed_replacement(tmp_pat
     msg = str(e.value.code)
     assert "model.init_args.encoder" in msg and "class_path: mmmat.encoders.crystal.CrystalEncoderConfig" in msg
     assert "init_args: {hidden: 32}" in msg
+
+
+def test_a_new_encoder_gets_its_typed_config_in_one_line(monkeypatch):
+    """The pattern a new modality's encoder follows: register the class, then ``encoder_config(name)``."""
+    from torch import nn
+
+    from mmmat.encoders import registry
+
+    monkeypatch.setattr(registry, "_ENCODERS", dict(registry._ENCODERS))
+    monkeypatch.setattr(registry, "_CONFIGS", dict(registry._CONFIGS))
+
+    @registry.register_encoder("spectrum/test")
+    class TestSpectrumEncoder(nn.Module):
+        def __init__(self, out_dim: int = 4, scale: float = 1.0) -> None:
+            super().__init__()
+            self.out_dim = out_dim
+            self.lin = nn.Linear(1, out_dim)
+
+    cfg_cls = registry.encoder_config("spectrum/test")
+    assert cfg_cls.__qualname__ == "TestSpectrumEncoderConfig" and cfg_cls.name == "spectrum/test"
+    assert cfg_cls(out_dim=8, scale=1.0).spec() == {"name": "spectrum/test", "out_dim": 8}
+    assert cfg_cls(out_dim=8).build().out_dim == 8
+    path = f"{cfg_cls.__module__}.TestSpectrumEncoderConfig"
+    assert registry.encoder_spec({"class_path": path, "init_args": {"scale": 2.0}}) == {"name": "spectrum/test",
+                                                                                         "scale": 2.0}
+    with pytest.raises(ValueError, match="sclae"):
+        registry.encoder_spec({"class_path": path, "init_args": {"sclae": 2.0}})
+    # the same class under a second name needs a config class of its own name
+    registry.register_encoder("spectrum/test2")(TestSpectrumEncoder)
+    with pytest.raises(KeyError, match="qualname"):
+        registry.encoder_config("spectrum/test2")
+    assert registry.encoder_config("spectrum/test2", "TestSpectrum2Config").name == "spectrum/test2"

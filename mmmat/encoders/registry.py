@@ -107,6 +107,11 @@ def encoder_config(name: str, qualname: str | None = None, unset: Sequence[str] 
         raise KeyError(f"encoder {name!r} is not registered; register it before making its config")
     target = _ENCODERS[name]
     cls_name = qualname or f"{getattr(target, '__name__', 'Encoder')}Config"
+    module = getattr(target, "__module__", __name__)
+    taken = [n for n, c in _CONFIGS.items() if n != name and (c.__module__, c.__qualname__) == (module, cls_name)]
+    if taken:
+        raise KeyError(f"{module}.{cls_name} is already the config of {taken[0]!r}: give encoder_config({name!r}, "
+                       f"qualname=...) another name")
     init = target.__init__ if isinstance(target, type) else target
     sig = inspect.signature(init)
     hints = typing.get_type_hints(init)
@@ -124,7 +129,6 @@ def encoder_config(name: str, qualname: str | None = None, unset: Sequence[str] 
 
     __init__.__signature__ = sig.replace(parameters=params, return_annotation=None)  # type: ignore[attr-defined]
     __init__.__doc__ = getattr(init, "__doc__", None)
-    module = getattr(target, "__module__", __name__)
     cls = type(cls_name, (EncoderConfig,), {
         "__init__": __init__, "name": name, "__module__": module, "__qualname__": cls_name,
         "__doc__": f"Typed config of ``{name}``.\n\n{inspect.getdoc(target) or ''}",
