@@ -120,7 +120,8 @@ def encoder_config(name: str, qualname: str | None = None, unset: Sequence[str] 
     missing = sorted(set(unset) - {p.name for p in params})
     if missing:
         raise KeyError(f"encoder {name!r} has no arguments {missing}")
-    params = [p.replace(default=None, annotation=p.annotation | None) if p.name in unset else p for p in params]
+    params = [p.replace(default=None, annotation=Any if p.annotation is p.empty else p.annotation | None)
+              if p.name in unset else p for p in params]
     if not isinstance(target, type):
         params.insert(0, inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
