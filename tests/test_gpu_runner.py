@@ -87,7 +87,7 @@ def test_build_and_tiny_pretrain_phases_run_on_cpu(tmp_path):
     gpu.main(["build", "--source", "builtin", "--data", str(tmp_path), "--shards", str(shards), "--out", str(out),
               "--workers", "1", "--limit", "48"])
     assert (shards / "manifest.json").is_file()
-    assert json.loads((out / "data_build_gpu_node.json").read_text())["metrics"]["samples"] == 48
+    assert json.loads((out / "data_build_gpu_node.json").read_text())["metrics"]["train_samples"] == 48
     gpu.main(["pretrain", "--shards", str(shards), "--work", str(work), "--out", str(out), "--config",
               "configs/pretrain/tiny.yaml", "--samples", "32", "--no-eval", "--result", "pretrain_tiny", "--",
               "--trainer.accelerator=cpu", "--trainer.max_epochs=1"])
