@@ -121,6 +121,37 @@ class MMMatCLI(LightningCLI):
     _args: list[str] | None = None
 
 
+def check_encoder_configs(args: list[str]) -> None:
+    """Stop with the typed replacement when a ``--config`` file holds an encoder in the old ``{name: ...}`` form."""
+    import yaml
+
+    from mmmat.encoders.registry import list_encoder_configs
+
+    configs = list_encoder_configs()
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    paths += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    problems = []
+    for path in paths:
+        try:
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports it
+        init = ((doc.get("model") or {}).get("init_args") or {}) if isinstance(doc, dict) else {}
+        entries = {f"encoders.{k}": v for k, v in (init.get("encoders") or {}).items()}
+        if init.get("encoder") is not None:
+            entries["encoder"] = init["encoder"]
+        for key, cfg in entries.items():
+            if isinstance(cfg, dict) and "name" in cfg and "class_path" not in cfg:
+                kwargs = {k: v for k, v in cfg.items() if k != "name"}
+                cls = configs.get(cfg["name"])
+                where = f"{cls.__module__}.{cls.__qualname__}" if cls else f"<no encoder {cfg['name']!r}>"
+                problems.append(f"{path}: model.init_args.{key} is in the old form {{name: {cfg['name']}, ...}}; "
+                                f"write it as\n  class_path: {where}\n  init_args: "
+                                f"{yaml.safe_dump(kwargs, default_flow_style=True).strip()}")
+    if problems:
+        sys.exit("typed encoder configs are needed:\n" + "\n".join(problems))
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Run the CLI (``args`` replaces ``sys.argv[1:]`` when given).
 
@@ -130,6 +161,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
                  "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    check_encoder_configs(list(sys.argv[1:] if args is None else args))
     MMMatCLI._args = args
     return MMMatCLI(
         pl.LightningModule,

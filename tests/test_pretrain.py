@@ -35,7 +35,12 @@ def test_tiny_pretraining_through_train_py(tmp_path, tiny_shards):
     assert metrics["val/xrd_to_crystal_median_rank"] >= 1
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     # the resolved config and the model on disk
-    assert list(tmp_path.rglob("config.yaml"))
+    import yaml
+
+    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())  # typed encoders, defaults filled in
+    xrd = saved["model"]["init_args"]["encoders"]["xrd"]
+    assert xrd["class_path"] == "mmmat.encoders.spectrum.XRDCNNEncoderConfig" and xrd["init_args"]["out_dim"] == 32
+    assert "kernel_size" in xrd["init_args"]
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "model.safetensors").exists()
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert set(cfg["encoders"]) >= {"crystal", "xrd", "literature_text"}

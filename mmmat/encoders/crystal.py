@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmmat.encoders.registry import register_encoder
+from mmmat.encoders.registry import encoder_config, register_encoder
 
 #: Largest atomic number the embedding table holds (index 0 is unused).
 MAX_Z = 118
@@ -260,3 +260,6 @@ class CrystalEncoder(nn.Module):
     def forward(self, batch: Any) -> Tensor:
         """Crystal embeddings (B, out_dim) of ``batch.crystal`` (a MultimodalBatch or the crystal batch)."""
         return self.encode(batch)[0]
+
+#: Typed config of ``"crystal/schnet"`` (YAML ``class_path: mmmat.encoders.crystal.CrystalEncoderConfig``).
+CrystalEncoderConfig = encoder_config("crystal/schnet")

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from mmmat.data.xrd import CU_KA, DEFAULT_FWHM
 from mmmat.data.xrd_torch import MAX_PAIRS, powder_pattern_torch
 from mmmat.encoders.crystal import CrystalEncoder
-from mmmat.encoders.registry import register_encoder
+from mmmat.encoders.registry import encoder_config, register_encoder
 from mmmat.encoders.spectrum import XRDCNNEncoder
 
 
@@ -177,3 +177,6 @@ class CrystalXRDEncoder(nn.Module):
     def forward(self, batch: Any) -> Tensor:
         """Crystal embeddings (B, out_dim) of ``batch.crystal`` (a MultimodalBatch or the crystal batch)."""
         return self.encode(batch)[0]
+
+#: Typed config of ``"crystal/schnet_xrd"`` (YAML ``class_path: mmmat.encoders.crystal_xrd.CrystalXRDEncoderConfig``).
+CrystalXRDEncoderConfig = encoder_config("crystal/schnet_xrd")

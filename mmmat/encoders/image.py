@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmmat.encoders.registry import register_encoder
+from mmmat.encoders.registry import encoder_config, register_encoder
 
 #: Mean and standard deviation of the pixel values scaled to [0, 1], measured on the 64 × 64 simulated
 #: Z-contrast images of the mp20p training split (mean 0.191, std 0.222 over 5,000 images).
@@ -170,3 +170,6 @@ class TimmImageEncoder(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.proj(self.backbone(x))
+
+#: Typed config of ``"image/timm"`` (YAML ``class_path: mmmat.encoders.image.TimmImageEncoderConfig``).
+TimmImageEncoderConfig = encoder_config("image/timm")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmmat.data.xrd import CU_KA, TWO_THETA, two_theta_to_d
-from mmmat.encoders.registry import register_encoder
+from mmmat.encoders.registry import encoder_config, register_encoder
 
 
 # ====================================================================== 2θ → ln d
@@ -317,3 +317,6 @@ class XRDCNNEncoder(nn.Module):
             h = stage(h)
         pooled = torch.cat([h.mean(dim=-1), h.amax(dim=-1)], dim=1)
         return self.head(pooled)
+
+#: Typed config of ``"xrd/cnn"`` (YAML ``class_path: mmmat.encoders.spectrum.XRDCNNEncoderConfig``).
+XRDCNNEncoderConfig = encoder_config("xrd/cnn")

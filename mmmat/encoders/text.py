@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmmat.encoders.registry import register_encoder
+from mmmat.encoders.registry import encoder_config, register_encoder
 
 #: Text modalities and the batch fields (ids, attention mask) that carry them.
 TEXT_FIELDS = {
@@ -217,3 +217,6 @@ class TextEncoder(nn.Module):
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
         return self.proj(pooled)
+
+#: Typed config of ``"text/transformer"`` (YAML ``class_path: mmmat.encoders.text.TextEncoderConfig``).
+TextEncoderConfig = encoder_config("text/transformer", unset=("modality",))

@@ -738,7 +738,7 @@ def evaluate_generated(
                 "mean_energy_per_atom": float(np.nanmean(e)) if np.isfinite(e).any() else math.nan,
                 "mean_e_above_hull": float(np.nanmean(eh)) if has.any() else math.nan,
                 "stable_rate": float(np.sum(has & (eh <= ON_HULL_TOL)) / m),
-                "metastable_rate": float(np.sum(has & (eh <= 0.1 + ON_HULL_TOL)) / m),
+                "metastable_rate": float(np.sum(keep) / m),  # e_hull <= stable_threshold
                 "n_no_hull": int((~has).sum()),
                 "n_prototype_endpoints": sum(i.startswith("proto:") for i in hull.ids),
             }

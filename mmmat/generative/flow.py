@@ -281,7 +281,10 @@ class CrystalFlow(nn.Module):
         self.register_buffer("prop_mean", torch.zeros(len(self.properties)))
         self.register_buffer("prop_std", torch.ones(len(self.properties)))
         self.register_buffer("atom_count_hist", torch.ones(max_atoms + 1))
-        self.register_buffer("species_hist", torch.ones(num_species))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        state_dict.pop(prefix + "species_hist", None)  # a buffer nothing read, still in models saved before
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def latent_dim(self) -> int:
@@ -299,8 +302,6 @@ class CrystalFlow(nn.Module):
             counts.long().clamp(max=self.config["max_atoms"]), minlength=self.config["max_atoms"] + 1
         )
         self.atom_count_hist.copy_(hist.float())
-        zz = (z.long() - 1).clamp(0, self.num_species - 1)
-        self.species_hist.copy_(torch.bincount(zz, minlength=self.num_species).float())
         if props is not None and len(self.properties):
             for k in range(len(self.properties)):
                 col = props[:, k]

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmmat.encoders.registry import create_encoder
+from mmmat.encoders.registry import EncoderConfig, create_encoder, encoder_spec
 from mmmat.modelio import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401  (re-exported)
 
 FORMAT = "mmmat.PropertyModel"
@@ -213,7 +213,8 @@ class PropertyModel(nn.Module):
     """A crystal encoder and one head per target.
 
     Args:
-        encoder: Encoder config ``{"name": <registered crystal encoder>, **kwargs}``.
+        encoder: Encoder config: an :class:`~mmmat.encoders.registry.EncoderConfig` or a plain
+            ``{"name": <registered crystal encoder>, **kwargs}`` dict (stored in the plain form).
         targets: Column names (regression) or ``{name, kind, num_classes, weight}`` dicts.
         head_hidden: Width of the heads' hidden layers.
         head_layers: Linear layers per head (1 = a linear map of the embedding).
@@ -228,7 +229,7 @@ class PropertyModel(nn.Module):
 
     def __init__(
         self,
-        encoder: dict[str, Any],
+        encoder: EncoderConfig | Mapping[str, Any],
         targets: Sequence[str | dict[str, Any] | Target],
         head_hidden: int = 256,
         head_layers: int = 2,
@@ -241,8 +242,7 @@ class PropertyModel(nn.Module):
         super().__init__()
         if regression_loss not in REGRESSION_LOSSES:
             raise ValueError(f"regression_loss must be one of {REGRESSION_LOSSES}, got {regression_loss!r}")
-        if "name" not in encoder:
-            raise ValueError(f"the encoder config needs a 'name' (a registered encoder), got {encoder!r}")
+        encoder = encoder_spec(encoder)
         cfg = dict(encoder)
         self.encoder = create_encoder(cfg.pop("name"), **cfg)
         enc_cutoff = getattr(self.encoder, "cutoff", None)
@@ -366,12 +366,13 @@ class PropertyModel(nn.Module):
             for p in enc.parameters():
                 p.requires_grad_(True)
             self._encoder_frozen = False
+            self.train(self.training)
             return
         for p in enc.parameters():
             p.requires_grad_(False)
         self._encoder_frozen = mode == "linear_probe"
         if mode == "linear_probe":
-            self.encoder.eval()
+            self.train(self.training)
             return
         fused = not isinstance(getattr(enc, "blocks", None), nn.ModuleList) and isinstance(
             getattr(enc, "gnn", None), nn.Module
@@ -398,12 +399,20 @@ class PropertyModel(nn.Module):
             elif after:
                 for p in child.parameters():
                     p.requires_grad_(True)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> PropertyModel:
-        """Set training mode; a fully frozen encoder stays in eval mode."""
+        """Set training mode; every encoder part whose parameters are all frozen stays in eval mode.
+
+        So frozen parts (all of the encoder in ``linear_probe``, the early blocks in ``partial``, parameters
+        frozen by hand in ``full``) neither update normalisation statistics nor drop units.
+        """
         super().train(mode)
-        if self._encoder_frozen:
-            self.encoder.eval()
+        if mode:
+            for module in self.encoder.modules():
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
         return self
 
     # ------------------------------------------------------------------ forward

@@ -10,7 +10,7 @@ rebuilds it without unpickling anything.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmmat.data.batch import Collator, MultimodalBatch
-from mmmat.encoders.registry import create_encoder
+from mmmat.encoders.registry import EncoderConfig, create_encoder, encoder_spec
 from mmmat.modelio import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401  (re-exported)
 
 TOKENIZER_DIR = "tokenizer"
@@ -47,7 +47,9 @@ class MultimodalModel(nn.Module):
     """Encoders + projections into one shared space.
 
     Args:
-        encoders: modality -> ``{"name": registered encoder name, **constructor kwargs}``.
+        encoders: modality -> encoder config: an :class:`~mmmat.encoders.registry.EncoderConfig`, a plain
+            ``{"name": registered encoder name, **constructor kwargs}`` or a YAML-style ``{"class_path",
+            "init_args"}`` dict (see :func:`~mmmat.encoders.registry.encoder_spec`); stored in the plain form.
         embed_dim: Dimension of the shared space.
         projection: ``linear`` or ``mlp``.
         cutoff: Periodic graph cutoff (Å) used when :meth:`embed` collates raw crystals; None (default) takes
@@ -57,7 +59,7 @@ class MultimodalModel(nn.Module):
 
     def __init__(
         self,
-        encoders: dict[str, dict[str, Any]],
+        encoders: Mapping[str, EncoderConfig | Mapping[str, Any]],
         embed_dim: int = 256,
         projection: str = "linear",
         cutoff: float | None = None,
@@ -71,6 +73,7 @@ class MultimodalModel(nn.Module):
             raise ValueError(f"unknown modalities {unknown}; known: {list(modality_names())}")
         if not encoders:
             raise ValueError("a MultimodalModel needs at least one encoder")
+        encoders = {modality: encoder_spec(cfg) for modality, cfg in encoders.items()}
         self.config = {
             "encoders": copy.deepcopy(encoders),
             "embed_dim": embed_dim,

@@ -72,20 +72,7 @@ def load_model(model_dir: str | Path) -> Any:
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise RetrievalError(f"cannot load the model in {d}: {exc}") from None
     model.model_dir = str(d.resolve())
-    _match_graph_cutoff(model)
     return model.eval()
-
-
-def _match_graph_cutoff(model: Any) -> None:
-    """Build raw-crystal graphs with at least the crystal encoder's cutoff (Å).
-
-    A graph wider than the encoder's cutoff changes nothing (longer edges weigh 0), a narrower one drops
-    neighbours the encoder was trained with.
-    """
-    enc = model.encoders["crystal"] if "crystal" in model.modalities else None
-    enc_cutoff = float(getattr(enc, "cutoff", 0.0) or 0.0)
-    if enc_cutoff > float(model.config.get("cutoff", 0.0)):
-        model.config["cutoff"] = enc_cutoff
 
 
 def _require(model: Any, modality: str) -> None:

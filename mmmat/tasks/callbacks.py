@@ -206,7 +206,7 @@ class SigtermCheck(pl.Callback):
     of every training step of a multi-process run, so that all ranks stop together. That read is a barrier
     between the ranks and a wait for the whole previous step on the GPU: the host can no longer prepare the
     next step while the GPU finishes the last one, which costs a third of the step time on a short,
-    launch-bound step (the ``profile`` phase of benchmarks/gpu_all.sh shows it). This callback keeps the
+    launch-bound step (the ``profile`` phase of benchmarks/gpu.py shows it). This callback keeps the
     check, on every rank at the same steps, but only every n-th step; a SIGTERM is then acted on at most
     ``every_n_steps - 1`` steps later, well inside the grace period schedulers give. A Lightning without the
     per-step check is left untouched.

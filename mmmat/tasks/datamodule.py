@@ -214,12 +214,6 @@ class MultimodalDataModule(pl.LightningDataModule):
         """Tell the streaming loaders which epoch starts (the shard order depends on it)."""
         self._epoch.set_value(epoch)
 
-    def text_corpus(self) -> list[str]:
-        """Texts of the train split (for tokenizers)."""
-        from mmmat.data.tokenizer import corpus_from_records
-
-        return list(corpus_from_records(self.records(self.hparams.train_split)))
-
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         """Validation batches."""
         return self._loader(self.hparams.val_split, train=False)

@@ -24,9 +24,10 @@ import pytorch_lightning as pl
 import torch
 
 from mmmat.data.batch import MultimodalBatch
+from mmmat.encoders.registry import EncoderConfig, encoder_spec
 from mmmat.heads.property import PropertyModel, parse_targets, select_labelled
 from mmmat.tasks.pretrain import _id_hash, _unique_first
-from mmmat.tasks.schedule import start_epoch, warmup_cosine
+from mmmat.tasks.schedule import adamw_param_groups, start_epoch, warmup_cosine
 
 
 class PropertyFinetuning(pl.LightningModule):
@@ -36,7 +37,8 @@ class PropertyFinetuning(pl.LightningModule):
         targets: Property columns (regression) or ``{name, kind, num_classes, weight}`` dicts.
         pretrained: Folder of a saved :class:`~mmmat.latent.model.MultimodalModel`; its crystal encoder is
             fine-tuned. None trains from scratch with ``encoder``.
-        encoder: Encoder config ``{"name": "crystal/schnet", **kwargs}`` (used only without ``pretrained``).
+        encoder: Typed encoder config (YAML ``class_path: mmmat.encoders.crystal.CrystalEncoderConfig`` with
+            ``init_args``), used only without ``pretrained``; kept in the hyperparameters in the plain form.
         mode: ``linear_probe`` (encoder frozen, heads trained), ``partial`` (the last ``unfreeze_last``
             interaction blocks and the readout train) or ``full`` (everything trains).
         unfreeze_last: Interaction blocks unfrozen in ``partial`` mode.
@@ -73,7 +75,7 @@ class PropertyFinetuning(pl.LightningModule):
         self,
         targets: list[str | dict[str, Any]],
         pretrained: str | None = None,
-        encoder: dict[str, Any] | None = None,
+        encoder: EncoderConfig | None = None,
         mode: Literal["linear_probe", "partial", "full"] = "full",
         unfreeze_last: int = 1,
         encoder_lr_ratio: float = 0.1,
@@ -97,6 +99,7 @@ class PropertyFinetuning(pl.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        encoder = encoder_spec(encoder) if encoder is not None else None  # plain hyperparameters
         # not merged into the logger's hparams by Lightning: ``mode`` would clash with the data module's
         # ``mode`` (on_fit_start logs them under ``finetune``)
         self.save_hyperparameters(logger=False)
@@ -374,23 +377,21 @@ class PropertyFinetuning(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW with linear warm-up and cosine decay; the encoder at ``encoder_lr_ratio`` × ``lr``."""
         h = self.hparams
-        groups: dict[tuple[str, bool, float], list[torch.nn.Parameter]] = {}
         n_blocks = len(getattr(getattr(self.model.encoder, "gnn", self.model.encoder), "blocks", []))
         named = [*self.model.named_parameters(), *(("aux." + n, p) for n, p in self.aux.named_parameters())]
-        for name, p in named:
-            if not p.requires_grad:
-                continue
-            part = "encoder" if name.startswith("encoder.") else "head"
-            decay = p.ndim >= 2 and "norm" not in name.lower()
-            scale = h.encoder_lr_ratio if part == "encoder" else 1.0
-            if part == "encoder" and h.layer_decay is not None:
-                depth = n_blocks + 1 - encoder_layer_id(name.removeprefix("encoder."), n_blocks)
-                scale *= h.layer_decay**depth
-            groups.setdefault((part, decay, scale), []).append(p)
-        params = [
-            {"params": ps, "lr": h.lr * scale, "weight_decay": h.weight_decay if decay else 0.0, "part": part}
-            for (part, decay, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2]))
-        ]
+
+        def part(name: str) -> str:
+            return "encoder" if name.startswith("encoder.") else "head"
+
+        def scale(name: str) -> float:
+            if part(name) != "encoder":
+                return 1.0
+            s = h.encoder_lr_ratio
+            if h.layer_decay is not None:
+                s *= h.layer_decay ** (n_blocks + 1 - encoder_layer_id(name.removeprefix("encoder."), n_blocks))
+            return s
+
+        params = adamw_param_groups(named, h.lr, h.weight_decay, lr_scale=scale, part=part)
         opt = torch.optim.AdamW(params, lr=h.lr, betas=(0.9, 0.999))
         return warmup_cosine(self, opt)
 

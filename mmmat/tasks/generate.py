@@ -24,7 +24,7 @@ import torch
 
 from mmmat.data.batch import MultimodalBatch
 from mmmat.generative.flow import CrystalFlow
-from mmmat.tasks.schedule import start_epoch, warmup_cosine
+from mmmat.tasks.schedule import adamw_param_groups, start_epoch, warmup_cosine
 
 CONDITION_DIR = "condition_model"
 
@@ -288,14 +288,8 @@ class CrystalGeneration(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW with linear warm-up and cosine decay (the conditioning model stays frozen)."""
         h = self.hparams
-        decay, no_decay = [], []
-        for name, p in self.flow.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=h.lr,
-            betas=(0.9, 0.99),
-        )
+        groups = adamw_param_groups(self.flow.named_parameters(), h.lr, h.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=h.lr, betas=(0.9, 0.99))
         return warmup_cosine(self, opt)
 
     def train(self, mode: bool = True) -> CrystalGeneration:

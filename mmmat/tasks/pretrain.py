@@ -18,9 +18,10 @@ import pytorch_lightning as pl
 import torch
 
 from mmmat.data.batch import MultimodalBatch
+from mmmat.encoders.registry import EncoderConfig, encoder_spec
 from mmmat.latent.losses import MultimodalContrastiveLoss
 from mmmat.latent.model import TEXT_MODALITIES, MultimodalModel
-from mmmat.tasks.schedule import start_epoch, warmup_cosine
+from mmmat.tasks.schedule import adamw_param_groups, start_epoch, warmup_cosine
 
 #: Step optimisations of :class:`ContrastivePretraining` (``engine:`` in the config), each on by default except
 #: ``compile``; every one leaves what the step computes unchanged (tests/test_pretrain_engine.py).
@@ -45,7 +46,9 @@ class ContrastivePretraining(pl.LightningModule):
     """LightningModule for multimodal contrastive pretraining.
 
     Args:
-        encoders: modality -> ``{"name": registered encoder, **kwargs}`` (see :class:`MultimodalModel`).
+        encoders: modality -> typed encoder config (YAML ``class_path: mmmat.encoders.<module>.<Encoder>Config``
+            with ``init_args``; see :mod:`mmmat.encoders.registry`); kept in the hyperparameters in the plain
+            form ``{"name": ..., **kwargs}`` that :class:`MultimodalModel` stores.
         embed_dim: Shared latent dimension.
         projection: ``linear`` or ``mlp`` projection heads.
         loss_mode: ``anchor`` (every modality aligned to ``anchor``) or ``all_pairs``.
@@ -84,7 +87,7 @@ class ContrastivePretraining(pl.LightningModule):
 
     def __init__(
         self,
-        encoders: dict[str, dict[str, Any]],
+        encoders: dict[str, EncoderConfig],
         embed_dim: int = 256,
         projection: str = "linear",
         loss_mode: str = "anchor",
@@ -107,6 +110,7 @@ class ContrastivePretraining(pl.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        encoders = {modality: encoder_spec(cfg) for modality, cfg in encoders.items()}  # plain hyperparameters
         self.save_hyperparameters()
         unknown_engine = sorted(set(engine or {}) - set(ENGINE_DEFAULTS))
         if unknown_engine:
@@ -335,18 +339,13 @@ class ContrastivePretraining(pl.LightningModule):
         """AdamW with linear warm-up and cosine decay (per-modality learning rates from ``lr_scale``)."""
         h = self.hparams
         scales = dict(h.get("lr_scale") or {})
-        groups: dict[tuple[float, bool], list] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
+
+        def scale(name: str) -> float:
             parts = name.split(".")
             modality = parts[2] if len(parts) > 2 and parts[1] in ("encoders", "projections") else None
-            no_decay = p.ndim < 2 or "logit" in name or "norm" in name.lower()
-            groups.setdefault((float(scales.get(modality, 1.0)), no_decay), []).append(p)
-        param_groups = [
-            {"params": ps, "lr": h.lr * scale, "weight_decay": 0.0 if nd else h.weight_decay}
-            for (scale, nd), ps in sorted(groups.items())
-        ]
+            return float(scales.get(modality, 1.0))
+
+        param_groups = adamw_param_groups(self.named_parameters(), h.lr, h.weight_decay, lr_scale=scale)
         fused = self.engine["fused_adamw"] and self.device.type == "cuda"
         opt = torch.optim.AdamW(param_groups, lr=h.lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
         return warmup_cosine(self, opt)

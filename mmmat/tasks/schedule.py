@@ -1,12 +1,44 @@
-"""The learning-rate schedule shared by the training tasks."""
+"""The learning-rate schedule and the AdamW parameter groups shared by the training tasks."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+
+
+def adamw_param_groups(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+    part: Callable[[str], str] | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices only, a learning rate per group.
+
+    Parameters that do not require gradients are left out. Biases, scalars and normalisation weights (``ndim <
+    2`` or ``norm`` in the name) get no weight decay. ``lr_scale(name)`` multiplies ``lr`` for a parameter;
+    ``part(name)`` names its group (kept in the group as ``"part"``, e.g. for a head-only warm-up). Groups come
+    in a fixed order: by part, then by falling learning rate, decayed before not decayed.
+    """
+    groups: dict[tuple[str, float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        key = (part(name) if part else "", -float(lr_scale(name)) if lr_scale else -1.0,
+               p.ndim < 2 or "norm" in name.lower())
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (tag, neg_scale, no_decay), params in sorted(groups.items()):
+        group: dict[str, Any] = {"params": params, "lr": lr * -neg_scale,
+                                 "weight_decay": 0.0 if no_decay else weight_decay}
+        if part:
+            group["part"] = tag
+        out.append(group)
+    return out
 
 
 def warmup_cosine(module: pl.LightningModule, opt: torch.optim.Optimizer) -> dict[str, Any]:
