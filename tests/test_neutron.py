@@ -83,8 +83,9 @@ def neutron_run(tmp_path_factory):
     cfg = yaml.safe_load(TINY.read_text())
     enc = cfg["model"]["init_args"]["encoders"]
     enc.pop("image")
-    enc["neutron"] = {"name": "xrd/cnn", "out_dim": 32, "num_bins": 256, "widths": [8, 16], "depths": [1, 1],
-                      "hidden_dim": 32}
+    enc["neutron"] = {"class_path": "mmmat.encoders.spectrum.XRDCNNEncoderConfig",
+                      "init_args": {"out_dim": 32, "num_bins": 256, "widths": [8, 16], "depths": [1, 1],
+                                    "hidden_dim": 32}}
     cfg["trainer"].update(max_epochs=1, limit_train_batches=2)
     config = tmp / "tiny_neutron.yaml"
     config.write_text(yaml.safe_dump(cfg))
