@@ -89,9 +89,11 @@ def _start(args: argparse.Namespace, config: str, batch: int, tag: str, extra: l
     overlay.write_text(yaml.safe_dump({"trainer": {
         "max_steps": 100000, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
         "callbacks": callbacks}}))
+    tok = work if env else args.workdir
     cmd = [
         sys.executable, str(ROOT / "train.py"), "fit", "--config", config, "--config", str(overlay),
-        f"--data.shards={args.shards}", f"--data.batch_size={batch}", f"--data.tokenizer={args.workdir}/tokenizer",
+        # runs side by side build their own (identical) tokenizers rather than race on one folder
+        f"--data.shards={args.shards}", f"--data.batch_size={batch}", f"--data.tokenizer={tok}/tokenizer",
         f"--trainer.default_root_dir={work}", f"--trainer.logger.init_args.save_dir={work}",
         f"--model.init_args.save_dir={work}/model", *extra,
     ]
@@ -263,7 +265,7 @@ def main() -> None:
             "crystals_per_s": round(2 * 256 / r["wall_ms"] * 1e3, 1),
             "crystals_per_s_1gpu_same_host": round(256 / one["wall_ms"] * 1e3, 1),
             "ddp_speedup": round(one["wall_ms"] / r["wall_ms"] * 2, 3),
-            "one_gpu_run_same_call": not args.ddp_only,
+            "one_gpu_run_same_call": not (args.ddp_only or args.graphs_only),
             "gpu_busy_share_rank0": round(r["busy_share"], 3),
             "host_syncs_per_step_rank0": r.get("syncs_per_step"),
         }

@@ -147,6 +147,21 @@ def test_capacity_overflow_grows_and_never_truncates(shards):
     assert step.grown == grown and y["z"].shape == x["z"].shape and y["edge_index"].shape == x["edge_index"].shape
 
 
+def test_planned_capacities_hold_random_batches(shards):
+    from mmmat.tasks.static_step import StaticStep
+
+    data = _data(shards, precompute_graph=True).resident("train")
+    step = StaticStep(_module(), compile=False)
+    step.plan(data, 8)
+    caps = dict(step.capacity)
+    assert caps["atoms"] > 0 and caps["edges"] > 0 and 0 < caps["rows/literature_text"] <= 16
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x = step.pad(data.batch(torch.randperm(len(data), generator=g)[:8]))
+        assert x["z"].shape[0] == caps["atoms"] and x["edge_index"].shape[1] == caps["edges"]
+    assert step.grown == 0
+
+
 def test_unsupported_settings_are_errors():
     from mmmat.tasks.static_step import StaticStep
 

@@ -193,6 +193,10 @@ class ContrastivePretraining(pl.LightningModule):
         from mmmat.tasks.static_step import StaticStep
 
         self._static = StaticStep(self, compile=True, mode="reduce-overhead")
+        dm = getattr(self.trainer, "datamodule", None)
+        hp = getattr(dm, "hparams", None)
+        if getattr(hp, "mode", None) == "resident":  # capacities from the split's sizes: no re-compilation
+            self._static.plan(dm.resident(hp.train_split), int(hp.batch_size))
 
     def _compile_encoders(self) -> None:
         """``torch.compile`` the tensor-level part of every encoder: its network, not the input handling."""

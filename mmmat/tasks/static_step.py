@@ -73,11 +73,12 @@ class StaticStep:
         mode: ``torch.compile`` mode; ``"reduce-overhead"`` captures CUDA graphs on CUDA (on the CPU it only
             compiles).
         backend: ``torch.compile`` backend (default inductor; ``"eager"`` traces without generating code).
-        headroom: Factor a capacity is set to above the first (or an overflowing) batch's size.
+        headroom: Factor a capacity is set to above an overflowing batch's size (1.25 above the first batch's
+            where :meth:`plan` set none).
 
     Attributes:
-        capacity: ``atoms``, ``edges``, ``tokens``, ``peaks`` and ``rows/<text modality>`` of the padded
-            batches (0 until the first batch).
+        capacity: ``atoms``, ``edges``, ``peaks``, ``tokens/<text modality>`` and ``rows/<text modality>`` of
+            the padded batches (0 until :meth:`plan` or the first batch).
         grown: How often a capacity grew after the first batch (each growth is one re-compilation).
 
     """
@@ -100,7 +101,7 @@ class StaticStep:
         self.module = module
         self.mixture_weight = float(h.get("mixture_loss_weight") or 0.0)
         self.headroom = float(headroom)
-        self.capacity: dict[str, int] = {"atoms": 0, "edges": 0, "tokens": 0, "peaks": 0}
+        self.capacity: dict[str, int] = {"atoms": 0, "edges": 0, "peaks": 0}
         self.grown = 0
         self.compiled = bool(compile)
         self._fn = self.loss
@@ -114,11 +115,40 @@ class StaticStep:
         if n <= cap:
             return cap
         first = cap == 0
-        cap = n if exact_ok and first else _round_up(n * self.headroom, unit)
+        cap = n if exact_ok and first else _round_up(n * (1.25 if first else self.headroom), unit)
         self.capacity[key] = cap
         if not first:
             self.grown += 1
         return cap
+
+    def plan(self, data: Any, batch_size: int, sigmas: float = 6.0) -> None:
+        """Initial capacities from a resident split's per-crystal sizes, so that batches almost never outgrow them.
+
+        A batch of ``batch_size`` random crystals holds about ``B·mean ± √B·std`` atoms (edges, text rows);
+        the capacity is that mean plus ``sigmas`` standard deviations, rounded up (a growth, i.e. a
+        re-compilation, then has a chance of about 1e-9 per batch).
+
+        Args:
+            data: A :class:`~mmmat.data.resident.ResidentData` (its host copies of the sizes are read).
+            batch_size: Crystals per batch.
+            sigmas: Standard deviations of headroom.
+
+        """
+        def bound(per: Tensor) -> float:
+            per = per.double()
+            std = float(per.std()) if per.numel() > 1 else 0.0
+            return batch_size * float(per.mean()) + sigmas * math.sqrt(batch_size) * std
+
+        rows_max = _round_up(batch_size, 16)
+        self.capacity["atoms"] = max(self.capacity["atoms"], _round_up(bound(data._counts_cpu) + 1, 256))
+        e_counts = getattr(data, "_e_counts_cpu", None)
+        if e_counts is not None and getattr(data, "edge_capacity", None) is None:
+            self.capacity["edges"] = max(self.capacity["edges"], _round_up(bound(e_counts), 4096))
+        for mod, which in (("processing_text", "p"), ("literature_text", "l")):
+            if mod in self.module.model.encoders:
+                has = (data._n_texts_cpu[which] > 0).double()
+                key = f"rows/{mod}"
+                self.capacity[key] = max(self.capacity.get(key, 0), min(_round_up(bound(has) + 1, 16), rows_max))
 
     # ------------------------------------------------------------------ padding
     def pad(self, batch: Any) -> dict[str, Tensor]:
@@ -174,7 +204,7 @@ class StaticStep:
         for mod in texts:
             field = _TEXT_FIELDS[mod]
             ids, mask = getattr(batch, f"{field}_ids"), getattr(batch, f"{field}_mask")
-            t_cap = self._fit("tokens", ids.shape[1], 1, exact_ok=True)
+            t_cap = self._fit(f"tokens/{mod}", ids.shape[1], 1, exact_ok=True)
             x[f"{field}_ids"] = F.pad(ids, (0, t_cap - ids.shape[1]))
             x[f"{field}_mask"] = F.pad(mask, (0, t_cap - mask.shape[1]))
             rows = batch.rows.get(mod) if batch.rows else None
