@@ -42,7 +42,8 @@ def _module(encoders=ENCODERS, **kw):
     from mmmat.tasks.pretrain import ContrastivePretraining
 
     torch.manual_seed(0)
-    m = ContrastivePretraining(encoders, embed_dim=32, xrd_augment={}, engine={"fused_adamw": False}, **kw)
+    kw.setdefault("xrd_augment", {})
+    m = ContrastivePretraining(encoders, embed_dim=32, engine={"fused_adamw": False}, **kw)
     m.model.tokenizer = None
     for enc in m.model.encoders.values():
         if hasattr(enc, "full_attention_mask"):
@@ -88,6 +89,23 @@ def test_static_step_equals_plain_step(shards, precompute):
         assert step.capacity["atoms"] > c.z.shape[0] and step.capacity["edges"] >= c.edge_index.shape[1]
         assert step.capacity["rows/literature_text"] >= batch.rows["literature_text"].shape[0]
     assert step.grown == 0
+
+
+def test_static_step_with_xrd_mixtures_equals_plain_step(shards):
+    from mmmat.tasks.static_step import StaticStep
+
+    kw = {"xrd_augment": {"p_mixture": 0.5}, "mixture_loss_weight": 1.0}
+    dm = _data(shards, precompute_graph=True)
+    plain, static_m = _module(**kw), _module(**kw)
+    static_m.load_state_dict(copy.deepcopy(plain.state_dict()))
+    plain._precompute_patterns(dm)
+    step = StaticStep(static_m, compile=False)
+    data = dm.resident("train")
+    idx = torch.tensor([3, 1, 4, 15, 9, 2, 6, 5, 35, 8, 27, 0])
+    la, ga = _loss_and_grads(plain, lambda b: plain.training_step(b, 0), data.batch(idx), 0)
+    lb, gb = _loss_and_grads(static_m, lambda b: step(b)[0], data.batch(idx), 0)
+    _same(la, ga, lb, gb)
+    assert "mixture_logit" in ga
 
 
 def test_padding_rows_contribute_nothing(shards):
