@@ -192,7 +192,8 @@ class ContrastivePretraining(pl.LightningModule):
             return
         from mmmat.tasks.static_step import StaticStep
 
-        self._static = StaticStep(self, compile=True, mode="reduce-overhead")
+        # a graph break costs speed, not correctness: reported after the first step rather than fatal
+        self._static = StaticStep(self, compile=True, mode="reduce-overhead", fullgraph=False)
         dm = getattr(self.trainer, "datamodule", None)
         hp = getattr(dm, "hparams", None)
         if getattr(hp, "mode", None) == "resident":  # capacities from the split's sizes: no re-compilation

@@ -73,6 +73,8 @@ class StaticStep:
         mode: ``torch.compile`` mode; ``"reduce-overhead"`` captures CUDA graphs on CUDA (on the CPU it only
             compiles).
         backend: ``torch.compile`` backend (default inductor; ``"eager"`` traces without generating code).
+        fullgraph: Fail on a graph break (True), or let the step run in several graphs (False) and report the
+            number of graph breaks after the first step.
         headroom: Factor a capacity is set to above an overflowing batch's size (1.25 above the first batch's
             where :meth:`plan` set none).
 
@@ -90,6 +92,7 @@ class StaticStep:
         mode: str | None = "reduce-overhead",
         backend: str = "inductor",
         headroom: float = 1.1,
+        fullgraph: bool = True,
     ):
         h = module.hparams
         if len(module.objectives):
@@ -106,7 +109,8 @@ class StaticStep:
         self.compiled = bool(compile)
         self._fn = self.loss
         if compile:
-            self._fn = torch.compile(self.loss, mode=mode, backend=backend, fullgraph=True, dynamic=False)
+            self._fn = torch.compile(self.loss, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=False)
+        self._reported = False
 
     # ------------------------------------------------------------------ capacities
     def _fit(self, key: str, n: int, unit: int, exact_ok: bool = False) -> int:
@@ -282,7 +286,20 @@ class StaticStep:
         if self.compiled and x["xrd"].is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
         loss, logs = self._fn(x)
+        if self.compiled and not self._reported:
+            self._reported = True
+            self._report()
         # one copy of every logged value: outputs of a CUDA graph are overwritten by the next replay
         names = list(logs)
         values = torch.stack([logs[k] for k in names])
         return loss, {k: values[i] for i, k in enumerate(names)}
+
+    def _report(self) -> None:
+        """Say once how the step compiled: graphs, graph breaks (and why), capacities."""
+        import sys
+
+        from torch._dynamo.utils import counters
+
+        breaks = dict(counters["graph_break"])
+        print(f"static step compiled: {len(breaks)} distinct graph breaks {breaks or ''}, "
+              f"capacities {self.capacity}", file=sys.stderr, flush=True)
