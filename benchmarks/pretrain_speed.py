@@ -15,6 +15,11 @@
    under bf16 autocast, batch 256, batches assembled beforehand (model time only).
 3. With ``--ddp`` (two GPUs): the DDP config's step at batch 256 per GPU, and ``ddp_speedup`` = its
    crystals/s over the one-GPU figure of part 1 on the same host.
+4. With ``--cuda-graphs``: the same config with ``engine.cuda_graphs`` on (the whole step padded to static
+   shapes, compiled as one graph and replayed as CUDA graphs), at every batch size of part 1, as runs
+   ``b<N>_graphs`` and metrics ``*_cuda_graphs``; ``--graphs-only`` skips the runs of part 1 (their figures
+   then come from ``--merge``). ``--parallel`` starts the one-GPU runs of one part together, one per GPU of
+   the host (each process sees one GPU; the host's CPU cores are shared), to fit one call's time.
 """
 
 from __future__ import annotations
@@ -38,6 +43,36 @@ from common import write_result  # noqa: E402
 
 def step_speed(args: argparse.Namespace, config: str, batch: int, tag: str, extra: list[str]) -> dict:
     """Run ``train.py fit`` with a step profiler and return its numbers (rank 0)."""
+    return _finish(args, tag, *_start(args, config, batch, tag, extra))
+
+
+def step_speeds(args: argparse.Namespace, jobs: list[tuple[str, int, str, list[str]]],
+                soft: bool = False) -> dict[str, dict]:
+    """Several one-GPU runs ``(config, batch, tag, extra)``: together, one per GPU, with ``--parallel``.
+
+    With ``soft``, a failed run gives ``{"failed": <end of its log>}`` instead of ending the benchmark.
+    """
+    gpus = torch.cuda.device_count() if args.parallel else 0
+    width = gpus if gpus >= 2 else 1
+    out: dict[str, dict] = {}
+    for start in range(0, len(jobs), width):
+        running = []
+        for gpu, (config, batch, tag, extra) in enumerate(jobs[start : start + width]):
+            env = {"CUDA_VISIBLE_DEVICES": str(gpu)} if width > 1 else None
+            running.append((tag, _start(args, config, batch, tag, extra, env)))
+        for tag, started in running:
+            try:
+                out[tag] = _finish(args, tag, *started)
+            except SystemExit as err:
+                if not soft:
+                    raise
+                out[tag] = {"failed": str(err), "log_tail": (started[1] / "train.log").read_text()[-3000:]}
+    return out
+
+
+def _start(args: argparse.Namespace, config: str, batch: int, tag: str, extra: list[str],
+           env: dict | None = None) -> tuple:
+    """Start ``train.py fit`` with a step profiler; returns (process, work dir, start time)."""
     work = Path(args.workdir) / tag
     work.mkdir(parents=True, exist_ok=True)
     start = args.warmup + args.steps
@@ -54,22 +89,36 @@ def step_speed(args: argparse.Namespace, config: str, batch: int, tag: str, extr
     overlay.write_text(yaml.safe_dump({"trainer": {
         "max_steps": 100000, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
         "callbacks": callbacks}}))
+    tok = work if env else args.workdir
     cmd = [
         sys.executable, str(ROOT / "train.py"), "fit", "--config", config, "--config", str(overlay),
-        f"--data.shards={args.shards}", f"--data.batch_size={batch}", f"--data.tokenizer={args.workdir}/tokenizer",
+        # runs side by side build their own (identical) tokenizers rather than race on one folder
+        f"--data.shards={args.shards}", f"--data.batch_size={batch}", f"--data.tokenizer={tok}/tokenizer",
         f"--trainer.default_root_dir={work}", f"--trainer.logger.init_args.save_dir={work}",
         f"--model.init_args.save_dir={work}/model", *extra,
     ]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if r.returncode != 0:
-        print(r.stderr[-4000:], file=sys.stderr)
-        raise SystemExit(f"{tag}: train.py failed ({r.returncode})")
+    log = open(work / "train.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return proc, work, t0
+
+
+def _finish(args: argparse.Namespace, tag: str, proc: subprocess.Popen, work: Path, t0: float) -> dict:
+    """Wait for a run started by :func:`_start` and return its numbers."""
+    rc = proc.wait()
+    if rc != 0:
+        print((work / "train.log").read_text()[-4000:], file=sys.stderr)
+        raise SystemExit(f"{tag}: train.py failed ({rc})")
     out = json.loads((work / "prof" / "profile_rank0.json").read_text())
     out["run_seconds"] = round(time.perf_counter() - t0, 1)
     (Path(args.workdir) / f"{tag}_profile.txt").write_text((work / "prof" / "profile_rank0.txt").read_text())
     print(tag, json.dumps(out), flush=True)
     return out
+
+
+#: ``engine`` of the cuda_graphs runs: the shipped config's optimisations plus the static, captured step.
+GRAPHS_ENGINE = "precompute_patterns: true, sync_free: true, fused_adamw: true, compile: true, cuda_graphs: true"
 
 
 def _batches(args: argparse.Namespace, n: int, batch: int, cutoff: float) -> list:
@@ -163,6 +212,9 @@ def main() -> None:
     ap.add_argument("--ddp-only", action="store_true",
                     help="only the DDP step, against the one-GPU batch-256 run of --merge")
     ap.add_argument("--ddp", action="store_true", help="also the two-GPU DDP step and ddp_speedup")
+    ap.add_argument("--cuda-graphs", action="store_true", help="also the step with engine.cuda_graphs on")
+    ap.add_argument("--graphs-only", action="store_true", help="only the cuda_graphs runs (part 1 from --merge)")
+    ap.add_argument("--parallel", action="store_true", help="one-GPU runs of one part together, one per GPU")
     ap.add_argument("--extra", action="append", default=[], help="a train.py override for every run (repeat)")
     ap.add_argument("--workdir", default="/tmp/pretrain_speed")
     ap.add_argument("--result", default=str(ROOT / "benchmarks/results/pretrain_speed.json"))
@@ -174,14 +226,24 @@ def main() -> None:
     if args.merge and Path(args.merge).exists():
         old = json.loads(Path(args.merge).read_text())
         metrics, runs = old["metrics"], old.get("runs", {})
-    for b in [] if args.ddp_only else args.batch_sizes:
-        r = runs[f"b{b}"] = step_speed(args, args.config, b, f"b{b}", args.extra)
-        metrics[f"crystals_per_s_b{b}"] = round(b / r["wall_ms"] * 1e3, 1)
-        metrics[f"gpu_busy_share_b{b}"] = round(r["busy_share"], 3)
-        metrics[f"host_syncs_per_step_b{b}"] = r.get("syncs_per_step")
-        metrics[f"peak_memory_gb_b{b}"] = round(r.get("peak_memory_gb", float("nan")), 2)
+    parts = [] if args.ddp_only or args.graphs_only else [("", [])]
+    if args.cuda_graphs and not args.ddp_only:
+        parts.append(("_graphs", [f"--model.init_args.engine={{{GRAPHS_ENGINE}}}"]))
+    for suffix, extra in parts:
+        jobs = [(args.config, b, f"b{b}{suffix}", [*args.extra, *extra]) for b in args.batch_sizes]
+        done = step_speeds(args, jobs, soft=bool(suffix))  # a failed cuda_graphs run is recorded, not fatal
+        for b in args.batch_sizes:
+            r = runs[f"b{b}{suffix}"] = done[f"b{b}{suffix}"]
+            if "failed" in r:
+                continue
+            key = "_cuda_graphs" if suffix else ""
+            metrics[f"crystals_per_s_b{b}{key}"] = round(b / r["wall_ms"] * 1e3, 1)
+            metrics[f"gpu_busy_share_b{b}{key}"] = round(r["busy_share"], 3)
+            metrics[f"host_syncs_per_step_b{b}{key}"] = r.get("syncs_per_step")
+            metrics[f"peak_memory_gb_b{b}{key}"] = round(r.get("peak_memory_gb", float("nan")), 2)
         write_result("pretrain_speed", metrics, {"runs": runs}, out=args.result)
-    metrics["host_syncs_per_step"] = runs[f"b{args.batch_sizes[0]}"].get("syncs_per_step")
+    if f"b{args.batch_sizes[0]}" in runs:
+        metrics["host_syncs_per_step"] = runs[f"b{args.batch_sizes[0]}"].get("syncs_per_step")
     if args.plain and not args.ddp_only:
         off = "--model.init_args.engine={precompute_patterns: false, sync_free: false, fused_adamw: false}"
         b0 = args.batch_sizes[0]
@@ -203,7 +265,7 @@ def main() -> None:
             "crystals_per_s": round(2 * 256 / r["wall_ms"] * 1e3, 1),
             "crystals_per_s_1gpu_same_host": round(256 / one["wall_ms"] * 1e3, 1),
             "ddp_speedup": round(one["wall_ms"] / r["wall_ms"] * 2, 3),
-            "one_gpu_run_same_call": not args.ddp_only,
+            "one_gpu_run_same_call": not (args.ddp_only or args.graphs_only),
             "gpu_busy_share_rank0": round(r["busy_share"], 3),
             "host_syncs_per_step_rank0": r.get("syncs_per_step"),
         }

@@ -35,6 +35,9 @@ ENGINE_DEFAULTS: dict[str, bool] = {
     "fused_adamw": True,
     # torch.compile of every encoder's network (fewer kernels and less Python per step)
     "compile": False,
+    # the whole step (augmentation, encoders, losses) on batches padded to fixed capacities, compiled as one
+    # graph and replayed as CUDA graphs (mmmat.tasks.static_step); one process only, replaces ``compile``
+    "cuda_graphs": False,
 }
 
 
@@ -141,6 +144,7 @@ class ContrastivePretraining(pl.LightningModule):
             raise ValueError(f"crystal_augment: unknown keys {unknown} (displacement, strain)")
         self._val: list[dict[str, Any]] = []
         self._mixture: torch.Tensor | None = None
+        self._static: Any = None
         if mixture_loss_weight < 0:
             raise ValueError(f"mixture_loss_weight must be >= 0, got {mixture_loss_weight}")
         if mixture_loss_weight > 0:
@@ -172,13 +176,32 @@ class ContrastivePretraining(pl.LightningModule):
                         f"model.encoders.{m}.vocab_size >= {len(tok)}"
                     )
 
-        if self.engine["sync_free"]:
+        if self.engine["sync_free"] or self.engine["cuda_graphs"]:
             for enc in self.model.encoders.values():
                 if hasattr(enc, "full_attention_mask"):
                     enc.full_attention_mask = True
         self._precompute_patterns(dm)
-        if self.engine["compile"] and stage == "fit":
+        if self.engine["cuda_graphs"] and stage == "fit":
+            self._static_step()
+        if self.engine["compile"] and stage == "fit" and self._static is None:
             self._compile_encoders()
+
+    def _static_step(self) -> None:
+        """Set up the static-shape, captured step (``engine.cuda_graphs``); the plain step under several ranks."""
+        if self.trainer.world_size > 1:
+            import warnings
+
+            warnings.warn("engine.cuda_graphs applies to one process only: the plain step runs under "
+                          f"{self.trainer.world_size} ranks", UserWarning, stacklevel=2)
+            return
+        from mmmat.tasks.static_step import StaticStep
+
+        # a graph break costs speed, not correctness: reported after the first step rather than fatal
+        self._static = StaticStep(self, compile=True, mode="reduce-overhead", fullgraph=False)
+        dm = getattr(self.trainer, "datamodule", None)
+        hp = getattr(dm, "hparams", None)
+        if getattr(hp, "mode", None) == "resident":  # capacities from the split's sizes: no re-compilation
+            self._static.plan(dm.resident(hp.train_split), int(hp.batch_size))
 
     def _compile_encoders(self) -> None:
         """``torch.compile`` the tensor-level part of every encoder: its network, not the input handling."""
@@ -258,6 +281,12 @@ class ContrastivePretraining(pl.LightningModule):
 
     def training_step(self, batch: MultimodalBatch, batch_idx: int) -> torch.Tensor:
         """One contrastive step."""
+        if self._static is not None:
+            loss, values = self._static(batch)
+            bar = getattr(self._trainer, "progress_bar_callback", None) is not None
+            for k, v in values.items():
+                self.log(k, v, prog_bar=bar and k == "train/loss", batch_size=len(batch))
+            return loss
         if not self.engine["sync_free"] and batch.rows:
             batch.rows = {}
         batch = self._augmented(batch)
@@ -291,11 +320,15 @@ class ContrastivePretraining(pl.LightningModule):
             total = total + obj.weight * value
         return total
 
-    def _mixture_loss(self, xrd: torch.Tensor, crystal: torch.Tensor, batch: MultimodalBatch) -> torch.Tensor:
-        """Binary cross-entropy of "crystal j is a phase of pattern i" over the local batch."""
+    def _mixture_loss(self, xrd: torch.Tensor, crystal: torch.Tensor, batch: MultimodalBatch,
+                      mixture: torch.Tensor | None = None) -> torch.Tensor:
+        """Binary cross-entropy of "crystal j is a phase of pattern i" over the local batch.
+
+        ``mixture``: the (B, B) phase fractions drawn by the augmentation (default: those of this step).
+        """
         # absent rows and columns are weighted out rather than indexed away (no read-back of the masks)
         pair = (batch.present["xrd"][:, None] & batch.present["crystal"][None, :]).float()
-        target = (self._mixture > 0).float()
+        target = ((self._mixture if mixture is None else mixture) > 0).float()
         logits = self.mixture_logit[0].exp() * (xrd @ crystal.T) + self.mixture_logit[1]
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
         return (bce * pair).sum() / pair.sum().clamp_min(1.0)
