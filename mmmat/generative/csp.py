@@ -212,20 +212,29 @@ class CSPPipeline:
             out = [None if s is None else project(s, o) for s, o in zip(out, ops)]
         return out
 
-    def _rank(self, cands: list[Candidate]) -> list[Candidate]:
+    def add_energies(self, cands: Sequence[Candidate]) -> None:
+        """Fill in the ranking energy (eV/atom) of candidates that have none, in one call of ``energy``."""
+        todo = [c for c in cands if math.isnan(c.energy) and c.structure is not None]
+        if self.energy is not None and todo:
+            for c, e in zip(todo, self.energy([c.structure for c in todo])):
+                c.energy = float(e)
+
+    def features(self, cands: Sequence[Candidate]) -> np.ndarray:
+        """Re-ranker features (:func:`candidate_features`) of one composition's candidates."""
+        return candidate_features([c.cost for c in cands], [c.group for c in cands], [c.e_above_hull for c in cands],
+                                  [c.energy for c in cands], cands[0].n_templates if cands else 0,
+                                  self.ranker.tau if self.ranker is not None else 0.5)
+
+    def rank(self, cands: list[Candidate]) -> list[Candidate]:
         """Candidates best first: learned ranker, else energy, else consensus over the template candidates."""
+        return self._rank(list(cands))
+
+    def _rank(self, cands: list[Candidate]) -> list[Candidate]:
         if len(cands) <= 1:
             return cands
-        if self.energy is not None or self.ranker is not None:
-            todo = [c for c in cands if math.isnan(c.energy) and c.structure is not None]
-            if self.energy is not None and todo:
-                for c, e in zip(todo, self.energy([c.structure for c in todo])):
-                    c.energy = float(e)
+        self.add_energies(cands)
         if self.ranker is not None:
-            feats = candidate_features([c.cost for c in cands], [c.group for c in cands],
-                                       [c.e_above_hull for c in cands], [c.energy for c in cands],
-                                       cands[0].n_templates, self.ranker.tau)
-            for c, s in zip(cands, self.ranker.score(feats)):
+            for c, s in zip(cands, self.ranker.score(self.features(cands))):
                 c.score = float(s)
             return sorted(cands, key=lambda c: (-c.score, c.cost))
         if self.energy is not None:
@@ -235,8 +244,8 @@ class CSPPipeline:
 
     # ------------------------------------------------------------------ prediction
     def predict(self, compositions: Sequence[Any], method: str = "pipeline", seed: int = 0,
-                exclude: Sequence[Sequence[str]] | None = None, space_group: int | None = None
-                ) -> list[list[Candidate]]:
+                exclude: Sequence[Sequence[str]] | None = None, space_group: int | None = None,
+                ranked: bool = True) -> list[list[Candidate]]:
         """Ranked candidates (best first; empty where nothing could be built) for each composition.
 
         Args:
@@ -245,6 +254,7 @@ class CSPPipeline:
             seed: Seed of the flow's noise.
             exclude: Per composition, template ids to leave out (leave-one-out over the library).
             space_group: Constrain flow samples to this space group (1-230); needs pyxtal.
+            ranked: Rank the pipeline's candidates (False: templates then refinements, in cost order).
         """
         if method not in METHODS:
             raise ValueError(f"method {method!r} is not one of {METHODS}")
@@ -284,7 +294,7 @@ class CSPPipeline:
             for i, s in zip(missing, fb):
                 if s is not None:
                     per[i] = [Candidate(s, "symmetry" if space_group else "flow")]
-        return [self._rank(p) for p in per]
+        return [self._rank(p) for p in per] if ranked else per
 
 
 def best(predictions: list[list[Candidate]]) -> list[Any]:
