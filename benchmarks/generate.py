@@ -175,7 +175,7 @@ def main() -> None:
         lib = TemplateLibrary.from_records(train)
         energy = chgnet_energy(dev, threads=1 if dev == "cpu" else None) if args.rank in ("energy", "learned") else None
         pipe = CSPPipeline(lib, flow, k=args.k, t_start=args.t_start, steps=args.steps, coord_anneal=anneal,
-                           energy=energy, tau=args.tau, batch_size=args.batch_size)
+                           energy=energy, tau=args.tau, batch_size=args.batch_size, workers=args.workers)
         cands = pipe.predict(truths, "pipeline", seed=args.seed + 1, ranked=False)
         timing["pipeline_candidates_s"] = time.perf_counter() - t0
         has = [any(c.source == "template" for c in p) for p in cands]

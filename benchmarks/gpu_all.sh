@@ -7,6 +7,9 @@
 #   OUT=DIR bash benchmarks/gpu_all.sh pretrain_eval         then its evaluation: pretrain_1gpu.json
 #   OUT=DIR bash benchmarks/gpu_all.sh finetune SECONDS      finetune.json (12 runs of SECONDS each)
 #   OUT=DIR bash benchmarks/gpu_all.sh generate SECONDS      generator training + generate.json + de novo samples
+#                                                            (GEN_TRAIN_ARGS="train.py overrides", e.g.
+#                                                            --model.init_args.template_k=4; GEN_ARGS="generate.py
+#                                                            options", e.g. --rank learned --k 10)
 #   OUT=DIR bash benchmarks/gpu_all.sh generate_fit STEPS    the same training over several calls (CALL_SECONDS each),
 #                                                            resumed from /tmp/gen/sitting.ckpt; then generate_eval
 #   OUT=DIR bash benchmarks/gpu_all.sh finetune_start SET..  detached fine-tuning runs of those settings, JOBS at a
@@ -75,11 +78,11 @@ EOF
     python3 train.py fit --config configs/generate/mp20p.yaml --config /tmp/gen_overlay.yaml \
         --data.shards=$SHARDS --model.init_args.pretrained=/tmp/run1/model --data.tokenizer=/tmp/run1/model/tokenizer \
         --model.init_args.save_dir=/tmp/gen/model --trainer.default_root_dir=/tmp/gen \
-        --trainer.logger.init_args.save_dir=/tmp/gen 2>&1 | grep -v Warning | tail -n 5
+        --trainer.logger.init_args.save_dir=/tmp/gen ${GEN_TRAIN_ARGS:-} 2>&1 | grep -v Warning | tail -n 5
     cp "$(ls -d /tmp/gen/generate/version_* | tail -n 1)/metrics.csv" "$OUT/generate_train_metrics.csv"
     PRED=${PRED:-/tmp/ft/formation_energy_per_atom_finetuned_all/model}
     python3 benchmarks/generate.py --model /tmp/gen/model --shards $SHARDS --workers 16 \
-        $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out "$OUT/denovo" \
+        $( [ -d $PRED ] && echo --predictor $PRED ) --denovo-out "$OUT/denovo" ${GEN_ARGS:-} \
         --result "$OUT/generate.json" 2>&1 | grep -v -E "Warning|DLASCL" | tail -n 30
     ;;
   generate_fit)
@@ -95,7 +98,7 @@ EOF
     python3 train.py fit --config configs/generate/mp20p.yaml --config /tmp/gen_fit.yaml \
         --data.shards=$SHARDS --model.init_args.pretrained=/tmp/run1/model --data.tokenizer=/tmp/run1/model/tokenizer \
         --model.init_args.save_dir=/tmp/gen/model --trainer.default_root_dir=/tmp/gen \
-        --trainer.logger.init_args.save_dir=/tmp/gen $RESUME 2>&1 | grep -v Warning | tail -n 5
+        --trainer.logger.init_args.save_dir=/tmp/gen ${GEN_TRAIN_ARGS:-} $RESUME 2>&1 | grep -v Warning | tail -n 5
     python3 -c "import torch; print('step', torch.load('/tmp/gen/sitting.ckpt', weights_only=False)['global_step'])"
     ;;
   generate_eval)
@@ -136,7 +139,7 @@ print({k: v for k, v in r['metrics'].items() if 'rate' in k or 'valid' in k})" \
     setsid nohup python3 train.py fit --config configs/generate/mp20p.yaml --config /tmp/gen_overlay.yaml \
         --data.shards=$SHARDS --model.init_args.pretrained=/tmp/run1/model --data.tokenizer=/tmp/run1/model/tokenizer \
         --model.init_args.save_dir=/tmp/gen/model --trainer.default_root_dir=/tmp/gen \
-        --trainer.logger.init_args.save_dir=/tmp/gen > /tmp/gen_train.log 2>&1 < /dev/null &
+        --trainer.logger.init_args.save_dir=/tmp/gen ${GEN_TRAIN_ARGS:-} > /tmp/gen_train.log 2>&1 < /dev/null &
     echo $! >> /tmp/detached.pids
     echo "generator training started"
     ;;

@@ -799,6 +799,8 @@ def generate(
         if type(exc).__name__ == "RetrievalError":
             _fail(str(exc))
         raise
+    if composition is not None:
+        info["method"] = "flow"  # the generator alone: no --templates (or --method flow)
     write_samples(structures, out, info)
     built = sum(s is not None for s in structures)
     g = info["generation"]

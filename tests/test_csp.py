@@ -48,6 +48,11 @@ def test_template_method_substitutes_the_cheapest_template():
     assert li.cost == min(costs) and costs == sorted(costs)
     # leave-one-out
     assert pipe.predict(["Rb1I1"], method="template", exclude=[("cscl",)]) == [[]]
+    # template retrieval in worker processes gives the same candidates
+    many = ["Li4F4", "Rb1I1", "K4Cl4", "Cs1Br1", "Na1Cl2"]
+    one = [[(c.template_id, c.cost) for c in p] for p in pipe.predict(many, method="template")]
+    two = CSPPipeline(_library(), k=3, workers=2).predict(many, method="template")
+    assert [[(c.template_id, c.cost) for c in p] for p in two] == one
 
 
 def test_pipeline_refines_ranks_by_a_pluggable_energy_and_falls_back_to_the_flow():
@@ -234,7 +239,7 @@ def test_generate_cli_method_switch(rag_generator, tmp_path):
         runs[method] = json.loads((out / "manifest.json").read_text())
         assert runs[method]["method"] == method and len(list(out.glob("sample_*.cif"))) >= 1
     assert {c["source"] for c in runs["template"]["candidates"]} == {"template"}
-    assert {c["source"] for c in runs["flow"]["candidates"]} == {"flow"}
+    assert runs["flow"]["mode"] == "csp" and len(runs["flow"]["samples"]) == 2
     assert {c["source"] for c in runs["pipeline"]["candidates"]} <= {"template", "refined"}
     r = CliRunner().invoke(app, ["generate", "--composition", "Na4Cl4", "--method", "flow", "--space-group", "225",
                                  "--model", str(tmp / "gen"), "-n", "2", "--steps", "4", "--out", str(tmp_path / "sg")])

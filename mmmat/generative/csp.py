@@ -159,14 +159,16 @@ class CSPPipeline:
         ranker: Fitted :class:`TemplateRanker` (None: rank by energy, else by consensus).
         tau: Consensus temperature when neither ranker nor energy ranks (0: plain substitution cost).
         batch_size: Flow samples per batch.
+        workers: Processes that retrieve and group templates (fork; 1: this process).
     """
 
     def __init__(self, library: TemplateLibrary | None = None, flow: Any = None, k: int = 5, refine: bool = True,
                  t_start: float = 0.8, steps: int = 100, coord_anneal: float = 0.0, energy: EnergyFn | None = None,
-                 ranker: TemplateRanker | None = None, tau: float = 0.0, batch_size: int = 512):
+                 ranker: TemplateRanker | None = None, tau: float = 0.0, batch_size: int = 512, workers: int = 1):
         self.library, self.flow, self.k, self.refine = library, flow, int(k), refine
         self.t_start, self.steps, self.coord_anneal = float(t_start), int(steps), float(coord_anneal)
         self.energy, self.ranker, self.tau, self.batch_size = energy, ranker, float(tau), int(batch_size)
+        self.workers = int(workers)
 
     # ------------------------------------------------------------------ pieces
     def templates(self, composition: Any, exclude: Sequence[str] = ()) -> list[Candidate]:
@@ -180,6 +182,20 @@ class CSPPipeline:
         groups = group_candidates([c.structure for c in cands], **MATCHER)
         return [Candidate(c.structure, "template", c.template_id, c.cost, c.e_above_hull, r, g, n_templates=n)
                 for r, (c, g) in enumerate(zip(cands, groups))]
+
+    def _templates_many(self, cells: list[dict[str, int]], excl: list) -> list[list[Candidate]]:
+        jobs = [(c, tuple(e)) for c, e in zip(cells, excl)]
+        if self.workers <= 1 or len(jobs) < 2 * self.workers:
+            return [self.templates(c, e) for c, e in jobs]
+        from multiprocessing import get_context
+
+        global _POOL_PIPE
+        _POOL_PIPE = self
+        try:
+            with get_context("fork").Pool(self.workers) as pool:
+                return pool.map(_templates_job, jobs, chunksize=8)
+        finally:
+            _POOL_PIPE = None
 
     def _flow_samples(self, cells: list[dict[str, int]], seed: int, starts: list | None = None,
                       context: list | None = None, space_group: int | None = None) -> list:
@@ -267,7 +283,7 @@ class CSPPipeline:
         if method == "flow":
             out = self._flow_samples(cells, seed, space_group=space_group)
             return [[Candidate(s, "symmetry" if space_group else "flow")] if s is not None else [] for s in out]
-        per = [self.templates(c, e) for c, e in zip(cells, excl)]
+        per = self._templates_many(cells, excl)
         if method == "template":
             return [[min(p, key=lambda c: c.rank)] if p else [] for p in per]
         # pipeline: refinements of every template (with their templates as context), fall-back samples
@@ -295,6 +311,16 @@ class CSPPipeline:
                 if s is not None:
                     per[i] = [Candidate(s, "symmetry" if space_group else "flow")]
         return [self._rank(p) for p in per] if ranked else per
+
+
+_POOL_PIPE: CSPPipeline | None = None
+
+
+def _templates_job(job: tuple) -> list[Candidate]:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    return _POOL_PIPE.templates(*job)
 
 
 def best(predictions: list[list[Candidate]]) -> list[Any]:
