@@ -132,6 +132,14 @@ def test_template_context_shapes_and_effect():
     loss["loss"].backward()
     assert flow.net.tpl_attn[0].attn.in_proj_weight.grad.abs().sum() > 0
     assert CrystalFlow(hidden=16, layers=1, fourier=2).encode_context(packed) is None  # plain model ignores it
+    # the cross-attention is permutation equivariant over the atoms, whatever their order in the batch
+    attn = flow.net.tpl_attn[0]
+    h = torch.randn(12, 16)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = attn(h, batch, tokens, mask)
+        b = attn(h[perm], batch[perm], tokens, mask)
+    assert torch.allclose(a[perm], b, atol=1e-5)
 
 
 def test_rag_pipeline_refines_with_templates_as_context(tmp_path):

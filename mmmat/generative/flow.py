@@ -206,7 +206,9 @@ class TemplateAttention(nn.Module):
         kv = torch.cat([self.null.expand(b, 1, -1), tokens], dim=1)
         keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=h.device), token_mask], dim=1)
         out, _ = self.attn(q, kv, kv, key_padding_mask=~keep, need_weights=False)
-        return h + out[qmask]
+        upd = torch.empty_like(h)
+        upd[torch.argsort(batch, stable=True)] = out[qmask]  # dense rows follow the atoms sorted by crystal
+        return h + upd
 
 
 class CrystalDenoiser(nn.Module):
