@@ -166,6 +166,14 @@ def test_wyckoff_sampling_keeps_the_requested_space_group(group, cell):
             assert parse_cell(s) == cell
 
 
+def test_pipeline_keeps_only_templates_of_the_requested_group():
+    pipe = CSPPipeline(_library(), _flow(), k=3, steps=6)
+    out = pipe.predict(["Li4F4"], space_group=225)[0]
+    assert {c.template_id for c in out} == {"rock", "kbr"}  # zinc blende (216) is left out
+    assert all(space_group_number(c.structure) == 225 for c in out)
+    assert {c.template_id for c in pipe.predict(["Li4F4"], space_group=216)[0]} == {"zns"}
+
+
 def test_projection_restores_a_perturbed_crystal_and_bad_groups_are_refused():
     s = random_symmetric({"Na": 4, "Cl": 4}, 225, seed=0)
     ops = operations_with_permutations(s)

@@ -14,8 +14,9 @@ Methods (``method=``):
   energy per atom (any callable, e.g. :func:`chgnet_energy`), else by template consensus
   (:func:`~mmmat.generative.templates.consensus_rank`).  A composition without a template gets a flow sample.
 
-With ``space_group`` the flow starts from a random crystal on that group's Wyckoff positions instead of noise
-(or instead of a template) and its result is projected back onto the group (:mod:`mmmat.generative.symmetry`).
+With ``space_group`` only templates of that space group are kept (spglib, 0.01 Å), their refinements are
+projected back onto it, and a flow sample starts from a random crystal on the group's Wyckoff positions instead
+of noise, its result projected back onto the group (:mod:`mmmat.generative.symmetry`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from mmmat.generative.templates import TemplateLibrary, consensus_rank, counts_o
 #: StructureMatcher tolerances of CSP matching (CDVAE / DiffCSP).
 MATCHER = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}
 METHODS = ("pipeline", "template", "flow")
+#: Symmetry tolerance (Å) when templates are checked against a requested space group.
+SYMPREC = 0.01
 EnergyFn = Callable[[list], Sequence[float]]
 
 
@@ -284,6 +287,10 @@ class CSPPipeline:
             out = self._flow_samples(cells, seed, space_group=space_group)
             return [[Candidate(s, "symmetry" if space_group else "flow")] if s is not None else [] for s in out]
         per = self._templates_many(cells, excl)
+        if space_group is not None:  # only templates of the requested space group
+            from mmmat.generative.symmetry import space_group_number
+
+            per = [[c for c in p if space_group_number(c.structure, SYMPREC) == space_group] for p in per]
         if method == "template":
             return [[min(p, key=lambda c: c.rank)] if p else [] for p in per]
         # pipeline: refinements of every template (with their templates as context), fall-back samples
@@ -295,6 +302,11 @@ class CSPPipeline:
                 if getattr(self.flow, "template_k", 0):
                     context = [[x.structure for x in p] for p in per for _ in p]
                 ref = self._flow_samples([counts_of(s) for s in starts], seed + 1, starts=starts, context=context)
+                if space_group is not None:  # refinements projected back onto their template's group
+                    from mmmat.generative.symmetry import operations_with_permutations, project
+
+                    ref = [None if r is None else project(r, operations_with_permutations(s, SYMPREC))
+                           for r, s in zip(ref, starts)]
                 it = iter(ref)
                 for p in per:
                     extra = []
