@@ -268,3 +268,24 @@ def test_generate_cli_method_switch(rag_generator, tmp_path):
                      (["--space-group", "225"], "needs --composition")):
         r = CliRunner().invoke(app, ["generate", "-n", "1", "--out", str(tmp_path / "x"), *bad])
         assert r.exit_code == 2 and msg in r.output, (bad, r.output)
+
+
+def test_generate_benchmark_reports_the_pipeline_and_rag_keys(rag_generator, tmp_path, monkeypatch):
+    import runpy
+    import sys
+
+    tmp, shards, _ = rag_generator
+    out = tmp_path / "generate.json"
+    monkeypatch.setattr(sys, "argv", [
+        "generate.py", "--model", str(tmp / "gen"), "--shards", str(shards), "--n", "4", "--k", "2", "--steps", "2",
+        "--rank", "consensus", "--workers", "1", "--device", "cpu", "--skip", "xrd", "property", "denovo",
+        "--result", str(out)])
+    runpy.run_path(str(ROOT / "benchmarks" / "generate.py"), run_name="__main__")
+    m = json.loads(out.read_text())["metrics"]
+    for key in ("csp_match_rate", "csp_match_rate_generator", "csp_match_rate_on_template_failures",
+                "template_match_rate", "template_refined_match_rate", "pipeline_consensus_match_rate",
+                "rag_from_noise_match_rate", "rag_refined_match_rate", "template_refined_no_context_match_rate"):
+        assert key in m, key
+    for key in ("csp_match_rate", "csp_match_rate_generator", "rag_refined_match_rate"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["n_materials"] == 4 and sum(m["pipeline_chosen_source"].values()) <= 4
