@@ -93,7 +93,7 @@ def test_learned_ranker_scores_candidates_from_features():
         f = candidate_features(cost, [0, 1, 1, 2], [0.0] * 4, energy, 10)
         feats.append(f)
         labels.append((energy == energy.min()).tolist())  # the lowest energy is the right one
-    ranker = TemplateRanker(seed=0).fit(feats, labels)
+    ranker = TemplateRanker(seed=0, max_iter=40).fit(feats, labels)
     hits = [int(np.argmax(ranker.score(f))) == int(np.argmax(y)) for f, y in zip(feats, labels)]
     assert np.mean(hits) > 0.9
     with pytest.raises(ValueError, match="both matching and non-matching"):

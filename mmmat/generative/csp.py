@@ -122,14 +122,15 @@ class TemplateRanker:
     """Learned re-ranker of template candidates: gradient boosting on (features -> matches the true structure).
 
     Trained on materials of the training split whose candidates come from the rest of it (leave-one-out);
-    the candidate of highest predicted probability is the prediction.
+    the candidate of highest predicted probability is the prediction.  ``threads``: OpenMP threads of
+    scikit-learn while fitting and scoring.
     """
 
-    def __init__(self, seed: int = 0, tau: float = 0.5):
+    def __init__(self, seed: int = 0, tau: float = 0.5, max_iter: int = 300, threads: int = 1):
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        self.tau = tau
-        self.model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=15,
+        self.tau, self.threads = tau, threads
+        self.model = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=0.05, max_leaf_nodes=15,
                                                     l2_regularization=1.0, random_state=seed)
 
     def fit(self, features: Sequence[np.ndarray], matched: Sequence[Sequence[bool]]) -> TemplateRanker:
@@ -138,12 +139,18 @@ class TemplateRanker:
         y = np.concatenate([np.asarray(m, dtype=int) for m, f in zip(matched, features) if len(f)])
         if len(set(y.tolist())) < 2:
             raise ValueError("the re-ranker needs both matching and non-matching candidates to learn from")
-        self.model.fit(X, y)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(self.threads):  # OpenMP threads of a small fit only contend on a busy machine
+            self.model.fit(X, y)
         return self
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Probability that each candidate matches (higher is better)."""
-        return self.model.predict_proba(features)[:, 1]
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(self.threads):
+            return self.model.predict_proba(features)[:, 1]
 
 
 class CSPPipeline:
