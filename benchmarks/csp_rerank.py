@@ -43,9 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import write_result  # noqa: E402
 
 from mmmat.data.loader import load_records, split_shards  # noqa: E402
-from mmmat.generative.templates import TemplateLibrary, consensus_rank, group_candidates  # noqa: E402
+from mmmat.generative.csp import (  # noqa: E402
+    FEATURES,
+    MATCHER,
+    CSPPipeline,
+    TemplateRanker,
+    candidate_features,
+    chgnet_energy,
+)
+from mmmat.generative.templates import TemplateLibrary, consensus_rank  # noqa: E402
 
-MATCHER = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}
 _LIB: TemplateLibrary | None = None
 _K = 10
 
@@ -58,7 +65,7 @@ def _one(job):
 
     warnings.simplefilter("ignore")
     truth, own_id = job
-    cands = _LIB.candidates(truth, _K, exclude=(own_id,) if own_id else ())
+    cands = CSPPipeline(_LIB, k=_K).templates(truth, exclude=(own_id,) if own_id else ())
     if not cands:
         return {"costs": [], "groups": [], "rmse": [], "struct_valid": [], "comp_valid": None, "structures": []}
     structs = [c.structure for c in cands]
@@ -75,9 +82,9 @@ def _one(job):
         "costs": [c.cost for c in cands],
         "ids": [c.template_id for c in cands],
         "e_hull": [c.e_above_hull for c in cands],
-        "n_templates": _LIB.count(truth, exclude=(own_id,) if own_id else ()),
+        "n_templates": cands[0].n_templates,
         "structures": structs,
-        "groups": group_candidates(structs, **MATCHER),
+        "groups": [c.group for c in cands],
         "rmse": rmse,
         "struct_valid": [bool(v) for v in val["struct_valid"]],
         "comp_valid": bool(val["comp_valid"][0]),
@@ -96,10 +103,7 @@ def collect(lib: TemplateLibrary, truths: list, k: int, workers: int, own_ids: l
 
 
 def _energies(structures: list) -> list[float]:
-    from mmmat.evaluation.generation_stability import chgnet_energies
-
-    e, _ = chgnet_energies(structures, device="cpu", batch_size=32, threads=1)
-    return np.asarray(e, dtype=float).tolist()
+    return list(chgnet_energy("cpu", batch_size=32, threads=1)(structures))
 
 
 def add_energies(rows: list[dict], workers: int, chunk: int = 500) -> None:
@@ -118,37 +122,15 @@ def add_energies(rows: list[dict], workers: int, chunk: int = 500) -> None:
         r.pop("structures")
 
 
-FEATURES = ["cost", "cost_gap", "rank", "e_hull", "group_weight", "group_size", "group_head", "energy_gap",
-            "energy_rank", "log_templates", "n_candidates"]
-
-
 def features(r: dict, tau: float = 0.5) -> np.ndarray:
-    """(k, F) candidate features of one material; none of them looks at the true structure."""
-    c = np.asarray(r["costs"], dtype=float)
-    k = len(c)
-    w = np.exp(-(c - c.min()) / tau)
-    g = np.asarray(r["groups"])
-    gw = np.array([w[g == x].sum() for x in g]) / w.sum()
-    gs = np.array([(g == x).sum() for x in g], dtype=float)
-    head = np.array([float(i == int(np.flatnonzero(g == g[i])[0])) for i in range(k)])
-    e = np.asarray(r["energy"], dtype=float)
-    e = np.where(np.isfinite(e), e, np.nanmax(e) + 1.0 if np.isfinite(e).any() else 0.0)
-    eh = np.asarray([min(x, 1.0) if np.isfinite(x) else 1.0 for x in r["e_hull"]], dtype=float)
-    return np.stack([
-        c, c - c.min(), np.arange(k) / max(k - 1, 1), eh, gw, gs, head, e - e.min(),
-        np.argsort(np.argsort(e)) / max(k - 1, 1), np.full(k, math.log1p(r["n_templates"])), np.full(k, k),
-    ], axis=1)
+    """(k, F) candidate features of one material (:func:`mmmat.generative.csp.candidate_features`)."""
+    return candidate_features(r["costs"], r["groups"], r["e_hull"], r["energy"], r["n_templates"], tau)
 
 
-def fit_ranker(rows: list[dict], seed: int = 0):
-    """Gradient boosting on (candidate features -> matches the truth)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
-    X = np.concatenate([features(r) for r in rows if r["costs"]])
-    y = np.concatenate([[x is not None for x in r["rmse"]] for r in rows if r["costs"]]).astype(int)
-    clf = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=15,
-                                         l2_regularization=1.0, random_state=seed)
-    return clf.fit(X, y)
+def fit_ranker(rows: list[dict], seed: int = 0) -> TemplateRanker:
+    """The library's learned re-ranker fitted on (candidate features -> matches the truth)."""
+    done = [r for r in rows if r["costs"]]
+    return TemplateRanker(seed).fit([features(r) for r in done], [[x is not None for x in r["rmse"]] for r in done])
 
 
 def choose(r: dict, how: str, tau: float = 0.0, ranker=None) -> int:
@@ -158,7 +140,7 @@ def choose(r: dict, how: str, tau: float = 0.0, ranker=None) -> int:
     if how == "energy":
         e = np.asarray(r["energy"], dtype=float)
         return int(np.nanargmin(e)) if np.isfinite(e).any() else 0
-    return int(np.argmax(ranker.predict_proba(features(r))[:, 1]))
+    return int(np.argmax(ranker.score(features(r))))
 
 
 def rates(rows: list[dict], tau: float = 0.0, how: str = "consensus", ranker=None) -> dict:

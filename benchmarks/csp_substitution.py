@@ -31,7 +31,6 @@ import random
 import sys
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ from common import RESULTS, write_result  # noqa: E402
 
 from mmmat.data.loader import load_records, split_shards  # noqa: E402
 from mmmat.evaluation.generation import csp_match_details, validity  # noqa: E402
-from mmmat.generative.templates import best_assignment, counts_of, element_table, substitute  # noqa: E402
+from mmmat.generative.templates import TemplateLibrary  # noqa: E402
 
 
 def main() -> None:
@@ -66,64 +65,25 @@ def main() -> None:
     t_load = time.perf_counter() - t_all
 
     t0 = time.perf_counter()
-    tr_struct = [r.to_structure() for r in train]
-    tr_counts = [counts_of(s) for s in tr_struct]
-    symbols = sorted(
-        {e for c in tr_counts for e in c} | {e for i in ids for e in counts_of(by_id[i].to_structure())}
-    )
-    chi, rad = element_table(symbols)
-    train_syms = sorted({e for c in tr_counts for e in c})
-    s_chi = float(np.std([chi[e] for e in train_syms]))
-    s_rad = float(np.std([rad[e] for e in train_syms]))
-    index: dict[tuple[str, int], list[int]] = defaultdict(list)
-    for i, s in enumerate(tr_struct):
-        index[(s.composition.anonymized_formula, len(s))].append(i)
-
+    # the library's template retrieval (mmmat.generative.templates): the pipeline's first stage
+    lib = TemplateLibrary.from_records(train, rescale=not args.no_rescale)
+    s_chi, s_rad = lib.s_chi, lib.s_rad
     truths, preds, rows, ranked = [], [], [], []
     for mid in ids:
         truth = by_id[mid].to_structure()
-        tc = counts_of(truth)
-        cands = index.get((truth.composition.anonymized_formula, len(truth)), [])
-        scored = []
-        for j in cands:
-            cost, mapping = best_assignment(tc, tr_counts[j], chi, rad, s_chi, s_rad)
-            if mapping is not None:
-                ehull = train[j].properties.get("e_above_hull", math.nan)
-                scored.append(
-                    (
-                        round(cost, 9),
-                        ehull if not math.isnan(ehull) else math.inf,
-                        train[j].material_id,
-                        j,
-                        mapping,
-                    )
-                )
-        scored.sort(key=lambda x: x[:3])
-        ranked.append(scored)
+        cands = lib.candidates(truth, args.oracle_k)
+        ranked.append(cands)
         truths.append(truth)
-        if scored:
-            cost, _, tid, j, mapping = scored[0]
-            preds.append(substitute(tr_struct[j], mapping, rad, rescale=not args.no_rescale))
-            rows.append(
-                {
-                    "material_id": mid,
-                    "formula": truth.composition.reduced_formula,
-                    "template_id": tid,
-                    "n_candidates": len(scored),
-                    "cost": cost,
-                }
-            )
-        else:
-            preds.append(None)
-            rows.append(
-                {
-                    "material_id": mid,
-                    "formula": truth.composition.reduced_formula,
-                    "template_id": "",
-                    "n_candidates": 0,
-                    "cost": math.nan,
-                }
-            )
+        preds.append(cands[0].structure if cands else None)
+        rows.append(
+            {
+                "material_id": mid,
+                "formula": truth.composition.reduced_formula,
+                "template_id": cands[0].template_id if cands else "",
+                "n_candidates": lib.count(truth),
+                "cost": cands[0].cost if cands else math.nan,
+            }
+        )
     t_template = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -138,9 +98,9 @@ def main() -> None:
     fail_idx = [i for i, (p, r) in enumerate(zip(preds, rms)) if p is not None and r is None]
     jobs, owners = [], []
     for i in fail_idx:
-        for _cost, _, tid, j, mapping in ranked[i][1 : args.oracle_k]:
-            jobs.append(substitute(tr_struct[j], mapping, rad, rescale=not args.no_rescale))
-            owners.append((i, tid))
+        for c in ranked[i][1 : args.oracle_k]:
+            jobs.append(c.structure)
+            owners.append((i, c.template_id))
     alt = csp_match_details(jobs, [truths[i] for i, _ in owners], check_validity=False, workers=args.workers)
     rescued: dict[int, str] = {}
     for (i, tid), r in zip(owners, alt):

@@ -1,4 +1,4 @@
-"""Generator benchmark on mp20p: CSP, template-seeded CSP, XRD- and property-conditioned sampling, de novo.
+"""Generator benchmark on mp20p: CSP (generator alone, the library's CSP pipeline), conditioned sampling, de novo.
 
     python benchmarks/generate.py --model runs/generate_mp20p/model --shards shards/mp20p \
         --predictor runs/finetune/model --denovo-out runs/generate_mp20p/denovo \
@@ -12,13 +12,17 @@ that check; structurally invalid samples (atoms closer than 0.5 Å, cell under 0
 
 0. With several ``--coord-anneal`` values, the one whose flow CSP match rate (no validity check) is highest on
    ``--n-val`` random validation compositions is used for every sample below.
-1. ``flow``: one sample per composition from the generator alone (no condition).
-2. ``template``: the best substitution template (the no-learning baseline); ``template_refined``: that template
-   refined by the generator (the flow restarted at ``--t-start`` from the template); ``template_topk_chgnet_raw``:
-   of the ``--k`` best templates, the one of lowest CHGNet energy per atom (a single point per candidate);
-   ``template_topk_chgnet``: the same choice among those templates and their refinements together;
-   ``template_flow_chgnet`` (with ``--flow-k K``): among those and K more flow samples per composition.
-   Compositions without a template fall back to the flow sample.
+1. ``csp_match_rate_generator``: one sample per composition from the generator alone (no condition, no template).
+2. The CSP pipeline of the library (:class:`mmmat.generative.csp.CSPPipeline`, what ``mmmat generate
+   --composition`` runs): the ``--k`` best substitution templates, each refined by the generator from ``--t-start``,
+   ranked by ``--rank`` (CHGNet energy, template consensus, or the learned re-ranker fitted on ``--n-ranker-train``
+   training materials with leave-one-out candidates); compositions without a template get a flow sample.
+   ``csp_match_rate`` is its match rate; ``template_match_rate`` the best template alone (the no-learning
+   baseline); ``template_refined_match_rate`` that template refined; ``csp_match_rate_on_template_failures`` the
+   pipeline's rate on the compositions whose best template fails.  Without ``--model`` the pipeline has no
+   generator (templates ranked only).  A retrieval-augmented generator (``template_k > 0``) is also measured
+   from noise with its templates as context (``rag_from_noise``), refining the best template with them as context
+   (``rag_refined``) and without (``template_refined_no_context``).
 3. XRD-conditioned CSP on the first ``--n-xrd`` of the materials: the condition is the shared-latent embedding of
    the material's computed pattern, at each guidance scale, against the unconditioned flow on the same ones.
 4. Property-conditioned de novo sampling: ``--n-prop`` samples with ``--target NAME=VALUE``, against as many
@@ -48,6 +52,7 @@ from common import write_result  # noqa: E402
 from mmmat.data.loader import load_records, split_shards  # noqa: E402
 from mmmat.evaluation.generation import csp_match_details, validity  # noqa: E402
 from mmmat.generative.api import condition_vectors, load_generator, sample_structures, write_samples  # noqa: E402
+from mmmat.generative.csp import CSPPipeline, TemplateRanker, best, chgnet_energy  # noqa: E402
 from mmmat.generative.templates import TemplateLibrary  # noqa: E402
 
 
@@ -86,7 +91,7 @@ def species_order(structs: list) -> tuple[list[int], list[int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=None, help="generator folder (without it: the template parts alone)")
     ap.add_argument("--shards", required=True)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -95,10 +100,13 @@ def main() -> None:
                     help="coordinate velocity scaling (1 + a t); with several values, the one of the best flow CSP "
                          "match rate on --n-val validation compositions is used for everything else")
     ap.add_argument("--n-val", type=int, default=300)
-    ap.add_argument("--flow-k", type=int, default=0,
-                    help="flow samples per composition added to the CHGNet-ranked pool of templates")
     ap.add_argument("--k", type=int, default=5, help="templates refined and ranked per composition")
     ap.add_argument("--t-start", type=float, default=0.8, help="flow time at which a template enters")
+    ap.add_argument("--rank", default="energy", choices=["energy", "consensus", "learned"],
+                    help="ranking of the pipeline's candidates: CHGNet energy, template consensus, learned re-ranker")
+    ap.add_argument("--tau", type=float, default=0.0, help="consensus temperature (--rank consensus)")
+    ap.add_argument("--n-ranker-train", type=int, default=3000,
+                    help="training materials (leave-one-out candidates) the learned re-ranker learns from")
     ap.add_argument("--n-xrd", type=int, default=200)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--n-prop", type=int, default=500)
@@ -115,9 +123,9 @@ def main() -> None:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     t_all = time.perf_counter()
-    gen = load_generator(args.model, args.device)
-    dev = gen.device
-    flow = gen.flow
+    gen = load_generator(args.model, args.device) if args.model else None
+    dev = gen.device if gen is not None else (args.device or "cpu")
+    flow = gen.flow if gen is not None else None
     train = load_records(split_shards(args.shards, "train"))
     test = load_records(split_shards(args.shards, "test"))
     by_id = {r.material_id: r for r in test}
@@ -129,7 +137,7 @@ def main() -> None:
 
     # 0. the sampler's coordinate anneal, chosen on validation compositions (never on the test ones)
     anneal = args.coord_anneal[0]
-    if len(args.coord_anneal) > 1:
+    if len(args.coord_anneal) > 1 and flow is not None:
         val = load_records(split_shards(args.shards, "val"))
         vids = random.Random(args.seed).sample(range(len(val)), min(args.n_val, len(val)))
         vtruth = [val[i].to_structure() for i in vids]
@@ -148,108 +156,109 @@ def main() -> None:
     sample_kw = {"steps": args.steps, "coord_anneal": anneal, "batch_size": args.batch_size}
 
     # 1. the generator alone
-    _sync(dev)
-    t0 = time.perf_counter()
-    flow_preds = sample_structures(flow, counts, z, None, seed=args.seed, **sample_kw)
-    _sync(dev)
-    timing["csp_flow_sampling_s"] = time.perf_counter() - t0
-    m, flow_hit = match_metrics(flow_preds, truths, args.workers, "csp_flow")
-    metrics.update(m)
-    metrics["csp_match_rate"] = m["csp_flow_match_rate"]
-    metrics["csp_rmse"] = m["csp_flow_rmse"]
-    print({k: v for k, v in metrics.items() if "flow" in k}, flush=True)
+    flow_preds: list = [None] * len(ids)
+    flow_hit = [False] * len(ids)
+    if flow is not None:
+        _sync(dev)
+        t0 = time.perf_counter()
+        flow_preds = sample_structures(flow, counts, z, None, seed=args.seed, **sample_kw)
+        _sync(dev)
+        timing["csp_flow_sampling_s"] = time.perf_counter() - t0
+        m, flow_hit = match_metrics(flow_preds, truths, args.workers, "csp_flow")
+        metrics.update(m)
+        metrics["csp_match_rate_generator"] = m["csp_flow_match_rate"]
+        print({k: v for k, v in metrics.items() if "flow" in k}, flush=True)
 
-    # 2. templates
+    # 2. the CSP pipeline of the library (mmmat.generative.csp): templates, refinements, ranking
     if "templates" not in args.skip:
-        from mmmat.evaluation.generation_stability import chgnet_energies
-
         t0 = time.perf_counter()
         lib = TemplateLibrary.from_records(train)
-        cands = [lib.candidates(t, args.k) for t in truths]
-        timing["template_search_s"] = time.perf_counter() - t0
-        has = [bool(c) for c in cands]
-        top1 = [c[0].structure if c else None for c in cands]
-        m, top1_hit = match_metrics(top1, truths, args.workers, "template")
-        metrics.update(m)
+        energy = chgnet_energy(dev, threads=1 if dev == "cpu" else None) if args.rank in ("energy", "learned") else None
+        pipe = CSPPipeline(lib, flow, k=args.k, t_start=args.t_start, steps=args.steps, coord_anneal=anneal,
+                           energy=energy, tau=args.tau, batch_size=args.batch_size, workers=args.workers)
+        cands = pipe.predict(truths, "pipeline", seed=args.seed + 1, ranked=False)
+        timing["pipeline_candidates_s"] = time.perf_counter() - t0
+        has = [any(c.source == "template" for c in p) for p in cands]
         metrics["n_with_template"] = int(sum(has))
-        flat = [t.structure for c in cands for t in c]
-        owner = [i for i, c in enumerate(cands) for _ in c]
-        fc, fz = species_order(flat)
-        _sync(dev)
-        t0 = time.perf_counter()
-        # starts in their Niggli-reduced cells: the cells a generator trained with data.reduce_cells has seen
-        starts = [t.get_reduced_structure() for t in flat]
-        refined = sample_structures(
-            flow, fc, fz, None, seed=args.seed + 1, start=starts, t_start=args.t_start, **sample_kw
-        )
-        _sync(dev)
-        timing["template_refine_s"] = time.perf_counter() - t0
-        first = {}
-        for j, i in enumerate(owner):
-            first.setdefault(i, j)
-        ref_top1 = [refined[first[i]] if i in first else flow_preds[i] for i in range(len(ids))]
-        m, _ = match_metrics(ref_top1, truths, args.workers, "template_refined")
+
+        def pick(source: str, fallback: list) -> list:
+            return [next((c.structure for c in p if c.source == source and c.rank == 0), fallback[i])
+                    for i, p in enumerate(cands)]
+
+        m, top1_hit = match_metrics(pick("template", [None] * len(ids)), truths, args.workers, "template")
         metrics.update(m)
-        # flow samples per composition, for the pool below (all compositions, templates or not)
-        fk_owner = [i for i in range(len(ids)) for _ in range(args.flow_k)]
-        extra_flow: list = []
-        if args.flow_k:
-            kc, kz = species_order([truths[i] for i in fk_owner])
-            _sync(dev)
+        if flow is not None:
+            m, _ = match_metrics(pick("refined", flow_preds), truths, args.workers, "template_refined")
+            metrics.update(m)
+        # the same candidates under the rankings that need no training (consensus at --tau, energy when computed)
+        t0 = time.perf_counter()
+        pipe.add_energies([c for p in cands for c in p])
+        timing["pipeline_energies_s"] = time.perf_counter() - t0
+        for label, ranker_energy in (("consensus", None), ("energy", pipe.energy)):
+            if label == "energy" and ranker_energy is None:
+                continue
+            alt = CSPPipeline(lib, flow, k=args.k, energy=ranker_energy, tau=args.tau)
+            m, _ = match_metrics(best([alt.rank(p) for p in cands]), truths, args.workers, f"pipeline_{label}")
+            metrics.update(m)
+        if args.rank == "learned":
             t0 = time.perf_counter()
-            extra_flow = sample_structures(flow, kc, kz, None, seed=args.seed + 8, **sample_kw)
-            _sync(dev)
-            timing["flow_k_sampling_s"] = time.perf_counter() - t0
-        # CHGNet single points of every candidate: the raw templates, their refinements, the flow samples
+            sub = random.Random(args.seed + 1).sample(range(len(train)), min(args.n_ranker_train, len(train)))
+            tr_truth = [train[i].to_structure() for i in sub]
+            tr = pipe.predict(tr_truth, "pipeline", seed=args.seed + 9, exclude=[(train[i].material_id,) for i in sub],
+                              ranked=False)
+            tr = [(p, t) for p, t in zip(tr, tr_truth) if p and p[0].source != "flow"]
+            pipe.add_energies([c for p, _ in tr for c in p])
+            rms = csp_match_details([c.structure for p, _ in tr for c in p], [t for p, t in tr for _ in p],
+                                    check_validity=False, workers=args.workers)
+            it = iter(rms)
+            labels = [[next(it) is not None for _ in p] for p, _ in tr]
+            pipe.ranker = TemplateRanker(args.seed).fit([pipe.features(p) for p, _ in tr], labels)
+            timing["ranker_fit_s"] = time.perf_counter() - t0
+            metrics["ranker_train_materials"] = len(tr)
         t0 = time.perf_counter()
-        pool = flat + refined + extra_flow
-        ok = [s for s in pool if s is not None]
-        e_ok, _ = chgnet_energies(ok, relax=False, device=dev)
-        it = iter(e_ok.tolist())
-        energies = [next(it) if s is not None else math.inf for s in pool]
-        timing["chgnet_rank_s"] = time.perf_counter() - t0
-
-        def lowest(offsets: list[int], flow_too: bool = False) -> list:
-            best: dict[int, tuple[float, int]] = {}
-            parts = [(off, owner) for off in offsets]
-            if flow_too:
-                parts.append((2 * len(flat), fk_owner))
-            for off, own in parts:
-                for j, i in enumerate(own):
-                    e = energies[off + j] if np.isfinite(energies[off + j]) else math.inf
-                    if i not in best or e < best[i][0]:
-                        best[i] = (e, off + j)
-            return [pool[best[i][1]] if i in best else flow_preds[i] for i in range(len(ids))]
-
-        m, _ = match_metrics(lowest([0]), truths, args.workers, "template_topk_chgnet_raw")
+        ranked = [pipe.rank(p) for p in cands]
+        timing["pipeline_rank_s"] = time.perf_counter() - t0
+        m, pipe_hit = match_metrics(best(ranked), truths, args.workers, "pipeline")
         metrics.update(m)
-        m, chosen_hit = match_metrics(lowest([0, len(flat)]), truths, args.workers, "template_topk_chgnet")
-        metrics.update(m)
-        pool_hit = None
-        if args.flow_k:
-            m, pool_hit = match_metrics(
-                lowest([0, len(flat)], flow_too=True), truths, args.workers, "template_flow_chgnet"
-            )
-            metrics.update(m)
-            m, _ = match_metrics(extra_flow, [truths[i] for i in fk_owner], args.workers, "flow_k_each")
-            metrics.update(m)
+        metrics["csp_match_rate"] = m["pipeline_match_rate"]
+        metrics["csp_rmse"] = m["pipeline_rmse"]
+        metrics["csp_match_rate_no_validity_check"] = m["pipeline_match_rate_no_validity_check"]
+        metrics["pipeline_chosen_source"] = {
+            src: sum(bool(p) and p[0].source == src for p in ranked) for src in ("template", "refined", "flow")}
         fails = [i for i in range(len(ids)) if has[i] and not top1_hit[i]]
         no_tpl = [i for i in range(len(ids)) if not has[i]]
         metrics["n_best_template_fails"] = len(fails)
-        named = [("flow", flow_hit), ("template_topk_chgnet", chosen_hit)]
-        if pool_hit is not None:
-            named.append(("template_flow_chgnet", pool_hit))
-        for name, hit in named:
-            metrics[f"{name}_rate_on_template_failures"] = (
-                float(np.mean([hit[i] for i in fails])) if fails else math.nan
-            )
-            metrics[f"{name}_rate_without_template"] = (
-                float(np.mean([hit[i] for i in no_tpl])) if no_tpl else math.nan
-            )
-        print({k: v for k, v in metrics.items() if "template" in k}, flush=True)
+        metrics["csp_match_rate_on_template_failures"] = float(np.mean([pipe_hit[i] for i in fails])) if fails \
+            else math.nan
+        metrics["csp_match_rate_without_template"] = float(np.mean([pipe_hit[i] for i in no_tpl])) if no_tpl \
+            else math.nan
+        if flow is not None:
+            metrics["generator_rate_on_template_failures"] = float(np.mean([flow_hit[i] for i in fails])) \
+                if fails else math.nan
+        # retrieval-augmented generation against plain template refinement
+        if flow is not None and flow.template_k:
+            ctx = [[c.structure for c in p if c.source == "template"] for p in cands]
+            rag = sample_structures(flow, counts, z, None, seed=args.seed + 10, context=ctx, **sample_kw)
+            m, _ = match_metrics(rag, truths, args.workers, "rag_from_noise")
+            metrics.update(m)
+            top = pick("template", [None] * len(ids))
+            rows = [i for i in range(len(ids)) if top[i] is not None]
+            starts = [top[i].get_reduced_structure() for i in rows]
+            rc, rz = species_order(starts)
+            kw = dict(sample_kw, steps=max(1, round(args.steps * (1 - args.t_start))))
+            for label, context in (("rag_refined", [ctx[i] for i in rows]), ("template_refined_no_context", None)):
+                out = sample_structures(flow, rc, rz, None, seed=args.seed + 11, start=starts, t_start=args.t_start,
+                                        context=context, **kw)
+                full = list(flow_preds)
+                for i, s in zip(rows, out):
+                    full[i] = s
+                m, _ = match_metrics(full, truths, args.workers, label)
+                metrics.update(m)
+        print({k: v for k, v in metrics.items() if "template" in k or "pipeline" in k or "csp" in k}, flush=True)
 
     # 3. XRD-conditioned CSP
-    if "xrd" not in args.skip and gen.condition_model is not None and "xrd" in gen.condition_modalities:
+    if ("xrd" not in args.skip and gen is not None and gen.condition_model is not None
+            and "xrd" in gen.condition_modalities):
         sub = list(range(min(args.n_xrd, len(ids))))
         prof = np.stack([by_id[ids[i]].xrd for i in sub]).astype(np.float32)
         emb = gen.condition_model.embed("xrd", prof).float()
@@ -267,7 +276,7 @@ def main() -> None:
         print({k: v for k, v in metrics.items() if k.startswith("xrd")}, flush=True)
 
     # 4. property-conditioned de novo
-    if "property" not in args.skip and args.predictor and flow.properties:
+    if "property" not in args.skip and args.predictor and flow is not None and flow.properties:
         from mmmat.data.schema import as_records
         from mmmat.heads.property import PropertyModel
 
@@ -301,7 +310,7 @@ def main() -> None:
         print(out, flush=True)
 
     # 5. de novo samples and throughput
-    if "denovo" not in args.skip:
+    if "denovo" not in args.skip and flow is not None:
         g = torch.Generator().manual_seed(args.seed + 5)
         dc = flow.sample_atom_counts(args.n_denovo, generator=g).tolist()
         sample_structures(flow, dc[: min(len(dc), 256)], None, None, seed=99, **sample_kw)  # warm-up
@@ -339,7 +348,7 @@ def main() -> None:
             "steps": args.steps,
             "coord_anneal": anneal,
             "k": args.k,
-            "flow_k": args.flow_k,
+            "rank": args.rank,
             "t_start": args.t_start,
             "guidance": args.guidance,
             "batch_size": args.batch_size,

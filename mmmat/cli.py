@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from pathlib import Path
@@ -760,7 +761,7 @@ def plot_overlay(
 
 @app.command()
 def generate(
-    model: Path = typer.Option(..., help="A generator folder written by train.py fit (configs/generate/)."),
+    model: Path | None = typer.Option(None, help="A generator folder written by train.py fit (configs/generate/)."),
     n: int = typer.Option(16, "-n", "--n", help="Number of samples."),
     out: Path = typer.Option(..., help="Output folder: one CIF per sample, samples.extxyz, manifest.json."),
     composition: str | None = typer.Option(None, help="Cell formula for structure prediction (Na4Cl4 = 8 atoms)."),
@@ -780,8 +781,22 @@ def generate(
     coord_anneal: float = typer.Option(0.0, help="Coordinate velocity scaling 1 + a*t."),
     batch_size: int = typer.Option(1024, help="Samples per batch."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+    method: str = typer.Option("pipeline", help="With --composition: pipeline (templates refined by the "
+                               "generator, ranked), template (best substituted template) or flow (generator alone)."),
+    templates: Path | None = typer.Option(None, help="Shard folder whose train split serves as templates "
+                                          "(pipeline, template); without it the pipeline falls back to the flow."),
+    k: int = typer.Option(5, help="Templates retrieved per composition (pipeline)."),
+    t_start: float = typer.Option(0.8, help="Flow time at which a template enters its refinement."),
+    rank: str = typer.Option("energy", help="Ranking of pipeline candidates: energy (CHGNet single point, "
+                             "eV/atom) or consensus (template agreement, no MLIP)."),
+    space_group: int | None = typer.Option(None, help="Constrain flow samples to this space group (1-230): "
+                                           "Wyckoff positions from pyxtal, result projected onto the group."),
 ) -> None:
-    """Generate crystals (de novo or for a composition), optionally conditioned on a pattern, text, image, targets."""
+    """Generate crystals (de novo or for a composition), optionally conditioned on a pattern, text, image, targets.
+
+    With --composition the default is the CSP pipeline: the --k best substituted templates from --templates,
+    each refined by the generator, ranked by energy; --method template or flow runs one part alone.
+    """
     from rich.progress import Progress
 
     from mmmat.generative.api import generate as run_generate
@@ -791,6 +806,28 @@ def generate(
     if n < 1:
         _fail("-n must be at least 1")
     cond = _parse_query(condition) if condition is not None else None
+    if method not in ("pipeline", "template", "flow"):
+        _fail(f"--method {method!r} must be pipeline, template or flow")
+    if rank not in ("energy", "consensus"):
+        _fail(f"--rank {rank!r} must be energy or consensus")
+    if space_group is not None and composition is None:
+        _fail("--space-group needs --composition")
+    if templates is not None and not templates.is_dir():
+        _fail(f"--templates folder {templates} not found")
+    conditioned = any(x is not None for x in (xrd, text, image, like, cond)) or bool(target)
+    if composition is not None and (method == "template" or (method == "pipeline" and templates is not None)
+                                    or space_group is not None):
+        if conditioned:
+            _fail("latent and property conditions apply to --method flow (without --templates / --space-group)")
+        if method != "template" and model is None:
+            _fail(f"--method {method} needs --model")
+        if method == "template" and templates is None:
+            _fail("--method template needs --templates")
+        _generate_csp(model, composition, n, out, method, templates, k, t_start, rank, space_group, seed, steps,
+                      coord_anneal, batch_size, device)
+        return
+    if model is None:
+        _fail("--model is needed (only --method template runs without a generator)")
     for name, path in (("--xrd", xrd), ("--image", image), ("--like", like)):
         if path is not None and not path.exists():
             _fail(f"{name} file {path} not found")
@@ -815,10 +852,59 @@ def generate(
             )
     except (InputError, FileNotFoundError) as exc:  # GenerationError and the readers' errors are InputErrors
         _fail(str(exc))
+    if composition is not None:
+        info["method"] = "flow"  # the generator alone: no --templates (or --method flow)
     write_samples(structures, out, info)
     built = sum(s is not None for s in structures)
     g = info["generation"]
     typer.echo(f"{built}/{n} samples ({info['mode']}) in {g['wall_s']:.2f} s on {g['device']} -> {out}")
+
+
+def _generate_csp(model: Path | None, composition: str, n: int, out: Path, method: str, templates: Path | None,
+                  k: int, t_start: float, rank: str, space_group: int | None, seed: int, steps: int,
+                  coord_anneal: float, batch_size: int, device: str | None) -> None:
+    """``mmmat generate --composition`` through :class:`mmmat.generative.csp.CSPPipeline`."""
+    from mmmat.generative.api import GenerationError, load_generator, write_samples
+    from mmmat.generative.csp import CSPPipeline, chgnet_energy
+
+    try:
+        gen = load_generator(model, device) if model is not None else None
+        lib = None
+        if templates is not None:
+            from mmmat.data.loader import load_records, split_shards
+            from mmmat.generative.templates import TemplateLibrary
+
+            lib = TemplateLibrary.from_records(load_records(split_shards(templates, "train")))
+        dev = gen.device if gen is not None else (device or "cpu")
+        pipe = CSPPipeline(lib, None if gen is None else gen.flow, k=max(k, n if method == "template" else 1),
+                           t_start=t_start, steps=steps, coord_anneal=coord_anneal, batch_size=batch_size,
+                           energy=chgnet_energy(dev) if rank == "energy" and method == "pipeline" else None)
+        t0 = time.perf_counter()
+        if method == "template":
+            cands = pipe.templates(composition)
+        elif method == "flow":
+            cands = [c for p in pipe.predict([composition] * n, "flow", seed, space_group=space_group) for c in p]
+        else:
+            cands = pipe.predict([composition], "pipeline", seed, space_group=space_group)[0]
+        wall = time.perf_counter() - t0
+    except (GenerationError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if not cands:
+        _fail(f"no candidate for {composition}: no template of its formula type and no generator to fall back on")
+    cands = cands[:n]
+    info = {
+        "mode": "csp", "method": method, "n": len(cands), "model": None if model is None else str(model),
+        "templates": None if templates is None else str(templates), "k": k, "t_start": t_start,
+        "rank": rank if method == "pipeline" else None, "space_group": space_group, "seed": seed, "steps": steps,
+        "coord_anneal": coord_anneal, "composition": composition, "condition": {},
+        "candidates": [{"source": c.source, "template_id": c.template_id,
+                        "cost": c.cost if math.isfinite(c.cost) else None,
+                        "energy_ev_per_atom": c.energy if math.isfinite(c.energy) else None} for c in cands],
+        "generation": {"wall_s": wall, "device": str(dev)},
+    }
+    write_samples([c.structure for c in cands], out, info)
+    typer.echo(f"{len(cands)} candidate(s) for {composition} ({method}) in {wall:.2f} s -> {out}")
+
 
 
 evaluate_app = typer.Typer(help="Staged evaluation of generated crystals; `prepare` caches reference work.")

@@ -182,6 +182,7 @@ def sample_structures(
     start: Sequence[Any] | None = None,
     t_start: float = 0.0,
     progress: Callable[[int], None] | None = None,
+    context: Sequence[Sequence[Any]] | None = None,
 ) -> list[Any]:
     """Sample crystals in batches; returns pymatgen ``Structure`` objects (None where a cell degenerated).
 
@@ -197,6 +198,7 @@ def sample_structures(
         batch_size: Samples per batch.
         start: Optional structures to refine (one per sample; same atom order as ``z``), see ``t_start``.
         t_start: Flow time at which ``start`` enters (0: pure noise).
+        context: Optional templates per sample (lists of structures) for a retrieval-augmented generator.
         progress: Called with the number of samples finished after each batch.
     """
     dev = flow.y_mean.device
@@ -228,6 +230,7 @@ def sample_structures(
             generator=gen,
             start=st,
             t_start=t_start,
+            context=None if context is None else context[lo:hi],
         )
         out.extend(to_structures(res))
         if progress is not None:

@@ -28,6 +28,14 @@ absent is all zeros with mask 0, which is also the unconditional input of classi
 
 A second denoiser family, an all-atom transformer (:mod:`mmmat.generative.transformer`), has the same
 signature and is selected with ``family="transformer"``; everything else here is shared.
+
+Retrieval-augmented generation (``template_k > 0``): each crystal may come with up to k reference crystals of
+its composition (substituted templates, :mod:`mmmat.generative.templates`) as context.  Their atoms become
+tokens (species, Fourier features of the fractional coordinates, the template's lattice and its rank); after
+every message-passing round the atoms of the crystal being generated cross-attend to their own crystal's
+template tokens and to one learned null token (the whole context of a crystal without templates).  The network
+thus learns to correct the templates it is shown; at sampling time the flow may also start from the best
+template at an intermediate time ``t_start``.
 """
 
 from __future__ import annotations
@@ -143,6 +151,71 @@ class PairLayer(nn.Module):
         return h + self.node(torch.cat([hn, agg], dim=-1))
 
 
+def pack_templates(templates: Sequence[Sequence[Any]], k: int) -> dict[str, Tensor]:
+    """Flat template tokens of a batch: up to ``k`` pymatgen structures per crystal (fewer or none allowed).
+
+    Returns ``{"lattice": (T, 3, 3) Å, "counts": (T,) atoms per template, "owner": (T,) crystal index,
+    "rank": (T,) rank of the template for its crystal, "frac": (M, 3), "z": (M,), "template": (M,)
+    template index of each token}``, where T is the number of templates and M the number of their atoms.
+    """
+    lat, counts, owner, rank, frac, z, tpl = [], [], [], [], [], [], []
+    for i, ts in enumerate(templates):
+        for r, s in enumerate(list(ts or [])[:k]):
+            lat.append(np.asarray(s.lattice.matrix, dtype=np.float32))
+            counts.append(len(s))
+            owner.append(i)
+            rank.append(r)
+            frac.append(np.asarray(s.frac_coords, dtype=np.float32) % 1.0)
+            z.append(np.asarray(s.atomic_numbers, dtype=np.int64))
+            tpl.append(np.full(len(s), len(lat) - 1, dtype=np.int64))
+    if not lat:
+        return {"lattice": torch.zeros(0, 3, 3), "counts": torch.zeros(0, dtype=torch.long),
+                "owner": torch.zeros(0, dtype=torch.long), "rank": torch.zeros(0, dtype=torch.long),
+                "frac": torch.zeros(0, 3), "z": torch.zeros(0, dtype=torch.long),
+                "template": torch.zeros(0, dtype=torch.long)}
+    return {
+        "lattice": torch.as_tensor(np.stack(lat)), "counts": torch.as_tensor(counts),
+        "owner": torch.as_tensor(owner), "rank": torch.as_tensor(rank),
+        "frac": torch.as_tensor(np.concatenate(frac)), "z": torch.as_tensor(np.concatenate(z)),
+        "template": torch.as_tensor(np.concatenate(tpl)),
+    }
+
+
+def _dense(x: Tensor, index: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Rows of ``x`` grouped by ``index`` (sorted or not) into (size, L, D) with a (size, L) presence mask."""
+    cnt = torch.bincount(index, minlength=size)
+    width = int(cnt.max()) if cnt.numel() and x.shape[0] else 0
+    order = torch.argsort(index, stable=True)
+    start = torch.cumsum(cnt, 0) - cnt
+    pos = torch.arange(x.shape[0], device=x.device) - start[index[order]]
+    out = x.new_zeros(size, width, x.shape[-1])
+    mask = torch.zeros(size, width, dtype=torch.bool, device=x.device)
+    out[index[order], pos] = x[order]
+    mask[index[order], pos] = True
+    return out, mask
+
+
+class TemplateAttention(nn.Module):
+    """Atoms of each crystal cross-attend to the tokens of their own crystal's templates (and a null token)."""
+
+    def __init__(self, hidden: int, heads: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.null = nn.Parameter(torch.zeros(1, 1, hidden))
+
+    def forward(self, h: Tensor, batch: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        """Atoms h (N, hidden) updated from tokens; template tokens (B, L, hidden), mask (B, L) True where present."""
+        b = tokens.shape[0]
+        q, qmask = _dense(self.norm(h), batch, b)
+        kv = torch.cat([self.null.expand(b, 1, -1), tokens], dim=1)
+        keep = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=h.device), token_mask], dim=1)
+        out, _ = self.attn(q, kv, kv, key_padding_mask=~keep, need_weights=False)
+        upd = torch.empty_like(h)
+        upd[torch.argsort(batch, stable=True)] = out[qmask]  # dense rows follow the atoms sorted by crystal
+        return h + upd
+
+
 class CrystalDenoiser(nn.Module):
     """Velocity field v(y_t, f_t, s_t, t, t_s, c) of the crystal flow.
 
@@ -152,6 +225,7 @@ class CrystalDenoiser(nn.Module):
         fourier: Fourier frequencies k = 1..K per fractional axis in the edge features.
         cond_dim: Length of the condition vector (values and masks), 0 for none.
         num_species: Species vocabulary (Z = 1..num_species).
+        template_k: Templates per crystal taken as context (0: no template context).
     """
 
     def __init__(
@@ -161,8 +235,10 @@ class CrystalDenoiser(nn.Module):
         fourier: int = 8,
         cond_dim: int = 0,
         num_species: int = NUM_SPECIES,
+        template_k: int = 0,
     ):
         super().__init__()
+        self.template_k = int(template_k)
         self.register_buffer("kvec", torch.arange(1, fourier + 1, dtype=torch.float32), persistent=False)
         self.species_in = nn.Linear(num_species, hidden)
         self.lattice_in = nn.Linear(6, hidden)
@@ -179,6 +255,22 @@ class CrystalDenoiser(nn.Module):
         self.coord_out = nn.Linear(hidden, 3)
         self.species_out = nn.Linear(hidden, num_species)
         self.lattice_out = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, 6))
+        if self.template_k:
+            self.tpl_coord = nn.Linear(6 * fourier, hidden)
+            self.tpl_lattice = nn.Linear(6, hidden)
+            self.tpl_rank = nn.Embedding(self.template_k, hidden)
+            self.tpl_attn = nn.ModuleList([TemplateAttention(hidden) for _ in range(layers)])
+
+    def template_tokens(self, context: dict[str, Tensor], b: int) -> tuple[Tensor, Tensor]:
+        """Template tokens (B, L, hidden) and mask (B, L) from packed context (``y``: standardised lattices)."""
+        tpl = context["template"]
+        ang = 2 * math.pi * context["frac"].unsqueeze(-1) * self.kvec
+        x = (
+            self.species_in(F.one_hot(context["z"] - 1, self.species_in.in_features).to(ang.dtype))
+            + self.tpl_coord(torch.cat([torch.sin(ang).flatten(1), torch.cos(ang).flatten(1)], dim=-1))
+            + (self.tpl_lattice(context["y"]) + self.tpl_rank(context["rank"].clamp(max=self.template_k - 1)))[tpl]
+        )
+        return _dense(x, context["owner"][tpl], b)
 
     def forward(
         self,
@@ -190,8 +282,12 @@ class CrystalDenoiser(nn.Module):
         batch: Tensor,
         counts: Tensor,
         cond: Tensor | None = None,
+        context: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Velocities (lattice (B, 6), coordinates (N, 3), species (N, K)) at the given state."""
+        """Velocities (lattice (B, 6), coordinates (N, 3), species (N, K)) at the given state.
+
+        ``context``: packed template tokens (:meth:`CrystalFlow.encode_context`), used when ``template_k > 0``.
+        """
         b = counts.shape[0]
         g = self.lattice_in(y) + self.time(t) + self.species_time(ts)
         if self.cond is not None and cond is not None:
@@ -201,8 +297,16 @@ class CrystalDenoiser(nn.Module):
         d = wrap(f[tgt] - f[src])  # (E, 3)
         ang = 2 * math.pi * d.unsqueeze(-1) * self.kvec  # (E, 3, K)
         edge_attr = torch.cat([torch.sin(ang).flatten(1), torch.cos(ang).flatten(1), y[batch[src]]], dim=-1)
-        for layer in self.layers:
+        tokens = None
+        if self.template_k:
+            if context is None or context["z"].numel() == 0:
+                tokens = (h.new_zeros(b, 0, h.shape[-1]), torch.zeros(b, 0, dtype=torch.bool, device=h.device))
+            else:
+                tokens = self.template_tokens(context, b)
+        for k, layer in enumerate(self.layers):
             h = layer(h, src, tgt, edge_attr)
+            if tokens is not None:
+                h = self.tpl_attn[k](h, batch, *tokens)
         h = self.out_norm(h)
         pooled = torch.cat([_segment_mean(h, batch, b), g], dim=-1)
         return self.lattice_out(pooled), self.coord_out(h), self.species_out(h)
@@ -230,6 +334,7 @@ class CrystalFlow(nn.Module):
         translate_augment: Shift every training crystal by a random fractional vector (teaches a denoiser that
             is not translation invariant by construction to be so; changes nothing for ``flow_gnn`` but the
             random draws).
+        template_k: Templates per crystal the denoiser attends to (0: none; retrieval-augmented generation).
     """
 
     def __init__(
@@ -247,6 +352,7 @@ class CrystalFlow(nn.Module):
         family: str = "flow_gnn",
         heads: int = 8,
         translate_augment: bool = False,
+        template_k: int = 0,
     ):
         super().__init__()
         if family not in FAMILIES:
@@ -265,6 +371,7 @@ class CrystalFlow(nn.Module):
             "family": family,
             "heads": heads,
             "translate_augment": translate_augment,
+            "template_k": int(template_k),
         }
         self.properties = list(properties)
         self.num_species = num_species
@@ -273,9 +380,11 @@ class CrystalFlow(nn.Module):
         if family == "transformer":
             from mmmat.generative.transformer import AtomTransformerDenoiser
 
+            if template_k:
+                raise ValueError("template_k (retrieval-augmented generation) needs family='flow_gnn'")
             self.net = AtomTransformerDenoiser(hidden, layers, fourier, cond_dim, num_species, heads)
         else:
-            self.net = CrystalDenoiser(hidden, layers, fourier, cond_dim, num_species)
+            self.net = CrystalDenoiser(hidden, layers, fourier, cond_dim, num_species, int(template_k))
         self.register_buffer("y_mean", torch.zeros(6))
         self.register_buffer("y_std", torch.ones(6))
         self.register_buffer("prop_mean", torch.zeros(len(self.properties)))
@@ -328,6 +437,28 @@ class CrystalFlow(nn.Module):
         angles = torch.rad2deg(raw[:, 3:]).clamp(*ANGLE_RANGE)
         return torch.cat([lengths, angles], dim=-1)
 
+    @property
+    def template_k(self) -> int:
+        """Templates per crystal the denoiser attends to (0: none)."""
+        return int(self.config.get("template_k", 0))
+
+    def encode_context(self, templates: Sequence[Sequence[Any]] | dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """Template context on the model's device: per crystal a list of pymatgen structures, or packed tokens.
+
+        Returns None when the model takes no templates or none are given.
+        """
+        if not self.template_k or templates is None:
+            return None
+        packed = templates if isinstance(templates, dict) else pack_templates(templates, self.template_k)
+        dev = self.y_mean.device
+        out = {k: v.to(dev) for k, v in packed.items()}
+        if "y" not in out:
+            out["y"] = (
+                self.encode_lattice(out["lattice"].float(), out["counts"])
+                if out["counts"].numel() else torch.zeros(0, 6, device=dev)
+            )
+        return out
+
     def one_hot(self, z: Tensor) -> Tensor:
         """Atomic numbers (N,) -> (N, K) one-hot species vectors."""
         if int(z.max()) > self.num_species or int(z.min()) < 1:
@@ -373,6 +504,7 @@ class CrystalFlow(nn.Module):
         csp_rows: Tensor,
         cond: Tensor | None = None,
         generator: torch.Generator | None = None,
+        context: Any = None,
     ) -> dict[str, Tensor]:
         """Conditional flow-matching loss of a batch of crystals.
 
@@ -385,8 +517,11 @@ class CrystalFlow(nn.Module):
             csp_rows: (B,) bool, True where the species are given (crystal structure prediction).
             cond: (B, cond_dim) condition vector (:meth:`condition_vector`) or None.
             generator: Random generator for the noise (default: the global one).
+            context: Templates per crystal (lists of structures or :func:`pack_templates` output), used when
+                ``template_k > 0``.
         """
         b, dev = counts.shape[0], frac.device
+        ctx = self.encode_context(context)
         y1 = self.encode_lattice(lattice, counts)
         f1 = frac % 1.0
         if self.config["translate_augment"]:
@@ -403,7 +538,7 @@ class CrystalFlow(nn.Module):
         csp_atoms = csp_rows[batch].unsqueeze(-1)
         st = torch.where(csp_atoms, s1, (1 - ta) * s0 + ta * s1)
         ts = torch.where(csp_rows, torch.ones_like(t), t)
-        vy, vf, vs = self.net(yt, ft, st, t, ts, batch, counts, cond)
+        vy, vf, vs = self.net(yt, ft, st, t, ts, batch, counts, cond, ctx)
         uf_c = uf - _segment_mean(uf, batch, b)[batch]
         vf_c = vf - _segment_mean(vf, batch, b)[batch]
         l_coord = ((vf_c - uf_c) ** 2).sum(-1)
@@ -440,6 +575,7 @@ class CrystalFlow(nn.Module):
         generator: torch.Generator | None = None,
         start: tuple[Tensor, Tensor] | None = None,
         t_start: float = 0.0,
+        context: Any = None,
     ) -> dict[str, Tensor]:
         """Integrate the flow from noise (Euler, ``steps`` steps).
 
@@ -455,6 +591,8 @@ class CrystalFlow(nn.Module):
             start: Optional (lattice (B, 3, 3), frac (N, 3)) to start from: the path begins at
                 (1 - t_start)·noise + t_start·start instead of pure noise (refinement of a template).
             t_start: Flow time of ``start`` (0 ignores ``start``).
+            context: Templates per crystal (lists of structures or packed tokens) for a model with
+                ``template_k > 0``; ignored otherwise.
 
         Returns:
             ``{"lattice_params": (B, 6) a, b, c Å and α, β, γ degrees, "frac": (N, 3), "z": (N,), "batch": (N,)}``
@@ -463,6 +601,7 @@ class CrystalFlow(nn.Module):
         dev = self.y_mean.device
         counts = counts.to(dev).long()
         b = counts.shape[0]
+        ctx = self.encode_context(context)
         batch = torch.repeat_interleave(torch.arange(b, device=dev), counts)
         n = int(counts.sum())
         y = torch.randn(b, 6, device=dev, generator=generator)
@@ -486,9 +625,9 @@ class CrystalFlow(nn.Module):
             tv = t0 + i * dt
             t = torch.full((b,), tv, device=dev)
             ts = ts_csp if csp else t
-            vy, vf, vs = self.net(y, f, s, t, ts, batch, counts, cond)
+            vy, vf, vs = self.net(y, f, s, t, ts, batch, counts, cond, ctx)
             if use_cfg:
-                uy, uf, us = self.net(y, f, s, t, ts, batch, counts, torch.zeros_like(cond))
+                uy, uf, us = self.net(y, f, s, t, ts, batch, counts, torch.zeros_like(cond), ctx)
                 vy, vf, vs = (uy + guidance * (vy - uy), uf + guidance * (vf - uf), us + guidance * (vs - us))
             vf = vf - _segment_mean(vf, batch, b)[batch]
             y = y + dt * vy
@@ -524,7 +663,7 @@ class CrystalFlow(nn.Module):
             "lattice_weight",
             "species_weight",
         )
-        optional = ("family", "heads", "translate_augment")  # absent from folders written before the families
+        optional = ("family", "heads", "translate_augment", "template_k")  # absent from older folders
         model = cls(**{k: config[k] for k in keys}, **{k: config[k] for k in optional if k in config})
         model.extra = {k: v for k, v in config.items() if k not in keys + optional}
         load_weights(model, path, map_location)

@@ -131,8 +131,13 @@ class AtomTransformerDenoiser(nn.Module):
         batch: Tensor,
         counts: Tensor,
         cond: Tensor | None = None,
+        context: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Velocities (lattice (B, 6), coordinates (N, 3), species (N, K)) at the given state."""
+        """Velocities (lattice (B, 6), coordinates (N, 3), species (N, K)) at the given state.
+
+        ``context`` (template tokens of retrieval-augmented generation) is not used by this family; a
+        :class:`~mmmat.generative.flow.CrystalFlow` with templates is built with the message-passing family.
+        """
         g = self.time(t) + self.species_time(ts)
         if self.cond is not None and cond is not None:
             g = g + self.cond(cond)

@@ -10,8 +10,11 @@ be steered by any of them.  Property targets (``targets``: any numeric columns o
 optional condition.  Each condition is dropped at random during training (``p_drop_latent``,
 ``p_drop_property``), which teaches the unconditional model that classifier-free guidance needs.  A share
 ``csp_fraction`` of the crystals is trained with given species (crystal structure prediction), the rest de
-novo.  At the end of fit the generator is saved as a model folder (``config.json`` + ``model.safetensors``)
-with the conditioning model inside it (``condition_model/``), so ``mmmat generate`` needs nothing else.
+novo.  With ``template_k > 0`` (retrieval-augmented generation) every crystal is shown its ``template_k``
+cheapest substituted templates from the training split (leave-one-out: never itself), as context the denoiser
+cross-attends to; the context is dropped with probability ``p_drop_templates``.  At the end of fit the
+generator is saved as a model folder (``config.json`` + ``model.safetensors``) with the conditioning
+model inside it (``condition_model/``), so ``mmmat generate`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class CrystalGeneration(pl.LightningModule):
         min_lr_ratio: Final learning rate as a fraction of the peak.
         xrd_augment: Keyword arguments of :class:`mmmat.data.augment.XRDAugment` for XRD conditions (None:
             patterns as stored).
+        template_k: Templates per crystal given as context (0: none; retrieval-augmented generation).
+        p_drop_templates: Probability that a crystal's template context is dropped in training.
         save_dir: Where the generator is saved at the end of fit (default: the logger's folder + ``/model``).
         seed: Random state is reseeded from (seed, epoch, rank) at every epoch start.
     """
@@ -95,6 +100,8 @@ class CrystalGeneration(pl.LightningModule):
         max_steps: int | None = None,
         min_lr_ratio: float = 0.05,
         xrd_augment: dict[str, Any] | None = None,
+        template_k: int = 0,
+        p_drop_templates: float = 0.2,
         save_dir: str | None = None,
         seed: int = 0,
     ):
@@ -133,7 +140,10 @@ class CrystalGeneration(pl.LightningModule):
             family=family,
             heads=heads,
             translate_augment=translate_augment,
+            template_k=template_k,
         )
+        self._templates: Any = None
+        self._template_cache: dict[str, list] = {}
         self.augment = None
         if xrd_augment is not None and "xrd" in self.condition_modalities:
             from mmmat.data.augment import XRDAugment
@@ -153,6 +163,10 @@ class CrystalGeneration(pl.LightningModule):
             self._check_data(dm)
         if stage == "fit":
             self._fit_statistics(dm)
+        if self.flow.template_k and self._templates is None:
+            from mmmat.generative.templates import TemplateLibrary
+
+            self._templates = TemplateLibrary.from_records(dm.records(dm.hparams.train_split))
 
     def _check_data(self, dm: Any) -> None:
         h = dm.hparams
@@ -259,13 +273,38 @@ class CrystalGeneration(pl.LightningModule):
         csp = torch.rand(b, device=dev, generator=generator) < h.csp_fraction
         return cond, csp
 
+    def template_context(
+        self, batch: MultimodalBatch, train: bool, generator: torch.Generator | None = None
+    ) -> list[list] | None:
+        """Per crystal its cheapest substituted training templates, itself excluded (cached by material id)."""
+        if not self.flow.template_k or self._templates is None:
+            return None
+        c = batch.crystal
+        out = []
+        for i, mid in enumerate(batch.material_ids):
+            if mid not in self._template_cache:
+                from pymatgen.core import Structure
+
+                rows = slice(int(c.ptr[i]), int(c.ptr[i + 1]))
+                s = Structure(c.lattice[i].double().cpu().numpy(), c.z[rows].cpu().tolist(),
+                              c.frac_coords[rows].double().cpu().numpy())
+                self._template_cache[mid] = [
+                    t.structure for t in self._templates.candidates(s, self.flow.template_k, exclude=(mid,))
+                ]
+            out.append(self._template_cache[mid])
+        if train and self.hparams.p_drop_templates > 0:
+            drop = torch.rand(len(out), generator=generator) < self.hparams.p_drop_templates
+            out = [[] if d else t for t, d in zip(out, drop.tolist())]
+        return out
+
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: MultimodalBatch, train: bool, generator: torch.Generator | None = None) -> dict:
         cond, csp = self.conditions(batch, train, generator)
         c = batch.crystal
         counts = c.ptr[1:] - c.ptr[:-1]
+        context = self.template_context(batch, train, generator)
         return self.flow.loss(
-            c.lattice.float(), c.frac_coords.float(), c.z, c.batch, counts, csp, cond, generator
+            c.lattice.float(), c.frac_coords.float(), c.z, c.batch, counts, csp, cond, generator, context
         )
 
     def training_step(self, batch: MultimodalBatch, batch_idx: int) -> torch.Tensor:
