@@ -33,6 +33,7 @@ IUCr Rietveld CIFs, as peak tables (``phases.npz``, built once into ``--index`` 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import sys
@@ -214,7 +215,10 @@ def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
     cases = []
     t0 = time.perf_counter()
     if args.workers > 1:
-        with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(str(args.index), args.model)) as ex:
+        # spawned workers: a process forked after the parent ran torch (the embeddings) can hang in its thread pools
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init,
+                                 initargs=(str(args.index), args.model)) as ex:
             futures = [ex.submit(synthetic_case, s) for s in seeds]
             for fut in futures:  # in seed order: a time limit keeps the first patterns, not the easiest
                 left = args.max_seconds - (time.perf_counter() - t0) if args.max_seconds else None
