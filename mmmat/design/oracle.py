@@ -265,6 +265,17 @@ class MethodHull:
         tmp.write_text(json.dumps({"method": self.method.cache_key(), "unit": "eV/atom", "entries": self._cache}))
         tmp.replace(self.path)
 
+    def _single_points(self, todo: list[tuple[int, str]]) -> None:
+        """Single-point energies (eV/atom) of the known phases ``(index, cache key)``, cached and counted."""
+        if not todo:
+            return
+        e = self.method.single_points([self.known.structures[i] for i, _ in todo])
+        for (i, key), v in zip(todo, e):
+            v = float(v) if np.isfinite(v) else None
+            self._cache[key] = {"e": v}
+            self.energy[self.known.ids[i]] = v
+        self.computed += len(todo)
+
     def ensure(self, elements: Sequence[str]) -> None:
         """Compute (or read from the cache) every known phase of the system and missing elemental end points."""
         idx = [i for i in self.known.in_system(elements) if self.known.ids[i] not in self.energy]
@@ -276,13 +287,7 @@ class MethodHull:
             else:
                 todo.append((i, key))
         changed = bool(idx)
-        if todo:
-            e = self.method.single_points([self.known.structures[i] for i, _ in todo])
-            for (i, key), v in zip(todo, e):
-                v = float(v) if np.isfinite(v) else None
-                self._cache[key] = {"e": v}
-                self.energy[self.known.ids[i]] = v
-            self.computed += len(todo)
+        self._single_points(todo)
         have: set[str] = set()
         for i in self.known.in_system(elements):
             s = self.known.structures[i]
@@ -340,12 +345,7 @@ class MethodHull:
                 else:
                     todo.append((i, key))
         if todo:
-            e = self.method.single_points([self.known.structures[i] for i, _ in todo])
-            for (i, key), v in zip(todo, e):
-                v = float(v) if np.isfinite(v) else None
-                self._cache[key] = {"e": v}
-                self.energy[self.known.ids[i]] = v
-            self.computed += len(todo)
+            self._single_points(todo)
             self._ref = None
         from mmmat.evaluation.elemental import lookup
 
