@@ -109,3 +109,19 @@ def test_shipped_elemental_table_has_provenance():
         prov = doc["provenance"][key]
         assert prov["unit"] == "eV/atom" and "versions" in prov and "how" in prov
         assert all(-20 < v["energy_per_atom"] < 5 for v in tab.values())
+
+
+def test_collapsed_or_runaway_prototypes_are_not_elemental_references():
+    """A relaxation that collapsed atoms onto each other, or ran to an absurd energy, never becomes an end point."""
+    from pymatgen.core import Lattice, Structure
+
+    from mmmat.evaluation.elemental import MPTRJ_Z, plausible
+
+    fcc = Structure(Lattice.cubic(3.6), ["Cu"] * 4, [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    assert plausible(fcc, -3.7)
+    assert not plausible(fcc, -12688.0) and not plausible(fcc, float("nan")) and not plausible(fcc, 5.96)
+    collapsed = Structure(Lattice.cubic(0.4), ["Ar"], [[0, 0, 0]])  # periodic images 0.4 Å apart
+    assert not plausible(collapsed, -5.0)
+    h2 = Structure(Lattice.cubic(12.0), ["H", "H"], [[0, 0, 0], [0.74 / 12, 0, 0]])  # a real 0.74 Å bond
+    assert plausible(h2, -3.4)
+    assert len(MPTRJ_Z) == 89 and 84 not in MPTRJ_Z and 94 in MPTRJ_Z

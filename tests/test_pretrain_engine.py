@@ -140,7 +140,8 @@ def test_compiled_encoders_give_the_same_embeddings(shards):
     fast.load_state_dict(plain.state_dict())
     fast._compile_encoders()
     enc = fast.model.encoders["crystal"]
-    assert "message_passing" in vars(enc.gnn) and "embed_profile" in vars(enc.xrd)  # compiled wrappers
+    assert "message_passing" in vars(enc.gnn)  # the compiled wrapper
+    assert "embed_profile" not in vars(enc.xrd)  # the pattern CNN stays eager (NaN when compiled under bf16)
     batch = dm.resident("train", device="cpu").batch(torch.arange(8))
     plain.eval()
     fast.eval()

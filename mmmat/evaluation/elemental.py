@@ -38,6 +38,30 @@ MOLECULAR = frozenset({"H", "N", "O", "F", "Cl", "Br", "I", "He", "Ne", "Ar", "K
 BULK_PROTOTYPES = ("fcc", "bcc", "hcp")
 #: Elements that also get the diamond prototype.
 DIAMOND = frozenset({"C", "Si", "Ge", "Sn"})
+#: The 89 elements of MPtrj, the training set of CHGNet and SevenNet-0 (Z 1-83 and 89-94): the default of
+#: :func:`build_table`. Po, At, Rn, Fr and Ra are absent from it; their energies would be extrapolations
+#: (SevenNet-0 has no embedding for them at all).
+MPTRJ_Z = tuple(range(1, 84)) + tuple(range(89, 95))
+#: A relaxed prototype closer than this (Å) between two atoms collapsed: the MLIP left its domain.
+MIN_DISTANCE = 0.5
+#: Below this (eV/atom) an energy is an MLIP failure, not a ground state (DFT-PBE elements lie above -15).
+MIN_ENERGY = -20.0
+#: Above this (eV/atom) likewise: no element's ground state lies above its free atoms' energy scale (DFT-PBE
+#: elements in the Materials Project are all below 0; noble-gas dimers far from the MLIPs' training data gave
+#: +5.7 to +6.0).
+MAX_ENERGY = 1.0
+
+
+def plausible(structure, energy_per_atom: float) -> bool:
+    """Whether a relaxed prototype is physical.
+
+    Its energy is finite and between :data:`MIN_ENERGY` and :data:`MAX_ENERGY`, and no two atoms (periodic
+    images included) lie within :data:`MIN_DISTANCE` Å.
+    """
+    if not np.isfinite(energy_per_atom) or not MIN_ENERGY <= energy_per_atom <= MAX_ENERGY:
+        return False
+    _, _, _, dist = structure.get_neighbor_list(MIN_DISTANCE)
+    return not len(dist)
 
 
 @lru_cache(maxsize=1)
@@ -60,7 +84,9 @@ def relax_prototypes(
     potential, elements: Iterable[str], steps: int = 300, fmax: float = 0.05, relaxer=None,
     max_structures: int | None = None,
 ) -> dict[str, tuple[float, str]]:
-    """Lowest prototype energy per element: ``{element: (eV/atom, "proto:<name>")}`` (missing: all failed).
+    """Lowest prototype energy per element: ``{element: (eV/atom, "proto:<name>")}``.
+
+    An element is missing when every prototype failed or ended implausible (:func:`plausible`).
 
     All prototypes of all elements relax together in batched calls (bulk ones with their cell, dimers with
     positions only). With ``relaxer`` (another potential) the prototypes are relaxed by it and ``potential``
@@ -83,8 +109,8 @@ def relax_prototypes(
         res = batched_relax(relaxer or potential, structs, steps=steps, fmax=fmax, relax_cell=relax_cell,
                             task="elemental prototypes", max_structures=max_structures)
         energies = res.energy_per_atom if relaxer is None else single_points(potential, res.structures)
-        for (el, name, _), e in zip(items, energies):
-            if np.isfinite(e) and (el not in best or e < best[el][0]):
+        for (el, name, _), e, relaxed in zip(items, energies, res.structures):
+            if plausible(relaxed, e) and (el not in best or e < best[el][0]):
                 best[el] = (float(e), f"proto:{name}")
     return best
 
@@ -99,7 +125,7 @@ def build_table(
     max_structures: int | None = None,
     chunk: int = 16,
 ) -> dict:
-    """Relax the prototypes of ``elements`` (default Z = 1..94) with each MLIP and write the table to ``out``.
+    """Relax the prototypes of ``elements`` (default: :data:`MPTRJ_Z`) with each MLIP and write them to ``out``.
 
     An existing table at ``out`` is extended (methods and elements already there are kept); it is written after
     every ``chunk`` elements.
@@ -109,7 +135,7 @@ def build_table(
     from mmmat.design.oracle import MLIPMethod
     from mmmat.evaluation.relax import load_potential
 
-    els = list(elements) if elements else [Element.from_Z(z).symbol for z in range(1, 95)]
+    els = list(elements) if elements else [Element.from_Z(z).symbol for z in MPTRJ_Z]
     out = Path(out)
     doc = json.loads(out.read_text()) if out.is_file() else {"provenance": {}, "methods": {}}
     for m in methods:
@@ -139,7 +165,8 @@ def _write(out: Path, doc: dict, key: str, steps: int, fmax: float, pot, t0: flo
             f"batched_relax, at most {steps} steps, fmax {fmax} eV/A) of fcc, bcc and hcp cells "
             "(nearest-neighbour distance twice the atomic radius), diamond for "
             f"{', '.join(sorted(DIAMOND))}, and a dimer in a 12 A box (positions only) for "
-            f"{', '.join(sorted(MOLECULAR))}"
+            f"{', '.join(sorted(MOLECULAR))}; a relaxed prototype counts only when plausible (energy "
+            f"{MIN_ENERGY} to {MAX_ENERGY} eV/atom, no two atoms within {MIN_DISTANCE} A)"
         ),
         "versions": {
             "mmmat.method": key, "torch": version("torch"), "pymatgen": version("pymatgen"),
@@ -160,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(TABLE_PATH))
     ap.add_argument("--methods", default="chgnet,sevennet")
-    ap.add_argument("--elements", default=None, help="comma-separated symbols (default Z = 1..94)")
+    ap.add_argument("--elements", default=None, help="comma-separated symbols (default: the 89 elements of MPtrj)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--fmax", type=float, default=0.1)
     ap.add_argument("--device", default=None)
