@@ -1,46 +1,20 @@
 """What a data source is: raw rows per split, plus the joins that turn a row into a record.
 
-A source returns, per split, a list of :class:`RawRow` in a fixed order (the order decides which shard a
-row lands in, so a rebuild writes the same shards).  :func:`make_record` turns one row into a
+A source returns, per split, a list of :class:`~mmmat.data.reference.RawRow` in a fixed order (the order
+decides which shard a row lands in, so a rebuild writes the same shards).  :func:`make_record` turns one row into a
 :class:`~mmmat.data.schema.MaterialRecord` with every modality rendered; it raises
 :class:`~mmmat.data.schema.RecordError` for a row that cannot be used, and the builder reports it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from mmmat.data.reference import RawRow, hash_split  # noqa: F401 (re-export: the row type and the mp20p rule)
 from mmmat.data.schema import MaterialRecord, RecordError, TextItem, parse_cif
-
-
-@dataclass
-class RawRow:
-    """One row of a source before rendering.
-
-    Attributes:
-        material_id: Unique id in the source.
-        cif: CIF text of the structure (or None when ``structure`` is given).
-        structure: A pymatgen ``Structure`` as a dict (``Structure.as_dict()``), or None.
-        properties: Named numeric properties (NaN or None = missing).
-        formula: Reduced formula if the source gives one (used for text joins), else derived.
-        source_ids: Ids in the source (row index, original file, ...).
-        extra_texts: Texts that come with the row itself (e.g. prototype names), already labelled.
-
-    """
-
-    material_id: str
-    cif: str | None = None
-    structure: dict[str, Any] | None = None
-    properties: dict[str, Any] = field(default_factory=dict)
-    formula: str | None = None
-    source_ids: dict[str, str] = field(default_factory=dict)
-    extra_texts: list[TextItem] = field(default_factory=list)
-    error: str | None = None
 
 
 @dataclass
@@ -92,11 +66,6 @@ class SourceData:
     joins: Joins = field(default_factory=Joins)
     property_columns: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def hash_split(material_id: str, modulo: int = 10) -> int:
-    """Bucket of ``material_id``: sha1, first 8 hex digits as an integer, modulo ``modulo`` (mp20p rule)."""
-    return int(hashlib.sha1(material_id.encode("utf-8")).hexdigest()[:8], 16) % modulo
 
 
 def make_record(row: RawRow, split: str, joins: Joins, options: BuildOptions) -> tuple[MaterialRecord, dict]:
@@ -202,9 +171,3 @@ def get_source(name: str) -> Callable[..., SourceData]:
         raise KeyError(f"unknown data source {name!r}; known: {sorted(SOURCES)}")
     return SOURCES[name]
 
-
-def read_csv_any(path: Path) -> Any:
-    """Read a CSV (plain, .gz or .xz) with pandas, keeping ids as strings."""
-    import pandas as pd
-
-    return pd.read_csv(path, dtype={"material_id": str}, keep_default_na=True)

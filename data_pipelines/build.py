@@ -28,12 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines.base import BuildOptions, Joins, RawRow, SourceData, make_record
+from mmmat.data.manifest import MANIFEST_VERSION, load_manifest, write_manifest  # noqa: F401 (re-export)
 from mmmat.data.schema import RecordError
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 
 _JOINS: Joins | None = None  # set in each worker process
 _OPTIONS: BuildOptions | None = None
@@ -285,7 +283,7 @@ def build_shards(
     wall = time.perf_counter() - t0
     manifest = _manifest(source, out, reports, options, shard_size, wall, total_rows, resumed, command)
     manifest["text_pairs"] = text_pairs
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -345,10 +343,3 @@ def _manifest(
         "versions": _versions(),
     }
 
-
-def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """Read ``manifest.json`` of a shard folder (clear error when missing)."""
-    p = Path(shard_dir) / MANIFEST
-    if not p.exists():
-        raise FileNotFoundError(f"{p} not found: is {shard_dir} a folder written by `mmmat data build`?")
-    return json.loads(p.read_text())

@@ -9,39 +9,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.base import Joins, RawRow, SourceData, hash_split, read_csv_any, register_source
-from mmmat.data.schema import TextItem
+from data_pipelines.base import Joins, RawRow, SourceData, register_source
+from mmmat.data.reference import (
+    BUILTIN_PROPERTIES,
+    CARBON24_PROPERTIES,
+    MP20_PROPERTIES,
+    PEROV5_PROPERTIES,
+    builtin_prototypes,
+    hash_split_name,
+    limit_rows,
+    read_csv_table,
+    read_mp20p,
+    read_split_tables,
+)
 
 log = logging.getLogger(__name__)
-
-MP20_PROPERTIES = ["formation_energy_per_atom", "band_gap", "e_above_hull", "spacegroup_number"]
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"expected {path} (is --root the right folder?)")
-    return path
-
-
-def _rows_from_frame(
-    df: Any, columns: list[str], file: str, rename: dict[str, str] | None = None, formula_col: str | None = None
-) -> list[RawRow]:
-    rename = rename or {}
-    idx_col = df.columns[0]
-    rows = []
-    for rec in df.to_dict("records"):
-        props = {rename.get(c, c): rec.get(c) for c in columns}
-        mid = str(rec["material_id"])
-        rows.append(
-            RawRow(
-                material_id=mid,
-                cif=rec.get("cif") if isinstance(rec.get("cif"), str) else None,
-                properties=props,
-                formula=rec.get(formula_col) if formula_col and isinstance(rec.get(formula_col), str) else None,
-                source_ids={"file": file, "row": str(rec.get(idx_col, "")), "mp_id": mid},
-            )
-        )
-    return rows
 
 
 def _default_joins(data_root: Path, use_joins: bool) -> tuple[Joins, dict[str, Any]]:
@@ -68,12 +50,6 @@ def _default_joins(data_root: Path, use_joins: bool) -> tuple[Joins, dict[str, A
     return joins, info
 
 
-def _limit(splits: dict[str, list[RawRow]], limit: int | None) -> dict[str, list[RawRow]]:
-    if not limit:
-        return splits
-    return {k: v[:limit] for k, v in splits.items()}
-
-
 @register_source("mp20")
 def load_mp20(root: str | Path, limit: int | None = None, joins: bool = True) -> SourceData:
     """The mp20p split of the partial MP-20 copy (see ../shared/data/README.md).
@@ -84,62 +60,27 @@ def load_mp20(root: str | Path, limit: int | None = None, joins: bool = True) ->
     energy above hull in eV/atom, band gap in eV, space-group number.
     """
     root = Path(root)
-    pool = read_csv_any(_need(root / "slices_raw_mp20_dataset_mini_train.csv.xz"))
-    valf = read_csv_any(_need(root / "REASSEMBLED_val_partial.csv.xz"))
-    testf = read_csv_any(_need(root / "REASSEMBLED_test_partial.csv.xz"))
-    cols = ["formation_energy_per_atom", "band_gap", "e_above_hull", "spacegroup.number"]
-    rename = {"spacegroup.number": "spacegroup_number"}
-    trainval: list[RawRow] = []
-    seen: set[str] = set()
-    for df, name in ((pool, "slices_raw_mp20_dataset_mini_train.csv.xz"), (valf, "REASSEMBLED_val_partial.csv.xz")):
-        for row in _rows_from_frame(df, cols, name, rename, "pretty_formula"):
-            if row.material_id in seen:
-                continue
-            seen.add(row.material_id)
-            trainval.append(row)
-    splits = {
-        "train": [r for r in trainval if hash_split(r.material_id) != 0],
-        "val": [r for r in trainval if hash_split(r.material_id) == 0],
-        "test": _rows_from_frame(testf, cols, "REASSEMBLED_test_partial.csv.xz", rename, "pretty_formula"),
-    }
+    splits = read_mp20p(root)
     j, info = _default_joins(root.parent, joins)
-    return SourceData("mp20", _limit(splits, limit), j, MP20_PROPERTIES, {"split": "mp20p", **info})
+    return SourceData("mp20", limit_rows(splits, limit), j, list(MP20_PROPERTIES), {"split": "mp20p", **info})
 
 
 @register_source("perov5")
 def load_perov5(root: str | Path, limit: int | None = None, joins: bool = False) -> SourceData:
     """CDVAE perovskites (val and test only are staged). Heats of formation in eV/atom, gaps in eV."""
     root = Path(root)
-    cols = ["heat_all", "heat_ref", "dir_gap", "ind_gap"]
-    splits = {}
-    for split in ("train", "val", "test"):
-        p = root / f"{split}.csv.xz"
-        if p.exists():
-            splits[split] = _rows_from_frame(read_csv_any(p), cols, p.name, None, "formula")
-    if not splits:
-        raise FileNotFoundError(f"no train/val/test.csv.xz under {root}")
+    splits = read_split_tables(root, PEROV5_PROPERTIES, "formula")
     j, info = _default_joins(root.parent, joins)
-    return SourceData("perov5", _limit(splits, limit), j, cols, info)
+    return SourceData("perov5", limit_rows(splits, limit), j, list(PEROV5_PROPERTIES), info)
 
 
 @register_source("carbon24")
 def load_carbon24(root: str | Path, limit: int | None = None, joins: bool = False) -> SourceData:
     """CDVAE carbon polymorphs (val and test only are staged). Energy per atom in eV/atom."""
     root = Path(root)
-    splits = {}
-    for split in ("train", "val", "test"):
-        p = root / f"{split}.csv.xz"
-        if p.exists():
-            splits[split] = _rows_from_frame(read_csv_any(p), ["energy_per_atom"], p.name)
-    if not splits:
-        raise FileNotFoundError(f"no train/val/test.csv.xz under {root}")
+    splits = read_split_tables(root, CARBON24_PROPERTIES)
     j, info = _default_joins(root.parent, joins)
-    return SourceData("carbon24", _limit(splits, limit), j, ["energy_per_atom"], info)
-
-
-def _hash_split_name(material_id: str) -> str:
-    b = hash_split(material_id)
-    return "val" if b == 0 else "test" if b == 1 else "train"
+    return SourceData("carbon24", limit_rows(splits, limit), j, list(CARBON24_PROPERTIES), info)
 
 
 @register_source("generic")
@@ -161,7 +102,7 @@ def load_generic(root: str | Path, limit: int | None = None, joins: bool = False
         props: dict[str, dict[str, Any]] = {}
         pfile = root / "properties.csv"
         if pfile.exists():
-            pdf = read_csv_any(pfile)
+            pdf = read_csv_table(pfile)
             if "material_id" not in pdf.columns:
                 raise ValueError(f"{pfile}: needs a material_id column")
             prop_cols = [c for c in pdf.columns if c not in ("material_id", "split")]
@@ -176,7 +117,7 @@ def load_generic(root: str | Path, limit: int | None = None, joins: bool = False
                 text = f"unreadable: {exc}"
             rows.append(RawRow(f.stem, cif=text, properties=props.get(f.stem, {}), source_ids={"file": f.name}))
     elif root.is_file():
-        df = read_csv_any(root)
+        df = read_csv_table(root)
         if "cif" not in df.columns:
             raise ValueError(f"{root}: a generic CSV needs a 'cif' column (found {list(df.columns)})")
         prop_cols = [
@@ -201,10 +142,10 @@ def load_generic(root: str | Path, limit: int | None = None, joins: bool = False
         raise FileNotFoundError(f"{root}: neither a folder of CIFs nor a CSV file")
     splits: dict[str, list[RawRow]] = {"train": [], "val": [], "test": []}
     for r in rows:
-        splits.setdefault(split_of.get(r.material_id, _hash_split_name(r.material_id)), []).append(r)
+        splits.setdefault(split_of.get(r.material_id, hash_split_name(r.material_id)), []).append(r)
     splits = {k: v for k, v in splits.items() if v}
     j, info = _default_joins(root.parent, joins)
-    return SourceData("generic", _limit(splits, limit), j, prop_cols, info)
+    return SourceData("generic", limit_rows(splits, limit), j, prop_cols, info)
 
 
 @register_source("builtin")
@@ -215,45 +156,12 @@ def load_builtin(root: str | Path | None = None, limit: int | None = None, joins
     per atom in Å³, number of atoms), so they are exact but only illustrative. Each prototype's mineral name,
     Strukturbericht and Pearson symbols become a generated text. Split by the mp20p hash rule (80/10/10).
     """
-    from pymatgen.analysis.prototypes import AFLOW_PROTOTYPE_LIBRARY
-
-    rows: list[RawRow] = []
-    for entry in AFLOW_PROTOTYPE_LIBRARY:
-        snl = entry["snl"]
-        structure = snl.structure
-        tags = entry.get("tags", {})
-        mid = "aflow-" + str(tags.get("aflow", len(rows)))
-        n_same = sum(1 for r in rows if r.material_id == mid or r.material_id.startswith(mid + "-v"))
-        if n_same:  # a few AFLOW labels name more than one prototype
-            mid = f"{mid}-v{n_same + 1}"
-        words = [f"{structure.composition.reduced_formula} in the {tags.get('aflow', '?')} prototype"]
-        if tags.get("mineral"):
-            words.append(f"the {tags['mineral']} structure")
-        if tags.get("strukturbericht"):
-            words.append(f"Strukturbericht designation {tags['strukturbericht']}")
-        if tags.get("pearson"):
-            words.append(f"Pearson symbol {tags['pearson']}")
-        rows.append(
-            RawRow(
-                mid,
-                structure=structure.as_dict(),
-                properties={
-                    "density": float(structure.density),
-                    "volume_per_atom": float(structure.volume / len(structure)),
-                    "num_atoms": float(len(structure)),
-                },
-                source_ids={"aflow": str(tags.get("aflow", "")), "library": "pymatgen AFLOW prototypes"},
-                extra_texts=[TextItem(", ".join(words) + ".", "aflow_prototype_tags", generated=True)],
-            )
-        )
-    splits: dict[str, list[RawRow]] = {"train": [], "val": [], "test": []}
-    for r in rows:
-        splits[_hash_split_name(r.material_id)].append(r)
+    splits = builtin_prototypes()
     return SourceData(
         "builtin",
-        _limit(splits, limit),
+        limit_rows(splits, limit),
         Joins(),
-        ["density", "volume_per_atom", "num_atoms"],
+        list(BUILTIN_PROPERTIES),
         {"origin": "pymatgen.analysis.prototypes.AFLOW_PROTOTYPE_LIBRARY"},
     )
 

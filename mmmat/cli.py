@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -71,74 +70,6 @@ def _console() -> Any:
     return Console(width=int(os.environ.get("COLUMNS", "200")))
 
 
-@data_app.command("build")
-def data_build(
-    source: str = typer.Argument(
-        ..., help="Source name: mp20, perov5, carbon24, generic, builtin, extxyz, asedb (.db), entries "
-        "(ComputedStructureEntry .json/.json.gz/.json.bz2)."),
-    root: Path | None = typer.Option(None, help="Raw data: a folder (mp20: ../shared/data/mp_20), CSV or file."),
-    out: Path = typer.Option(..., help="Output folder for shards and manifest.json."),
-    workers: int = typer.Option(1, help="Worker processes."),
-    limit: int | None = typer.Option(None, help="At most this many rows in EACH split (train, val, test)."),
-    shard_size: int = typer.Option(256, help="Rows per shard."),
-    xrd: bool = typer.Option(True, help="Compute powder XRD patterns."),
-    image: bool = typer.Option(True, help="Simulate Z-contrast images."),
-    describe: bool = typer.Option(True, help="Generated descriptions where no literature text exists."),
-    joins: bool | None = typer.Option(None, help="Join recipes and literature from folders beside --root."),
-    max_atoms: int = typer.Option(0, help="Skip (and report) structures with more atoms (0 = no limit)."),
-    prop: list[str] = typer.Option(
-        [], "--property", help="extxyz/asedb/entries: NAME=FIELD, a property from a named (dotted) field of each "
-        "record, e.g. band_gap=data.band_gap (repeatable)."),
-    id_field: str | None = typer.Option(None, help="extxyz/asedb/entries: the field holding each record's id."),
-) -> None:
-    """Build webdataset shards (one sample per material) and manifest.json; resumable."""
-    from data_pipelines.base import BuildOptions, get_source
-    from data_pipelines.build import build_shards
-
-    try:
-        loader = get_source(source)
-    except KeyError as exc:
-        _fail(str(exc.args[0]))
-    if root is None and source != "builtin":
-        _fail(f"source {source!r} needs --root")
-    if root is not None and not root.exists():
-        _fail(f"--root {root} not found")
-    if limit is not None and limit < 1:
-        _fail(f"--limit must be at least 1 (rows per split; leave it out for every row), got {limit}")
-    if workers < 1 or shard_size < 1 or max_atoms < 0:
-        _fail("--workers and --shard-size must be at least 1, --max-atoms at least 0")
-    kw: dict[str, Any] = {} if joins is None else {"joins": joins}
-    fields: dict[str, str] = {}
-    for item in prop:
-        name, sep, field = item.partition("=")
-        if not sep or not name.strip() or not field.strip():
-            _fail(f"--property {item!r} must be NAME=FIELD")
-        fields[name.strip()] = field.strip()
-    import inspect
-
-    accepts = inspect.signature(loader).parameters
-    for flag, key, value in (("--property", "properties", fields), ("--id-field", "id_field", id_field)):
-        if value:
-            if key not in accepts:
-                _fail(f"{flag} is for the extxyz, asedb and entries sources, not {source!r}")
-            kw[key] = value
-    try:
-        data = loader(root, limit=limit, **kw)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    if not sum(len(v) for v in data.splits.values()):
-        _fail(f"{root if root is not None else source}: no rows to build (an empty folder or table?)")
-    opts = BuildOptions(xrd=xrd, image=image, describe=describe, max_atoms=max_atoms)
-    cmd = f"mmmat data build {source} --out {shlex.quote(str(out))} --workers {workers} --shard-size {shard_size}"
-    cmd += f" --root {shlex.quote(str(root))}" if root is not None else ""
-    cmd += f" --limit {limit}" if limit else ""
-    cmd += "".join(f" --property {shlex.quote(f'{k}={v}')}" for k, v in fields.items())
-    cmd += f" --id-field {shlex.quote(id_field)}" if id_field else ""
-    cmd += "".join(f" --no-{k}" for k, v in (("xrd", xrd), ("image", image), ("describe", describe)) if not v)
-    manifest = build_shards(data, out, workers=workers, shard_size=shard_size, options=opts, command=cmd)
-    _print_summary(manifest, out)
-
-
 def _print_summary(manifest: dict, out: Path) -> None:
     from rich.table import Table
 
@@ -168,61 +99,13 @@ def _print_summary(manifest: dict, out: Path) -> None:
 @data_app.command("info")
 def data_info(shards: Path = typer.Argument(..., help="A folder written by `mmmat data build`.")) -> None:
     """Summarise a shard folder's manifest."""
-    from data_pipelines.build import load_manifest
+    from mmmat.data.manifest import load_manifest
 
     try:
         manifest = load_manifest(shards)
     except FileNotFoundError as exc:
         _fail(str(exc))
     _print_summary(manifest, shards)
-
-
-@app.command()
-def quickstart(
-    out: Path = typer.Option(Path("runs/quickstart"), help="Working folder."),
-    workers: int = typer.Option(2, help="Worker processes for the build and the loader."),
-    batch_size: int = typer.Option(32, help="Batch size of the loader check."),
-) -> None:
-    """Offline end to end: build shards from the built-in crystals, then stream them into batches."""
-    from data_pipelines.base import BuildOptions, get_source
-    from data_pipelines.build import build_shards
-    from mmmat.data.batch import Collator
-    from mmmat.data.loader import shard_loader, split_shards
-
-    data = get_source("builtin")(None)
-    shard_dir = out / "shards"
-    cmd = f"mmmat quickstart --out {shlex.quote(str(out))} --workers {workers}"
-    manifest = build_shards(data, shard_dir, workers=workers, shard_size=32, options=BuildOptions(), command=cmd)
-    _print_summary(manifest, shard_dir)
-    urls = split_shards(shard_dir, "train")
-    n = manifest["splits"]["train"]["samples"]
-    nw = min(workers, len(urls))
-    coll = Collator(property_names=manifest["property_columns"], cutoff=5.0, include_generated_text=True)
-    loader = shard_loader(urls, coll, batch_size=batch_size, num_samples=n, num_workers=nw)
-    t0 = time.perf_counter()
-    seen, edges = 0, 0
-    for batch in loader:
-        seen += len(batch)
-        edges += batch.crystal.edge_index.shape[1]
-        first = batch
-    dt = time.perf_counter() - t0
-    summary = {
-        "train_batches": loader.num_batches,
-        "samples_seen": seen,
-        "edges_per_crystal": round(edges / max(seen, 1), 1),
-        "seconds": round(dt, 2),
-        "batch_fields": {
-            "crystal.z": list(first.crystal.z.shape),
-            "crystal.edge_index": list(first.crystal.edge_index.shape),
-            "xrd": list(first.xrd.shape),
-            "image": list(first.image.shape),
-            "literature_ids": list(first.literature_ids.shape),
-            "properties": list(first.properties.shape),
-        },
-        "present": {k: int(v.sum()) for k, v in first.present.items()},
-    }
-    (out / "quickstart.json").write_text(json.dumps(summary, indent=1))
-    typer.echo(json.dumps(summary, indent=1))
 
 
 # ---------------------------------------------------------------------- embedding lookup
@@ -351,7 +234,9 @@ def index_add(
     cif: list[Path] | None = typer.Option(
         None, help="CIF (or POSCAR, extxyz, ...) files, folders of them, or CSV tables with a cif column; repeat."
     ),
-    source: str | None = typer.Option(None, help="A data source of `mmmat data build` (mp20, ...) with --root."),
+    source: str | None = typer.Option(
+        None, help="A reference set (mp20, perov5, carbon24, builtin) with --root; other sources of "
+        "`mmmat data build`: add their shards."),
     root: Path | None = typer.Option(None, help="Raw data of --source (mp20: ../shared/data/mp_20)."),
     model: Path | None = typer.Option(None, help="Model folder (default: the one recorded in the index)."),
     split: str | None = typer.Option(None, help="Split(s), comma-separated (default: every split)."),
@@ -1113,6 +998,84 @@ def design(
         f"{last.get('cumulative_oracle_calls', 0)} oracle calls, {len(doc['hits'])} hits, "
         f"{last.get('unique_compositions', 0)} unique compositions -> {cfg.out}/report.md"
     )
+
+
+# ---------------------------------------------------------------------- plugins
+#: Entry-point group of command-line plugins: each names a function ``register(app)`` that adds commands.
+PLUGIN_GROUP = "mmmat.cli"
+#: Environment variable naming more plugins, ``module:function`` comma-separated (for a checkout on
+#: ``PYTHONPATH`` that is not installed, so has no entry points).
+PLUGIN_ENV = "MMMAT_PLUGINS"
+#: Commands that a plugin provides (group, command), and the plugin that provides them.
+PLUGIN_COMMANDS: dict[tuple[str | None, str], str] = {("data", "build"): "data_pipelines.cli:register",
+                                                     (None, "quickstart"): "data_pipelines.cli:register"}
+#: Plugins that failed to load: entry-point name (or ``module:function``) -> what went wrong.
+plugin_errors: dict[str, str] = {}
+
+
+def load_plugins(target: typer.Typer) -> list[str]:
+    """Call every plugin with ``target``; returns the plugins loaded (entry-point values, ``module:function``).
+
+    The plugins are the entry points of group :data:`PLUGIN_GROUP`, then those named in ``$MMMAT_PLUGINS``
+    (each one once). A plugin that fails to load is recorded in :data:`plugin_errors` and skipped, so the other
+    commands keep working; a command it would have added says so when it is run.
+    """
+    import importlib
+    import os
+    from importlib.metadata import entry_points
+
+    specs = [(ep.name, ep.value, ep.load) for ep in entry_points(group=PLUGIN_GROUP)]
+    for value in os.environ.get(PLUGIN_ENV, "").split(","):
+        module, _, attr = value.strip().partition(":")
+        if module:
+            specs.append((value.strip(), value.strip(),
+                          lambda m=module, a=attr or "register": getattr(importlib.import_module(m), a)))
+    loaded: list[str] = []
+    for name, value, load in specs:
+        if value in loaded:
+            continue
+        try:
+            load()(target)
+        except Exception as exc:  # a broken plugin must not take the whole command line down
+            plugin_errors[name] = f"{value}: {type(exc).__name__}: {exc}"
+            continue
+        loaded.append(value)
+    return loaded
+
+
+def _command_names(typer_app: typer.Typer) -> set[str]:
+    return {c.name or c.callback.__name__.replace("_", "-") for c in typer_app.registered_commands if c.callback}
+
+
+def _not_installed(command: str, plugin: str) -> Any:
+    package = plugin.split(".")[0]
+
+    def run(ctx: typer.Context) -> None:
+        why = "".join(f"; plugin {k} failed to load ({v})" for k, v in plugin_errors.items())
+        _fail(
+            f"`mmmat {command}` is provided by the {package} package through the {PLUGIN_GROUP!r} entry points, "
+            f"and none provides it here{why}. Install the repository with `pip install -e .` in its root, or "
+            f"run a checkout with {PLUGIN_ENV}={plugin}."
+        )
+
+    run.__doc__ = f"Not installed: provided by the {package} package (entry-point group {PLUGIN_GROUP!r})."
+    return run
+
+
+def _add_missing_commands() -> None:
+    """A stand-in for every plugin command that no plugin added, failing with a message that names its package."""
+    loose = {"allow_extra_args": True, "ignore_unknown_options": True}
+    for (group, name), plugin in PLUGIN_COMMANDS.items():
+        target = app if group is None else next((g.typer_instance for g in app.registered_groups
+                                                 if g.name == group), None)
+        if target is None or name in _command_names(target):
+            continue
+        full = f"{group} {name}" if group else name
+        target.command(name, context_settings=loose, add_help_option=False)(_not_installed(full, plugin))
+
+
+load_plugins(app)
+_add_missing_commands()
 
 
 def main() -> None:

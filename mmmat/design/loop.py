@@ -96,16 +96,15 @@ def _load_structures(path: Path) -> dict[str, tuple[Any, str, dict]]:
 
 def load_reference(data) -> dict[str, Any]:
     """Known phases, surrogate training rows and templates of a :class:`~mmmat.design.config.DataConfig`."""
-    from pymatgen.core import Structure
-
-    from data_pipelines.base import get_source
+    from mmmat.data.reference import read_reference, row_structure
+    from mmmat.data.schema import RecordError
 
     if data.source == "mp20":
         if not data.root:
             raise DesignError("data.root must name the mp_20 folder for source mp20")
-        src = get_source("mp20")(data.root, limit=data.limit, joins=False)
+        src = read_reference("mp20", data.root, limit=data.limit)
     elif data.source == "builtin":
-        src = get_source("builtin")(None, limit=data.limit)
+        src = read_reference("builtin", limit=data.limit)
     else:
         raise DesignError(f"data.source must be mp20 or builtin, got {data.source!r}")
     cache: dict[str, tuple[Any, str, dict]] = {}
@@ -121,8 +120,8 @@ def load_reference(data) -> dict[str, Any]:
             for r in src.splits[sp]:
                 if r.material_id not in cache:
                     try:
-                        s = Structure.from_dict(r.structure) if r.structure else Structure.from_str(r.cif, fmt="cif")
-                    except Exception:  # noqa: BLE001 - an unreadable reference row is skipped and counted
+                        s = row_structure(r)
+                    except RecordError:  # an unreadable reference row is skipped and counted
                         cache[r.material_id] = (None, r.material_id, {})
                         continue
                     cache[r.material_id] = (s, r.material_id, dict(r.properties))

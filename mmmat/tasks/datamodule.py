@@ -91,7 +91,7 @@ class MultimodalDataModule(pl.LightningDataModule):
             raise ValueError("precompute_graph and edge_capacity need mode 'resident'")
         if reduce_cells and mode == "stream":
             raise ValueError("reduce_cells needs mode 'resident' or 'memory' (records are reduced when loaded)")
-        from data_pipelines.build import load_manifest
+        from mmmat.data.manifest import load_manifest
 
         self.manifest = load_manifest(shards)
         self.properties = list(properties) if properties is not None else list(self.manifest["property_columns"])

@@ -366,24 +366,26 @@ def ensure_table(index_dir: str | Path) -> PhaseTable:
 
 def crystals_from_source(source: str, root: str | Path, splits: Sequence[str] | None = None
                          ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Crystals of a registered data source (``mp20``, ``perov5``, ... of ``mmmat data build``).
+    """Crystals of a reference set (``mp20``, ``perov5``, ``carbon24``, ``builtin``; :mod:`mmmat.data.reference`).
+
+    A folder of CIFs or a CSV table with a ``cif`` column is read by :func:`structures_from_paths`; other
+    sources of ``mmmat data build`` (extxyz, ASE databases, entry JSON) are built into shards first.
 
     Returns:
         (entries for :func:`compute_table`, problems: one message per row skipped, naming it).
 
     """
-    from pymatgen.core import Structure
+    from mmmat.data.reference import REFERENCE_SETS, read_reference, row_structure
+    from mmmat.data.schema import RecordError
 
-    from data_pipelines.base import get_source
-
+    if source not in REFERENCE_SETS:
+        raise InputError(
+            f"unknown reference set {source!r}; known: {sorted(REFERENCE_SETS)} (CIF files, folders of them and "
+            "CSV tables with a cif column are read as files; other sources of `mmmat data build` are added from "
+            "their shards)"
+        )
     try:
-        loader = get_source(source)
-    except KeyError as exc:
-        raise InputError(str(exc.args[0])) from None
-    try:
-        data = loader(root, joins=False)
-    except TypeError:
-        data = loader(root)
+        data = read_reference(source, root)
     except (FileNotFoundError, ValueError) as exc:
         raise InputError(str(exc)) from None
     out, problems = [], []
@@ -394,10 +396,9 @@ def crystals_from_source(source: str, root: str | Path, splits: Sequence[str] | 
                 continue
             for row in rows:
                 try:
-                    s = Structure.from_dict(row.structure) if row.structure else Structure.from_str(row.cif,
-                                                                                                  fmt="cif")
-                except Exception as exc:  # pymatgen raises many types on bad CIFs
-                    problems.append(f"{source}:{split} [{row.material_id}]: malformed ({type(exc).__name__})")
+                    s = row_structure(row)
+                except RecordError as exc:
+                    problems.append(f"{source}:{split} [{row.material_id}]: {exc.reason}")
                     continue
                 sg = row.properties.get("spacegroup_number")
                 sg = int(sg) if sg is not None and np.isfinite(sg) else None
