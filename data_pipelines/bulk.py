@@ -33,7 +33,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.base import Joins, RawRow, SourceData, hash_split, register_source
+from data_pipelines.base import Joins, RawRow, SourceData, register_source
+from mmmat.data.reference import hash_split_name
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ ID_FIELDS = ("material_id", "entry_id", "mp_id", "id", "data.material_id", "data
 def _split_of(material_id: str, given: Any) -> str:
     if isinstance(given, str) and given in ("train", "val", "test"):
         return given
-    b = hash_split(material_id)
-    return "val" if b == 0 else "test" if b == 1 else "train"
+    return hash_split_name(material_id)
 
 
 def lookup(record: Any, field: str) -> Any:
