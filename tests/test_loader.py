@@ -35,12 +35,14 @@ def test_collate_builds_a_multimodal_batch(shard_dir):
     n = sum(r.num_atoms for r in recs)
     assert b.crystal.z.shape == (n,) and b.crystal.lattice.shape == (8, 3, 3)
     assert b.crystal.num_graphs == 8
-    assert b.xrd.shape == (8, 1701) and b.image.shape == (8, 1, 64, 64) and b.image.dtype == torch.uint8
+    xrd = b.inputs["xrd"]["profile"]
+    assert xrd.shape == (8, 1701) and b.image.shape == (8, 1, 64, 64) and b.image.dtype == torch.uint8
     assert b.present["xrd"].tolist() == [True, False] + [True] * 6
     assert b.present["image"].tolist() == [True, True, False] + [True] * 5
-    assert float(b.xrd[1].abs().sum()) == 0.0 and int(b.image[2].sum()) == 0
+    assert float(xrd[1].abs().sum()) == 0.0 and int(b.image[2].sum()) == 0
     assert b.present["processing_text"].sum() == 0 and b.present["literature_text"].all()
-    assert b.literature_ids.shape[0] == 8 and (b.literature_mask.sum(1) > 2).all()
+    text = b.inputs["literature_text"]
+    assert text["ids"].shape[0] == 8 and (text["mask"].sum(1) > 2).all()
     assert torch.isnan(b.properties[:, 1]).all()
     assert torch.allclose(b.properties[:, 0], torch.tensor([r.properties["density"] for r in recs]))
     # graph = radius_graph_pbc on the same crystals; distances follow from the offsets
@@ -162,7 +164,7 @@ def test_datamodule(shard_dir):
     assert n_val == dm2.num_samples("val")
     with pytest.raises(ValueError, match="not in .*manifest"):
         MultimodalDataModule(str(shard_dir), properties=["nope"])
-    assert np.isfinite(b.xrd.numpy()).all()
+    assert np.isfinite(b.inputs["xrd"]["profile"].numpy()).all()
 
 
 def test_batch_pickles_compactly_and_exactly(shard_dir):
@@ -175,8 +177,12 @@ def test_batch_pickles_compactly_and_exactly(shard_dir):
     for name in ("z", "pos", "lattice", "batch", "ptr", "edge_index", "cell_offset", "edge_dist"):
         x, y = getattr(b.crystal, name), getattr(back.crystal, name)
         assert x.dtype == y.dtype and torch.equal(x, y), name
-    for name in ("xrd", "xrd_peaks", "image", "literature_ids", "literature_mask"):
-        assert torch.equal(getattr(b, name), getattr(back, name)), name
+    for name, key in (("xrd", "profile"), ("xrd", "peaks"), ("xrd", "peak_mask"), ("image", None),
+                      ("literature_text", "ids"), ("literature_text", "mask")):
+        x, y = b.inputs[name], back.inputs[name]
+        x, y = (x, y) if key is None else (x[key], y[key])
+        assert x.dtype == y.dtype and torch.equal(x, y), (name, key)
+    assert set(back.inputs) == set(b.inputs)
     assert torch.allclose(b.properties, back.properties, equal_nan=True)
     assert all(torch.equal(b.present[k], back.present[k]) for k in b.present)
 

@@ -29,15 +29,15 @@ def test_resident_batch_equals_collator(tmp_path):
     for name in ("z", "pos", "frac_coords", "lattice", "batch", "ptr", "edge_index", "cell_offset"):
         assert torch.equal(getattr(rb.crystal, name), getattr(cb.crystal, name)), name
     assert torch.allclose(rb.crystal.edge_dist, cb.crystal.edge_dist)
-    assert torch.allclose(rb.xrd, cb.xrd, atol=1e-3)
+    assert torch.allclose(rb.xrd["profile"], cb.xrd["profile"], atol=1e-3)
     assert torch.equal(rb.image, cb.image)
-    assert torch.equal(rb.xrd_peak_mask.sum(1), cb.xrd_peak_mask.sum(1))
+    assert torch.equal(rb.xrd["peak_mask"].sum(1), cb.xrd["peak_mask"].sum(1))
     assert torch.allclose(rb.properties, cb.properties, equal_nan=True)
     for k in rb.present:
         assert torch.equal(rb.present[k], cb.present[k]), k
     # first text when not random: same tokens as the collator (up to padding width)
-    w = cb.processing_ids.shape[1]
-    assert torch.equal(rb.processing_ids[:, :w], cb.processing_ids)
+    w = cb.processing_text["ids"].shape[1]
+    assert torch.equal(rb.processing_text["ids"][:, :w], cb.processing_text["ids"])
     assert rb.present["processing_text"].tolist() == [False, True, False, False, False]
 
 
@@ -45,7 +45,7 @@ def test_resident_random_text_choice_and_loader(tmp_path):
     recs = _records(tmp_path)
     data = ResidentData(recs, [], cutoff=4.0)
     g = torch.Generator().manual_seed(0)
-    seen = {tuple(data.batch(torch.tensor([0]), generator=g).processing_ids[0].tolist()) for _ in range(20)}
+    seen = {tuple(data.batch(torch.tensor([0]), generator=g).processing_text["ids"][0].tolist()) for _ in range(20)}
     assert len(seen) == 2
     n = len(data)
     ranks = [ResidentLoader(data, 3, shuffle=True, seed=1, rank=r, world_size=2) for r in (0, 1)]

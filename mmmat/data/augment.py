@@ -259,8 +259,8 @@ class XRDAugment(nn.Module):
         """Augmented profiles of a batch's peaks.
 
         Args:
-            batch: A :class:`~mmmat.data.batch.MultimodalBatch` (its ``xrd_peaks`` and ``xrd_peak_mask``
-                are used), or None when ``peaks`` and ``peak_mask`` are given.
+            batch: A :class:`~mmmat.data.batch.MultimodalBatch` (the ``peaks`` and ``peak_mask`` of its XRD
+                input are used), or None when ``peaks`` and ``peak_mask`` are given.
             peaks: (B, P, 2) peaks (d-spacing Å, relative intensity 0..100), zero-padded.
             peak_mask: (B, P) bool, True for real peaks.
             generator: Source of randomness (its device may differ from the data's: numbers are drawn there
@@ -276,7 +276,7 @@ class XRDAugment(nn.Module):
         if peaks is None:
             if batch is None:
                 raise ValueError("XRDAugment needs a batch or peaks= and peak_mask=")
-            peaks, peak_mask = batch.xrd_peaks, batch.xrd_peak_mask
+            peaks, peak_mask = batch.inputs["xrd"]["peaks"], batch.inputs["xrd"]["peak_mask"]
         elif peak_mask is None:
             peak_mask = torch.ones(peaks.shape[:2], dtype=torch.bool, device=peaks.device)
         if peaks.dim() != 3 or peaks.shape[-1] != 2:

@@ -252,7 +252,9 @@ class CrystalGeneration(pl.LightningModule):
             pick = pick.squeeze(1)
             if self.augment is not None and train and bool(batch.present["xrd"].any()):
                 prof = self.augment(batch)
-                batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
+                xrd = batch.inputs["xrd"]
+                profile = torch.where(batch.present["xrd"][:, None], prof.to(xrd["profile"].dtype), xrd["profile"])
+                batch.inputs["xrd"] = {**xrd, "profile": profile}
             latent = torch.zeros(b, self.flow.latent_dim, device=dev)
             for k, m in enumerate(self.condition_modalities):
                 rows = (pick == k) & has

@@ -20,7 +20,7 @@ import torch
 from mmmat.data.batch import MultimodalBatch
 from mmmat.encoders.registry import EncoderConfig, encoder_spec
 from mmmat.latent.losses import MultimodalContrastiveLoss
-from mmmat.latent.model import TEXT_MODALITIES, MultimodalModel
+from mmmat.latent.model import MultimodalModel
 from mmmat.tasks.schedule import adamw_param_groups, start_epoch, warmup_cosine
 
 #: Step optimisations of :class:`ContrastivePretraining` (``engine:`` in the config), each on by default except
@@ -167,8 +167,12 @@ class ContrastivePretraining(pl.LightningModule):
         tok = getattr(dm, "tokenizer", None)
         if tok is not None:
             self.model.tokenizer = tok
-            for m in TEXT_MODALITIES:
-                enc = self.model.encoders[m] if m in self.model.encoders else None
+            from mmmat.modalities import get_modality
+
+            for m in self.model.modalities:
+                if not get_modality(m).is_text:
+                    continue
+                enc = self.model.encoders[m]
                 vocab = getattr(getattr(getattr(enc, "model", None), "config", None), "vocab_size", None)
                 if vocab is not None and len(tok) > vocab:
                     raise ValueError(
@@ -259,7 +263,9 @@ class ContrastivePretraining(pl.LightningModule):
             self._mixture = params["mixture"]
         else:
             prof = self.augment(batch)
-        batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
+        xrd = batch.inputs["xrd"]
+        profile = torch.where(batch.present["xrd"][:, None], prof.to(xrd["profile"].dtype), xrd["profile"])
+        batch.inputs["xrd"] = {**xrd, "profile": profile}
         return batch
 
     def _perturb_crystals(self, batch: MultimodalBatch) -> None:
