@@ -1,3 +1,4 @@
+import collections
 import io
 import math
 import tarfile
@@ -185,6 +186,42 @@ def test_batch_pickles_compactly_and_exactly(shard_dir):
     assert set(back.inputs) == set(b.inputs)
     assert torch.allclose(b.properties, back.properties, equal_nan=True)
     assert all(torch.equal(b.present[k], back.present[k]) for k in b.present)
+
+
+_Pair = collections.namedtuple("_Pair", "a b")
+
+
+def test_batch_handles_any_input_nesting_without_naming_modalities():
+    """to / pickling walk dicts, lists, named tuples and graph batches of any input; batch.<name> reads inputs."""
+    import pickle
+
+    from mmmat.data.batch import MultimodalBatch, crystal_batch, map_tensors
+
+    pair = _Pair
+    crystal = crystal_batch(torch.tensor([11, 17]), torch.rand(2, 3), torch.eye(3)[None] * 4.0,
+                            torch.tensor([2]), cutoff=3.0)
+    other = {"x": torch.arange(6, dtype=torch.int64).reshape(2, 3) * 1000, "parts": [torch.ones(2, 1), pair(
+        torch.zeros(2, dtype=torch.bool), torch.full((2, 2), 0.5, dtype=torch.float16))], "note": "kept"}
+    b = MultimodalBatch(["a", "b"], torch.zeros(2, 0), [], present={"other": torch.tensor([True, False])},
+                        inputs={"crystal": crystal, "other": other})
+    assert b.other is other and b.crystal is crystal
+    with pytest.raises(AttributeError, match="assign batch.inputs"):
+        b.other = {}
+    with pytest.raises(AttributeError, match="no attribute or input 'image'"):
+        _ = b.image
+    assert getattr(b, "image", None) is None
+    moved = b.to("cpu")
+    assert moved.inputs["other"]["parts"][1].b.dtype == torch.float16 and moved.inputs["other"]["note"] == "kept"
+    back = pickle.loads(pickle.dumps(b))
+    flat = []
+    map_tensors(b.inputs, flat.append)
+    flat_back = []
+    map_tensors(back.inputs, flat_back.append)
+    assert len(flat) == len(flat_back) > 8  # the graph's tensors and every nested one
+    for x, y in zip(flat, flat_back):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+    assert isinstance(back.inputs["other"]["parts"][1], pair) and back.crystal.num_graphs == 1
+    assert back.inputs["other"]["note"] == "kept" and torch.equal(back.present["other"], b.present["other"])
 
 
 def test_resampled_stream_draws_shards_with_replacement(shard_dir):

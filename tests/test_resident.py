@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from data_pipelines.base import BuildOptions, get_source
@@ -58,3 +59,44 @@ def test_resident_random_text_choice_and_loader(tmp_path):
     assert [m for b in ranks[0] for m in b.material_ids] != ids[0]
     ev = ResidentLoader(data, 4, shuffle=False, drop_last=False, rank=0, world_size=1)
     assert [m for b in ev for m in b.material_ids] == data.material_ids
+
+
+def test_every_registered_modality_is_resident_as_it_collates(tmp_path):
+    """Each spec's resident input has the collate's structure and values (up to padding width) and presence."""
+    from mmmat.data.batch import map_tensors
+    from mmmat.modalities import ModalitySpec, specs
+
+    recs = _records(tmp_path, n=12)
+    data = ResidentData(recs, [], cutoff=4.0, include_generated_text=True)
+    idx = torch.tensor([2, 0, 1, 5])
+    rb = data.batch(idx)
+    cb = Collator(cutoff=4.0, include_generated_text=True)([recs[i] for i in idx.tolist()])
+    assert set(rb.present) == set(cb.present) == {s.name for s in specs()}
+    assert set(rb.inputs) == set(cb.inputs)
+    assert set(rb.rows) == {s.name for s in specs() if s.present_rows_only}
+    for name in rb.present:
+        assert torch.equal(rb.present[name], cb.present[name]), name
+        assert torch.equal(data.present_host[name][idx], rb.present[name]), name
+    for name in rb.rows:
+        assert rb.rows[name].tolist() == (cb.present[name].nonzero().squeeze(1).tolist() or [0]), name
+    for name in rb.inputs:
+        if name == "crystal":
+            continue  # compared field by field above
+        a, b = [], []
+        map_tensors(rb.inputs[name], a.append)
+        map_tensors(cb.inputs[name], b.append)
+        assert len(a) == len(b) > 0, name
+        for x, y in zip(a, b):
+            assert x.shape[0] == y.shape[0] == len(idx), name
+            crop = tuple(slice(0, n) for n in y.shape)  # resident tensors are padded to the split's widest
+            assert torch.allclose(x[crop].float(), y.float(), atol=1e-3), name
+            beyond = x.clone()
+            beyond[crop] = 0
+            assert not beyond.any(), name  # what lies beyond the collate's width is zero padding
+
+    class Stored(ModalitySpec):
+        name = "stored_without_resident"
+        record_fields = ("xrd",)
+
+    with pytest.raises(NotImplementedError, match="stored_without_resident"):
+        Stored().pack_resident(recs, torch.device("cpu"))
