@@ -12,8 +12,8 @@ A spec declares everything the rest of the code needs to know about its modality
 * its query reader (:meth:`ModalitySpec.read_query`, units in :attr:`ModalitySpec.query_units`) turning a
   user's file into what :meth:`~mmmat.latent.model.MultimodalModel.embed` takes, and the raw-input batch
   :meth:`ModalitySpec.raw_batch` that ``embed`` builds from it;
-* its default encoder config (:attr:`ModalitySpec.default_encoder`) and augmentations
-  (:attr:`ModalitySpec.augmentations`);
+* its default encoder config (:attr:`ModalitySpec.default_encoder`) and its training augmentation
+  (:meth:`ModalitySpec.augmenter`, built from :attr:`ModalitySpec.augmentation`);
 * for a modality derived from the crystal, its renderer from a structure (:meth:`ModalitySpec.render`) and,
   when the batch does not carry it, how it is computed on the batch's device (:meth:`ModalitySpec.derive`).
 
@@ -53,7 +53,8 @@ class ModalitySpec:
         label: How messages name a query file of it (``"CIF file x.cif not found"``).
         is_text: A text modality (queries are sentences, not files).
         default_encoder: Encoder config (``{"name": registered encoder, **kwargs}``) of a new model.
-        augmentations: Dotted names of the augmentations applied to it in training.
+        augmentation: Dotted name of the class of its training augmentation (:meth:`augmenter` builds it), or
+            empty when it has none.
         condition_weight: Default weight of its latent when it conditions the generator (the chance of being
             picked as a training condition, relative to the other modalities).
         present_rows_only: Its encoder runs on the batch's present rows only (absent rows embed as zeros); a
@@ -73,7 +74,7 @@ class ModalitySpec:
     label: str = ""
     is_text: bool = False
     default_encoder: dict[str, Any] = {}
-    augmentations: tuple[str, ...] = ()
+    augmentation: str = ""
     condition_weight: float = 1.0
     present_rows_only: bool = False
 
@@ -126,6 +127,22 @@ class ModalitySpec:
         The input equals what :meth:`collate` gives for the same records (the tests hold them equal).
         """
         return None, packed["present"][idx.device]
+
+    def augmenter(self, **kwargs: Any) -> Any:
+        """Its training augmentation built from config keyword arguments (:attr:`augmentation` called with them).
+
+        The augmenter is a ``torch.nn.Module`` whose ``augment_batch(batch, name)`` replaces (or changes in
+        place) ``batch.inputs[name]`` by an augmented input and returns the parameters it drew (a dict of
+        tensors, possibly empty). A spec may return None where ``kwargs`` ask for nothing.
+
+        Raises:
+            ValueError: The modality has no augmentation.
+
+        """
+        if not self.augmentation:
+            raise ValueError(f"modality {self.name!r} has no training augmentation")
+        module, _, cls = self.augmentation.rpartition(".")
+        return getattr(importlib.import_module(module), cls)(**kwargs)
 
     def batch_input(self, batch: MultimodalBatch) -> Any:
         """The input of this modality in ``batch`` (computed by :meth:`derive` and kept when the batch lacks it)."""

@@ -82,7 +82,7 @@ class CrystalSpec(ModalitySpec):
     query_suffixes = (".cif", ".mcif", ".vasp", ".poscar", ".extxyz")
     query_units = "a structure file (CIF, POSCAR, extxyz, ...) or a pymatgen Structure / ASE Atoms; lengths in Å"
     default_encoder = {"name": "crystal/schnet"}
-    augmentations = ()
+    augmentation = "mmmat.data.augment.CrystalAugment"
 
     def has(self, record: Any) -> bool:
         """Whether ``record`` has atoms."""
@@ -107,6 +107,13 @@ class CrystalSpec(ModalitySpec):
             "frac_coords": np.asarray(st["frac_coords"]),
             "numbers": np.asarray(st["numbers"]),
         }
+
+    def augmenter(self, **kwargs: Any) -> Any:
+        """:class:`~mmmat.data.augment.CrystalAugment` (``displacement`` Å, ``strain``); None for an empty config."""
+        unknown = sorted(set(kwargs) - {"displacement", "strain"})
+        if unknown:
+            raise ValueError(f"{self.name} augmentation: unknown keys {unknown} (displacement, strain)")
+        return super().augmenter(**kwargs) if kwargs else None
 
     def collate(self, records: Sequence[Any], collator: Any) -> tuple[Any, torch.Tensor]:
         """A torch-geometric batch of the crystals."""
@@ -174,7 +181,7 @@ class XRDSpec(ModalitySpec):
     query_suffixes = (".xy", ".xye", ".csv", ".dat", ".txt", ".xrdml", ".brml", ".raw", ".ras", ".gsa", ".fxye")
     query_units = "a powder pattern file: 2θ in degrees, intensity in counts; wavelength in Å (default Cu Kα)"
     default_encoder = {"name": "xrd/cnn"}
-    augmentations = ("mmmat.data.augment.XRDAugment",)
+    augmentation = "mmmat.data.augment.XRDAugment"
     condition_weight = 2.0
 
     def encode_sample(self, record: Any) -> dict[str, Any]:
@@ -290,7 +297,6 @@ class ImageSpec(ModalitySpec):
     query_suffixes = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
     query_units = "an image file (Pillow formats or .npy), grayscale; resized to the encoder's input size"
     default_encoder = {"name": "image/timm"}
-    augmentations = ()
 
     def encode_sample(self, record: Any) -> dict[str, Any]:
         """``image.png`` (8-bit grayscale PNG); how it was made goes into ``meta.json`` (``image_meta``)."""

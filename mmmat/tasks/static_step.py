@@ -63,8 +63,13 @@ class _Batch:
     """
 
     def __init__(self, inputs: dict[str, Any], present: dict[str, Tensor]):
-        self.__dict__.update(inputs)
         self.inputs, self.present = inputs, present
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["inputs"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class StaticStep:
@@ -100,7 +105,7 @@ class StaticStep:
         h = module.hparams
         if len(module.objectives):
             raise ValueError("engine.cuda_graphs does not support objectives yet (their corruption draws per atom)")
-        if h.get("crystal_augment"):
+        if "crystal" in module.augmenters:
             raise ValueError("engine.cuda_graphs does not support crystal_augment yet")
         if "crystal" not in module.model.encoders:
             raise ValueError("engine.cuda_graphs needs a crystal encoder")
@@ -204,12 +209,12 @@ class StaticStep:
         for mod in m.model.modalities:
             if mod != "crystal" and mod in batch.inputs and not get_modality(mod).present_rows_only:
                 x[f"input/{mod}"] = batch.inputs[mod]
-        if "xrd" in batch.inputs:  # the augmentation renders profiles from the peaks
-            xrd = batch.inputs["xrd"]
+        if "input/xrd" in x:  # the augmentation renders profiles from the peaks
+            xrd = x["input/xrd"]
             p = xrd["peaks"].shape[1]
             p_cap = self._fit("peaks", p, 1, exact_ok=True)
-            x["peaks"] = F.pad(xrd["peaks"], (0, 0, 0, p_cap - p))
-            x["peak_mask"] = F.pad(xrd["peak_mask"], (0, p_cap - p))
+            x["input/xrd"] = {**xrd, "peaks": F.pad(xrd["peaks"], (0, 0, 0, p_cap - p)),
+                              "peak_mask": F.pad(xrd["peak_mask"], (0, p_cap - p))}
         texts = [mod for mod in m.model.modalities if get_modality(mod).present_rows_only]
         for mod in texts:
             ids, mask = batch.inputs[mod]["ids"], batch.inputs[mod]["mask"]
@@ -243,19 +248,14 @@ class StaticStep:
         b = x["lattice"].shape[0] - 1  # the padding crystal is the last row
         present = {k.split("/", 1)[1]: v for k, v in x.items() if k.startswith("present/")}
         inputs = {k.split("/", 1)[1]: v for k, v in x.items() if k.startswith("input/")}
-        mixture = None
-        if m.augment is not None and "xrd" in inputs:
-            if self.mixture_weight > 0:
-                prof, params = m.augment(peaks=x["peaks"], peak_mask=x["peak_mask"], return_params=True)
-                mixture = params["mixture"]
-            else:
-                prof = m.augment(peaks=x["peaks"], peak_mask=x["peak_mask"])
-            profile = inputs["xrd"]["profile"]
-            inputs["xrd"] = {**inputs["xrd"],
-                             "profile": torch.where(present["xrd"][:, None], prof.to(profile.dtype), profile)}
         inputs["crystal"] = _Crystal(**{k: x[k] for k in ("z", "pos", "batch", "lattice", "ptr", "edge_index",
                                                              "cell_offset", "computed_xrd") if k in x})
         view = _Batch(inputs, present)
+        mixture = None
+        for name, aug in m.augmenters.items():
+            params = aug.augment_batch(view, name)
+            if self.mixture_weight > 0 and "mixture" in params:
+                mixture = params["mixture"]
         emb: dict[str, Tensor] = {}
         for mod in model.modalities:
             if get_modality(mod).present_rows_only:
