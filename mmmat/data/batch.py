@@ -91,7 +91,10 @@ class MultimodalBatch:
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> MultimodalBatch:
         """A new batch with ``fn`` applied to every tensor (torch-geometric batches are updated in place)."""
-        return MultimodalBatch(**{f.name: map_tensors(getattr(self, f.name), fn) for f in fields(self)})
+        return MultimodalBatch(**{
+            f.name: getattr(self, f.name) if f.name in _METADATA else map_tensors(getattr(self, f.name), fn)
+            for f in fields(self)
+        })
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MultimodalBatch:
         """Move every tensor to ``device`` (returns a new batch)."""
@@ -104,16 +107,26 @@ class MultimodalBatch:
     def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
         # Pickle tensors as numpy arrays: one buffer copy through the worker pipe is much cheaper than a
         # shared-memory segment per tensor (about 1 ms each), which dominated DataLoader worker transfer.
-        return _rebuild_batch, ({f.name: _pack_tree(getattr(self, f.name)) for f in fields(self)},)
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _rebuild_batch, ({k: v if k in _METADATA else _pack_tree(v) for k, v in state.items()},)
 
 
-def _graph_type() -> type | None:
-    """torch-geometric's data base class (None when torch-geometric is missing)."""
-    try:
+#: Fields of :class:`MultimodalBatch` that never hold tensors (kept as they are by ``to`` and ``pin_memory``).
+_METADATA = frozenset({"material_ids", "property_names", "skipped"})
+
+
+#: Values no tensor hides in: returned as they are without further checks.
+_PLAIN = (str, bytes, int, float, bool, type(None))
+_GRAPH: list[type] = []
+
+
+def _graph_type() -> type:
+    """torch-geometric's data base class (imported once, on first use)."""
+    if not _GRAPH:
         from torch_geometric.data.data import BaseData
-    except ImportError:  # pragma: no cover - torch-geometric is a dependency
-        return None
-    return BaseData
+
+        _GRAPH.append(BaseData)
+    return _GRAPH[0]
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -124,12 +137,13 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """
     if isinstance(value, torch.Tensor):
         return fn(value)
+    if isinstance(value, _PLAIN):
+        return value
     if isinstance(value, dict):
         return {k: map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return _rebuilt(value, [map_tensors(v, fn) for v in value])
-    graph = _graph_type()
-    if graph is not None and isinstance(value, graph):
+    if isinstance(value, _graph_type()):
         return value.apply(fn)
     return value
 
@@ -174,18 +188,21 @@ def _pack_tree(value: Any) -> Any:
     """``value`` with every tensor packed (:func:`_pack`) and torch-geometric batches as :class:`_PackedGraph`."""
     if isinstance(value, torch.Tensor):
         return _pack(value)
+    if isinstance(value, _PLAIN):
+        return value
     if isinstance(value, dict):
         return {k: _pack_tree(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return _rebuilt(value, [_pack_tree(v) for v in value])
-    graph = _graph_type()
-    if graph is not None and isinstance(value, graph):
+    if isinstance(value, _graph_type()):
         return _PackedGraph({k: _pack(t) for k, t in value.to_dict().items() if isinstance(t, torch.Tensor)})
     return value
 
 
 def _unpack_tree(value: Any) -> Any:
     """Inverse of :func:`_pack_tree`."""
+    if isinstance(value, _PLAIN):
+        return value
     if isinstance(value, _Packed):
         return _unpack(value)
     if isinstance(value, _PackedGraph):
@@ -202,7 +219,7 @@ def _unpack_tree(value: Any) -> Any:
 
 
 def _rebuild_batch(state: dict[str, Any]) -> MultimodalBatch:
-    return MultimodalBatch(**{k: _unpack_tree(v) for k, v in state.items()})
+    return MultimodalBatch(**{k: v if k in _METADATA else _unpack_tree(v) for k, v in state.items()})
 
 
 def crystal_batch(
