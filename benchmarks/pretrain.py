@@ -207,8 +207,8 @@ def evaluate(model_dir: str, shards: str, measured: str | None, dev: torch.devic
             for m in model.modalities:
                 emb[m].append(model.encode(m, b))
                 pres[m].append(b.present[m])
-            peaks.append(b.xrd_peaks.cpu())
-            pmask.append(b.xrd_peak_mask.cpu())
+            peaks.append(b.inputs["xrd"]["peaks"].cpu())
+            pmask.append(b.inputs["xrd"]["peak_mask"].cpu())
     emb = {m: torch.cat(v).float() for m, v in emb.items()}
     pres = {m: torch.cat(v) for m, v in pres.items()}
     width = max(p.shape[1] for p in peaks)

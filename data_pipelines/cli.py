@@ -141,9 +141,9 @@ def quickstart(
         "batch_fields": {
             "crystal.z": list(first.crystal.z.shape),
             "crystal.edge_index": list(first.crystal.edge_index.shape),
-            "xrd": list(first.xrd.shape),
-            "image": list(first.image.shape),
-            "literature_ids": list(first.literature_ids.shape),
+            "xrd": list(first.inputs["xrd"]["profile"].shape),
+            "image": list(first.inputs["image"].shape),
+            "literature_ids": list(first.inputs["literature_text"]["ids"].shape),
             "properties": list(first.properties.shape),
         },
         "present": {k: int(v.sum()) for k, v in first.present.items()},

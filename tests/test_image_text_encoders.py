@@ -204,7 +204,7 @@ def test_tokenizer_truncates_long_text(tokenizer):
     batch = Collator(tokenizer=tokenizer, max_text_tokens=64)(
         [MaterialRecord.from_structure(_structures()[0], "long", processing_texts=[TextItem(long, "test")])]
     )
-    assert batch.processing_ids.shape == (1, 64)
+    assert batch.inputs["processing_text"]["ids"].shape == (1, 64)
 
 
 def _ids(tk, texts, max_length):
@@ -219,8 +219,9 @@ def test_corpus_from_records_and_collator(tokenizer):
     assert "generated text" not in list(corpus_from_records(recs, generated=False))
     assert list(corpus_from_records(recs, literature=False)) == CORPUS[:3]
     batch = Collator(tokenizer=tokenizer, max_text_tokens=16)(recs)
-    assert batch.processing_ids.shape[1] <= 16 and batch.processing_ids.max() < len(tokenizer)
-    assert torch.equal(batch.processing_ids[0], _ids(tokenizer, [CORPUS[0]], 16)[0][0])
+    ids = batch.inputs["processing_text"]["ids"]
+    assert ids.shape[1] <= 16 and ids.max() < len(tokenizer)
+    assert torch.equal(ids[0], _ids(tokenizer, [CORPUS[0]], 16)[0][0])
 
 
 # --------------------------------------------------------------------------------------------- text

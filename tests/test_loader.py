@@ -1,3 +1,4 @@
+import collections
 import io
 import math
 import tarfile
@@ -35,12 +36,14 @@ def test_collate_builds_a_multimodal_batch(shard_dir):
     n = sum(r.num_atoms for r in recs)
     assert b.crystal.z.shape == (n,) and b.crystal.lattice.shape == (8, 3, 3)
     assert b.crystal.num_graphs == 8
-    assert b.xrd.shape == (8, 1701) and b.image.shape == (8, 1, 64, 64) and b.image.dtype == torch.uint8
+    xrd = b.inputs["xrd"]["profile"]
+    assert xrd.shape == (8, 1701) and b.image.shape == (8, 1, 64, 64) and b.image.dtype == torch.uint8
     assert b.present["xrd"].tolist() == [True, False] + [True] * 6
     assert b.present["image"].tolist() == [True, True, False] + [True] * 5
-    assert float(b.xrd[1].abs().sum()) == 0.0 and int(b.image[2].sum()) == 0
+    assert float(xrd[1].abs().sum()) == 0.0 and int(b.image[2].sum()) == 0
     assert b.present["processing_text"].sum() == 0 and b.present["literature_text"].all()
-    assert b.literature_ids.shape[0] == 8 and (b.literature_mask.sum(1) > 2).all()
+    text = b.inputs["literature_text"]
+    assert text["ids"].shape[0] == 8 and (text["mask"].sum(1) > 2).all()
     assert torch.isnan(b.properties[:, 1]).all()
     assert torch.allclose(b.properties[:, 0], torch.tensor([r.properties["density"] for r in recs]))
     # graph = radius_graph_pbc on the same crystals; distances follow from the offsets
@@ -162,7 +165,7 @@ def test_datamodule(shard_dir):
     assert n_val == dm2.num_samples("val")
     with pytest.raises(ValueError, match="not in .*manifest"):
         MultimodalDataModule(str(shard_dir), properties=["nope"])
-    assert np.isfinite(b.xrd.numpy()).all()
+    assert np.isfinite(b.inputs["xrd"]["profile"].numpy()).all()
 
 
 def test_batch_pickles_compactly_and_exactly(shard_dir):
@@ -175,10 +178,50 @@ def test_batch_pickles_compactly_and_exactly(shard_dir):
     for name in ("z", "pos", "lattice", "batch", "ptr", "edge_index", "cell_offset", "edge_dist"):
         x, y = getattr(b.crystal, name), getattr(back.crystal, name)
         assert x.dtype == y.dtype and torch.equal(x, y), name
-    for name in ("xrd", "xrd_peaks", "image", "literature_ids", "literature_mask"):
-        assert torch.equal(getattr(b, name), getattr(back, name)), name
+    for name, key in (("xrd", "profile"), ("xrd", "peaks"), ("xrd", "peak_mask"), ("image", None),
+                      ("literature_text", "ids"), ("literature_text", "mask")):
+        x, y = b.inputs[name], back.inputs[name]
+        x, y = (x, y) if key is None else (x[key], y[key])
+        assert x.dtype == y.dtype and torch.equal(x, y), (name, key)
+    assert set(back.inputs) == set(b.inputs)
     assert torch.allclose(b.properties, back.properties, equal_nan=True)
     assert all(torch.equal(b.present[k], back.present[k]) for k in b.present)
+
+
+_Pair = collections.namedtuple("_Pair", "a b")
+
+
+def test_batch_handles_any_input_nesting_without_naming_modalities():
+    """to / pickling walk dicts, lists, named tuples and graph batches of any input; batch.<name> reads inputs."""
+    import pickle
+
+    from mmmat.data.batch import MultimodalBatch, crystal_batch, map_tensors
+
+    pair = _Pair
+    crystal = crystal_batch(torch.tensor([11, 17]), torch.rand(2, 3), torch.eye(3)[None] * 4.0,
+                            torch.tensor([2]), cutoff=3.0)
+    other = {"x": torch.arange(6, dtype=torch.int64).reshape(2, 3) * 1000, "parts": [torch.ones(2, 1), pair(
+        torch.zeros(2, dtype=torch.bool), torch.full((2, 2), 0.5, dtype=torch.float16))], "note": "kept"}
+    b = MultimodalBatch(["a", "b"], torch.zeros(2, 0), [], present={"other": torch.tensor([True, False])},
+                        inputs={"crystal": crystal, "other": other})
+    assert b.other is other and b.crystal is crystal
+    with pytest.raises(AttributeError, match="assign batch.inputs"):
+        b.other = {}
+    with pytest.raises(AttributeError, match="no attribute or input 'image'"):
+        _ = b.image
+    assert getattr(b, "image", None) is None
+    moved = b.to("cpu")
+    assert moved.inputs["other"]["parts"][1].b.dtype == torch.float16 and moved.inputs["other"]["note"] == "kept"
+    back = pickle.loads(pickle.dumps(b))
+    flat = []
+    map_tensors(b.inputs, flat.append)
+    flat_back = []
+    map_tensors(back.inputs, flat_back.append)
+    assert len(flat) == len(flat_back) > 8  # the graph's tensors and every nested one
+    for x, y in zip(flat, flat_back):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+    assert isinstance(back.inputs["other"]["parts"][1], pair) and back.crystal.num_graphs == 1
+    assert back.inputs["other"]["note"] == "kept" and torch.equal(back.present["other"], b.present["other"])
 
 
 def test_resampled_stream_draws_shards_with_replacement(shard_dir):

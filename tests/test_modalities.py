@@ -46,7 +46,7 @@ def test_registry_lists_every_modality_once_in_order():
 
 @pytest.mark.parametrize("name", modality_names())
 def test_spec_round_trip(name, nacl):
-    """Record -> shard members -> record, and record -> batch (field or inputs[name]) with its presence."""
+    """Record -> shard members -> record, and record -> batch (inputs[name]) with its presence."""
     spec = get_modality(name)
     rec = _record(nacl)
     sample = rec.to_sample()

@@ -153,7 +153,7 @@ def test_crystal_augment_perturbs_only_slightly(tiny_shards):
     recs = load_records(split_shards(tiny_shards, "train"))[:8]
     b = Collator(cutoff=5.0)(recs)
     pos0, lat0 = b.crystal.pos.clone(), b.crystal.lattice.clone()
-    m._perturb_crystals(b)
+    m._augmented(b)
     dpos = (b.crystal.pos - pos0).norm(dim=1)
     assert 0 < float(dpos.mean()) < 0.5
     assert float((b.crystal.lattice - lat0).abs().max()) <= 0.02 * float(lat0.abs().max()) + 1e-6
@@ -162,6 +162,48 @@ def test_crystal_augment_perturbs_only_slightly(tiny_shards):
     assert torch.allclose(back, b.crystal.pos, atol=1e-4)
     with pytest.raises(ValueError, match="unknown keys"):
         ContrastivePretraining(**cfg, crystal_augment={"rotate": 1.0})
+
+
+def test_augment_config_loops_over_the_registry(tiny_shards):
+    """``augment: {modality: kwargs}`` builds each spec's augmenter; xrd_augment / crystal_augment are its entries."""
+    import yaml
+
+    from mmmat.data.augment import CrystalAugment, XRDAugment
+    from mmmat.data.batch import Collator
+    from mmmat.data.loader import load_records, split_shards
+    from mmmat.modalities import get_modality
+    from mmmat.tasks.pretrain import ContrastivePretraining
+
+    cfg = yaml.safe_load(open(TINY))["model"]["init_args"]
+    cfg.pop("xrd_augment", None)
+    cfg["encoders"] = {"crystal": cfg["encoders"]["crystal"], "xrd": cfg["encoders"]["xrd"]}
+    recs = load_records(split_shards(tiny_shards, "train"))[:8]
+    crystal_kw, xrd_kw = {"displacement": 0.03, "strain": 0.01}, {"p_strain": 1.0, "max_strain": 0.02}
+
+    def run(**kw):
+        torch.manual_seed(0)
+        m = ContrastivePretraining(**cfg, **kw)
+        b = Collator(cutoff=5.0)(recs)
+        torch.manual_seed(1)
+        m._augmented(b)
+        return m, b
+
+    old, b_old = run(xrd_augment=xrd_kw, crystal_augment=crystal_kw)
+    new, b_new = run(augment={"xrd": xrd_kw, "crystal": crystal_kw})
+    assert list(new.augmenters) == list(old.augmenters) == ["crystal", "xrd"]  # the registry's order
+    assert isinstance(new.augmenters["crystal"], CrystalAugment) and isinstance(new.augment, XRDAugment)
+    assert torch.equal(b_old.crystal.pos, b_new.crystal.pos) and torch.equal(b_old.xrd["profile"], b_new.xrd["profile"])
+    clean = Collator(cutoff=5.0)(recs)
+    assert not torch.equal(clean.crystal.pos, b_new.crystal.pos)
+    assert not torch.equal(clean.xrd["profile"], b_new.xrd["profile"])
+    assert torch.equal(clean.xrd["peaks"], b_new.xrd["peaks"])  # profiles re-rendered, peaks kept
+    assert not ContrastivePretraining(**cfg, crystal_augment={}).augmenters  # an empty crystal config: nothing
+    with pytest.raises(ValueError, match="both given"):
+        ContrastivePretraining(**cfg, xrd_augment={}, augment={"xrd": {}})
+    with pytest.raises(KeyError, match="unknown modality 'sound'"):
+        ContrastivePretraining(**cfg, augment={"sound": {}})
+    with pytest.raises(ValueError, match="'image' has no training augmentation"):
+        get_modality("image").augmenter()
 
 
 def test_model_records_the_crystal_encoders_cutoff():

@@ -123,9 +123,10 @@ def test_unknown_engine_option_is_an_error():
 
 
 def test_crystal_augment_drops_the_precomputed_pattern(shards):
+    from mmmat.tasks.pretrain import ContrastivePretraining
+
     dm = _data(shards, precompute_graph=True)
-    m = _module({})
-    m.hparams.crystal_augment = {"strain": 0.01}
+    m = ContrastivePretraining(ENCODERS, embed_dim=32, xrd_augment={}, crystal_augment={"strain": 0.01}, engine={})
     m._precompute_patterns(dm)
     assert not dm.resident("train").crystal_features  # geometry changes every step: nothing is cached
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from data_pipelines.base import BuildOptions, get_source
@@ -29,15 +30,15 @@ def test_resident_batch_equals_collator(tmp_path):
     for name in ("z", "pos", "frac_coords", "lattice", "batch", "ptr", "edge_index", "cell_offset"):
         assert torch.equal(getattr(rb.crystal, name), getattr(cb.crystal, name)), name
     assert torch.allclose(rb.crystal.edge_dist, cb.crystal.edge_dist)
-    assert torch.allclose(rb.xrd, cb.xrd, atol=1e-3)
+    assert torch.allclose(rb.xrd["profile"], cb.xrd["profile"], atol=1e-3)
     assert torch.equal(rb.image, cb.image)
-    assert torch.equal(rb.xrd_peak_mask.sum(1), cb.xrd_peak_mask.sum(1))
+    assert torch.equal(rb.xrd["peak_mask"].sum(1), cb.xrd["peak_mask"].sum(1))
     assert torch.allclose(rb.properties, cb.properties, equal_nan=True)
     for k in rb.present:
         assert torch.equal(rb.present[k], cb.present[k]), k
     # first text when not random: same tokens as the collator (up to padding width)
-    w = cb.processing_ids.shape[1]
-    assert torch.equal(rb.processing_ids[:, :w], cb.processing_ids)
+    w = cb.processing_text["ids"].shape[1]
+    assert torch.equal(rb.processing_text["ids"][:, :w], cb.processing_text["ids"])
     assert rb.present["processing_text"].tolist() == [False, True, False, False, False]
 
 
@@ -45,7 +46,7 @@ def test_resident_random_text_choice_and_loader(tmp_path):
     recs = _records(tmp_path)
     data = ResidentData(recs, [], cutoff=4.0)
     g = torch.Generator().manual_seed(0)
-    seen = {tuple(data.batch(torch.tensor([0]), generator=g).processing_ids[0].tolist()) for _ in range(20)}
+    seen = {tuple(data.batch(torch.tensor([0]), generator=g).processing_text["ids"][0].tolist()) for _ in range(20)}
     assert len(seen) == 2
     n = len(data)
     ranks = [ResidentLoader(data, 3, shuffle=True, seed=1, rank=r, world_size=2) for r in (0, 1)]
@@ -58,3 +59,44 @@ def test_resident_random_text_choice_and_loader(tmp_path):
     assert [m for b in ranks[0] for m in b.material_ids] != ids[0]
     ev = ResidentLoader(data, 4, shuffle=False, drop_last=False, rank=0, world_size=1)
     assert [m for b in ev for m in b.material_ids] == data.material_ids
+
+
+def test_every_registered_modality_is_resident_as_it_collates(tmp_path):
+    """Each spec's resident input has the collate's structure and values (up to padding width) and presence."""
+    from mmmat.data.batch import map_tensors
+    from mmmat.modalities import ModalitySpec, specs
+
+    recs = _records(tmp_path, n=12)
+    data = ResidentData(recs, [], cutoff=4.0, include_generated_text=True)
+    idx = torch.tensor([2, 0, 1, 5])
+    rb = data.batch(idx)
+    cb = Collator(cutoff=4.0, include_generated_text=True)([recs[i] for i in idx.tolist()])
+    assert set(rb.present) == set(cb.present) == {s.name for s in specs()}
+    assert set(rb.inputs) == set(cb.inputs)
+    assert set(rb.rows) == {s.name for s in specs() if s.present_rows_only}
+    for name in rb.present:
+        assert torch.equal(rb.present[name], cb.present[name]), name
+        assert torch.equal(data.present_host[name][idx], rb.present[name]), name
+    for name in rb.rows:
+        assert rb.rows[name].tolist() == (cb.present[name].nonzero().squeeze(1).tolist() or [0]), name
+    for name in rb.inputs:
+        if name == "crystal":
+            continue  # compared field by field above
+        a, b = [], []
+        map_tensors(rb.inputs[name], a.append)
+        map_tensors(cb.inputs[name], b.append)
+        assert len(a) == len(b) > 0, name
+        for x, y in zip(a, b):
+            assert x.shape[0] == y.shape[0] == len(idx), name
+            crop = tuple(slice(0, n) for n in y.shape)  # resident tensors are padded to the split's widest
+            assert torch.allclose(x[crop].float(), y.float(), atol=1e-3), name
+            beyond = x.clone()
+            beyond[crop] = 0
+            assert not beyond.any(), name  # what lies beyond the collate's width is zero padding
+
+    class Stored(ModalitySpec):
+        name = "stored_without_resident"
+        record_fields = ("xrd",)
+
+    with pytest.raises(NotImplementedError, match="stored_without_resident"):
+        Stored().pack_resident(recs, torch.device("cpu"))

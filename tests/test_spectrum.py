@@ -92,11 +92,11 @@ def test_augment_shape_max_finite(batch):
 def test_augment_off_equals_render(batch):
     out = XRDAugment.off(fwhm=0.1)(batch, generator=torch.Generator().manual_seed(1))
     ref = render_profile_torch(
-        batch.xrd_peaks[..., 0], batch.xrd_peaks[..., 1], batch.xrd_peak_mask, fwhm=0.1
+        batch.xrd["peaks"][..., 0], batch.xrd["peaks"][..., 1], batch.xrd["peak_mask"], fwhm=0.1
     )
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     # and the torch renderer agrees with the numpy one stored in the batch
-    torch.testing.assert_close(out, batch.xrd, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, batch.xrd["profile"], atol=1e-4, rtol=0)
 
 
 def test_augment_strain_follows_bragg(peaks):
@@ -325,7 +325,7 @@ def test_encoder_registry_forward_backward(batch):
     assert zero_init and all(named[n].grad.abs().sum() > 0 for n in zero_init)
     for n in ("stem.0.weight", "head.1.weight", "head.4.weight", "pos_proj.0.weight", "pos_proj.1.weight"):
         assert named[n].grad.abs().sum() > 0, n
-    # an explicit profile (e.g. augmented) replaces batch.xrd, and gradients reach it
+    # an explicit profile (e.g. augmented) replaces the batch's profiles, and gradients reach it
     prof = XRDAugment()(batch, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     out2 = enc(batch, profile=prof)
     assert out2.shape == (3, 16) and not torch.allclose(out, out2)

@@ -7,7 +7,11 @@ weak peaks are lost in the noise, a second phase adds a few peaks, and the patte
 background with counting noise.  :class:`XRDAugment` draws all of these per sample, batched on any device,
 and renders the result with :func:`mmmat.data.xrd.render_profile_torch` on the fixed grid
 :data:`mmmat.data.xrd.TWO_THETA` (Cu Kα).  :func:`corrupt_profile` applies fixed, documented corruptions
-to build reproducible benchmark queries (:data:`BENCHMARK_CASES`).
+to build reproducible benchmark queries (:data:`BENCHMARK_CASES`). :class:`CrystalAugment` perturbs crystals
+slightly (cell strain, atomic displacements).
+
+Each is the training augmentation of its modality (:meth:`mmmat.modalities.ModalitySpec.augmenter`) and
+augments a batch through ``augment_batch(batch, name)``.
 
 Bragg's law: d = λ / (2 sin θ).  An isotropic strain ε multiplies every d by (1 + ε), i.e. it translates the
 pattern by ln(1 + ε) in u = ln d, whereas a zero shift translates it in 2θ.
@@ -237,6 +241,17 @@ class XRDAugment(nn.Module):
         cfg.update(overrides)
         return cls(**cfg)
 
+    def augment_batch(self, batch: Any, name: str) -> dict[str, torch.Tensor]:
+        """Replace the profiles of ``batch.inputs[name]`` by augmented ones rendered from its peaks (present rows).
+
+        Returns the parameters drawn (see :meth:`forward` with ``return_params``).
+        """
+        x = batch.inputs[name]
+        prof, params = self(peaks=x["peaks"], peak_mask=x["peak_mask"], return_params=True)
+        profile = torch.where(batch.present[name][:, None], prof.to(x["profile"].dtype), x["profile"])
+        batch.inputs[name] = {**x, "profile": profile}
+        return params
+
     def extra_repr(self) -> str:
         """Key ranges, for printing."""
         return (
@@ -259,8 +274,8 @@ class XRDAugment(nn.Module):
         """Augmented profiles of a batch's peaks.
 
         Args:
-            batch: A :class:`~mmmat.data.batch.MultimodalBatch` (its ``xrd_peaks`` and ``xrd_peak_mask``
-                are used), or None when ``peaks`` and ``peak_mask`` are given.
+            batch: A :class:`~mmmat.data.batch.MultimodalBatch` (the ``peaks`` and ``peak_mask`` of its XRD
+                input are used), or None when ``peaks`` and ``peak_mask`` are given.
             peaks: (B, P, 2) peaks (d-spacing Å, relative intensity 0..100), zero-padded.
             peak_mask: (B, P) bool, True for real peaks.
             generator: Source of randomness (its device may differ from the data's: numbers are drawn there
@@ -276,7 +291,7 @@ class XRDAugment(nn.Module):
         if peaks is None:
             if batch is None:
                 raise ValueError("XRDAugment needs a batch or peaks= and peak_mask=")
-            peaks, peak_mask = batch.xrd_peaks, batch.xrd_peak_mask
+            peaks, peak_mask = batch.inputs["xrd"]["peaks"], batch.inputs["xrd"]["peak_mask"]
         elif peak_mask is None:
             peak_mask = torch.ones(peaks.shape[:2], dtype=torch.bool, device=peaks.device)
         if peaks.dim() != 3 or peaks.shape[-1] != 2:
@@ -429,6 +444,50 @@ class XRDAugment(nn.Module):
         w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
         bg = w[:, :1] * linear + w[:, 1:2] * decay + w[:, 2:3] * cubic + w[:, 3:4] * hump
         return bg / bg.amax(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+class CrystalAugment(nn.Module):
+    """A small random perturbation of crystals: a symmetric cell strain and Gaussian atomic displacements.
+
+    Small distortions should not move a crystal in the latent space; they keep a crystal encoder from
+    memorising exact coordinates. The graph's neighbour list and cell offsets stay as they are (valid for
+    small distortions); a powder pattern cached on the graph (``computed_xrd``) is dropped.
+
+    Args:
+        displacement: σ of the Gaussian noise on every atom's position, Å (0: none).
+        strain: Largest |ε| of a uniform random symmetric strain of the cell (0: none).
+
+    """
+
+    def __init__(self, displacement: float = 0.0, strain: float = 0.0):
+        super().__init__()
+        self.displacement, self.strain = float(displacement), float(strain)
+
+    def extra_repr(self) -> str:
+        """The two amplitudes, for printing."""
+        return f"displacement={self.displacement} Å, strain=±{self.strain}"
+
+    def forward(self, crystal: Any) -> Any:
+        """Perturb a torch-geometric crystal batch in place (``pos``, ``lattice``, ``frac_coords``) and return it."""
+        c = crystal
+        lat = c.lattice
+        if self.strain:
+            e = (torch.rand_like(lat) * 2 - 1) * self.strain
+            e = 0.5 * (e + e.transpose(1, 2))
+            lat = lat @ (torch.eye(3, device=lat.device, dtype=lat.dtype) + e)
+        pos = torch.bmm(c.frac_coords.unsqueeze(1), lat[c.batch]).squeeze(1)
+        if self.displacement:
+            pos = pos + torch.randn_like(pos) * self.displacement
+            c.frac_coords = torch.linalg.solve(lat[c.batch].transpose(1, 2), pos.unsqueeze(-1)).squeeze(-1)
+        c.pos, c.lattice = pos, lat
+        if getattr(c, "computed_xrd", None) is not None:
+            del c.computed_xrd  # the geometry changed: the encoder computes the pattern again
+        return c
+
+    def augment_batch(self, batch: Any, name: str) -> dict[str, torch.Tensor]:
+        """Perturb the crystals ``batch.inputs[name]`` in place; no parameters are returned (an empty dict)."""
+        self(batch.inputs[name])
+        return {}
 
 
 def _per_row(value: Any, b: int, name: str) -> torch.Tensor:

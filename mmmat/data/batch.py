@@ -1,8 +1,9 @@
 """One batch type for every stage: :class:`MultimodalBatch`, and the collate that builds it.
 
-A batch holds every modality as a tensor of the full batch size, plus a presence mask per modality; a
-missing modality is a ``False`` in its mask (its rows are zeros), never a crash. The crystals form one
-torch-geometric ``Batch`` with a periodic neighbour graph (edges j → i, integer cell offsets, distances in Å).
+A batch holds every modality's input under ``batch.inputs[name]``, padded to the full batch size, plus a
+presence mask per modality; a missing modality is a ``False`` in its mask (its rows are zeros), never a crash.
+What each input is, is its modality spec's business (:mod:`mmmat.modalities`); the batch moves, pins and
+pickles any nesting of tensors, dicts, lists and torch-geometric batches without knowing the modalities.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,23 +32,32 @@ def __getattr__(name: str) -> Any:
 class MultimodalBatch:
     """A batch of materials with every modality padded to the batch size.
 
+    Each modality's input lives in ``inputs[name]``, built by its spec's
+    :meth:`~mmmat.modalities.ModalitySpec.collate` (the registered specs document their structure). Those
+    of the built-in modalities:
+
+    * ``crystal``: torch-geometric ``Batch`` with ``z`` (N,), ``pos`` (N, 3) Å, ``frac_coords`` (N, 3),
+      ``lattice`` (B, 3, 3) Å (rows are lattice vectors), ``batch`` (N,), ``ptr`` (B + 1,), and when the graph
+      was built: ``edge_index`` (2, E) (row 0 source j, row 1 target i), ``cell_offset`` (E, 3) integer image
+      of j, ``edge_dist`` (E,) Å;
+    * ``xrd``: ``{"profile": (B, L) float32 powder profiles on mmmat.data.xrd.TWO_THETA (zeros where absent),
+      "peaks": (B, P, 2) float32 peaks (d-spacing Å, relative intensity 0..100) zero-padded,
+      "peak_mask": (B, P) bool, True for real peaks}``;
+    * ``image``: (B, 1, H, W) uint8 images (zeros where absent);
+    * ``processing_text``, ``literature_text``: ``{"ids": (B, T) token ids, "mask": (B, T) attention mask}``
+      of one text per material;
+    * a modality computed from the crystal (``neutron``) is absent until an encoder asks for it
+      (:meth:`~mmmat.modalities.ModalitySpec.batch_input`), then kept here.
+
+    ``batch.<name>`` reads ``batch.inputs[name]`` (``batch.crystal``, ``batch.image``, ...); assigning to it
+    is an error (assign ``batch.inputs[name]``).
+
     Attributes:
         material_ids: Ids, in batch order.
-        crystal: torch-geometric ``Batch`` with ``z`` (N,), ``pos`` (N, 3) Å, ``frac_coords`` (N, 3),
-            ``lattice`` (B, 3, 3) Å (rows are lattice vectors), ``batch`` (N,), ``ptr`` (B + 1,), and when the
-            graph was built: ``edge_index`` (2, E) (row 0 source j, row 1 target i), ``cell_offset`` (E, 3)
-            integer image of j, ``edge_dist`` (E,) Å.
-        xrd: (B, L) float32 powder profiles on :data:`mmmat.data.xrd.TWO_THETA` (zeros where absent).
-        xrd_peaks: (B, P, 2) float32 peaks (d-spacing Å, relative intensity 0..100), zero-padded.
-        xrd_peak_mask: (B, P) bool, True for real peaks.
-        image: (B, 1, H, W) uint8 images (zeros where absent).
-        processing_ids / processing_mask: (B, T) token ids and attention mask of one processing text each.
-        literature_ids / literature_mask: (B, T) likewise for one literature text.
         properties: (B, K) float32, NaN where missing; columns named by ``property_names``.
+        property_names: Names of the property columns.
         present: modality name -> (B,) bool, one entry per registered modality (:mod:`mmmat.modalities`).
-        inputs: modality name -> input of a modality without a named field above (a registered modality's
-            :meth:`~mmmat.modalities.ModalitySpec.collate` output, or computed from the crystal on first use
-            by :meth:`~mmmat.modalities.ModalitySpec.batch_input`).
+        inputs: modality name -> its input (see above).
         rows: Optional modality name -> (K,) long indices of the present rows, in order, where the batch
             builder knows them on the host (resident batches); encoders that run on present rows only use
             them instead of reading the mask back from the device.
@@ -56,70 +66,107 @@ class MultimodalBatch:
     """
 
     material_ids: list[str]
-    crystal: Any
-    xrd: torch.Tensor
-    xrd_peaks: torch.Tensor
-    xrd_peak_mask: torch.Tensor
-    image: torch.Tensor
-    processing_ids: torch.Tensor
-    processing_mask: torch.Tensor
-    literature_ids: torch.Tensor
-    literature_mask: torch.Tensor
     properties: torch.Tensor
     property_names: list[str]
     present: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: int = 0
-    inputs: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.material_ids)
 
+    def __getattr__(self, name: str) -> Any:
+        # called only when normal lookup fails: a modality's input by its name
+        inputs = self.__dict__.get("inputs")
+        if inputs is not None and not name.startswith("__") and name in inputs:
+            return inputs[name]
+        raise AttributeError(f"MultimodalBatch has no attribute or input {name!r} (inputs: {list(inputs or ())})")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        inputs = self.__dict__.get("inputs")
+        if inputs is not None and name in inputs:
+            raise AttributeError(f"{name!r} is an input of the batch: assign batch.inputs[{name!r}]")
+        object.__setattr__(self, name, value)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> MultimodalBatch:
+        """A new batch with ``fn`` applied to every tensor (torch-geometric batches are updated in place)."""
+        return MultimodalBatch(**{
+            f.name: getattr(self, f.name) if f.name in _METADATA else map_tensors(getattr(self, f.name), fn)
+            for f in fields(self)
+        })
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MultimodalBatch:
         """Move every tensor to ``device`` (returns a new batch)."""
-        kw: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v.to(device, non_blocking=non_blocking)
-            elif f.name == "crystal":
-                v = v.to(device, non_blocking=non_blocking)
-            elif f.name in ("present", "rows", "inputs"):
-                v = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
-            kw[f.name] = v
-        return MultimodalBatch(**kw)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> MultimodalBatch:
+        """Pin host memory (called by the DataLoader when ``pin_memory=True``)."""
+        return self._map(lambda t: t.pin_memory())
 
     def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
         # Pickle tensors as numpy arrays: one buffer copy through the worker pipe is much cheaper than a
         # shared-memory segment per tensor (about 1 ms each), which dominated DataLoader worker transfer.
-        state: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = _pack(v)
-            elif f.name == "crystal":
-                v = {k: _pack(t) for k, t in v.to_dict().items() if isinstance(t, torch.Tensor)}
-            elif f.name in ("present", "rows", "inputs"):
-                v = {k: _pack(t) for k, t in v.items()}
-            state[f.name] = v
-        return _rebuild_batch, (state,)
-
-    def pin_memory(self) -> MultimodalBatch:
-        """Pin host memory (called by the DataLoader when ``pin_memory=True``)."""
-        kw: dict[str, Any] = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                v = v.pin_memory()
-            elif f.name == "crystal":
-                v = v.pin_memory()
-            elif f.name in ("present", "rows", "inputs"):
-                v = {k: t.pin_memory() for k, t in v.items()}
-            kw[f.name] = v
-        return MultimodalBatch(**kw)
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _rebuild_batch, ({k: v if k in _METADATA else _pack_tree(v) for k, v in state.items()},)
 
 
-def _pack(t: torch.Tensor) -> tuple[np.ndarray, str]:
+#: Fields of :class:`MultimodalBatch` that never hold tensors (kept as they are by ``to`` and ``pin_memory``).
+_METADATA = frozenset({"material_ids", "property_names", "skipped"})
+
+
+#: Values no tensor hides in: returned as they are without further checks.
+_PLAIN = (str, bytes, int, float, bool, type(None))
+_GRAPH: list[type] = []
+
+
+def _graph_type() -> type:
+    """torch-geometric's data base class (imported once, on first use)."""
+    if not _GRAPH:
+        from torch_geometric.data.data import BaseData
+
+        _GRAPH.append(BaseData)
+    return _GRAPH[0]
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it: nested dicts, lists, tuples and torch-geometric data.
+
+    Containers are rebuilt; torch-geometric objects are updated in place (``Data.apply``) and returned, as
+    their own ``to`` and ``pin_memory`` do. Anything else is returned unchanged.
+    """
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return _rebuilt(value, [map_tensors(v, fn) for v in value])
+    if isinstance(value, _graph_type()):
+        return value.apply(fn)
+    return value
+
+
+def _rebuilt(like: list | tuple, items: list[Any]) -> Any:
+    """``items`` in a container of ``like``'s type (named tuples take their fields positionally)."""
+    if isinstance(like, tuple) and hasattr(like, "_fields"):
+        return type(like)(*items)
+    return type(like)(items)
+
+
+class _Packed(NamedTuple):
+    """A pickled tensor: a compact numpy array and the tensor's dtype name."""
+
+    array: np.ndarray
+    dtype: str
+
+
+class _PackedGraph(dict):
+    """A pickled torch-geometric batch: its tensors by attribute name."""
+
+
+def _pack(t: torch.Tensor) -> _Packed:
     """A tensor as a compact numpy array plus its dtype (int64 travels as the narrowest int that holds it)."""
     a = t.detach().cpu()
     dtype = str(a.dtype).removeprefix("torch.")
@@ -130,28 +177,49 @@ def _pack(t: torch.Tensor) -> tuple[np.ndarray, str]:
             if info.min <= lo and hi <= info.max:
                 a = a.to(small)
                 break
-    return a.numpy(), dtype
+    return _Packed(a.numpy(), dtype)
 
 
-def _unpack(p: tuple[np.ndarray, str]) -> torch.Tensor:
-    a, dtype = p
-    return torch.from_numpy(a).to(getattr(torch, dtype))
+def _unpack(p: _Packed) -> torch.Tensor:
+    return torch.from_numpy(p.array).to(getattr(torch, p.dtype))
+
+
+def _pack_tree(value: Any) -> Any:
+    """``value`` with every tensor packed (:func:`_pack`) and torch-geometric batches as :class:`_PackedGraph`."""
+    if isinstance(value, torch.Tensor):
+        return _pack(value)
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        return {k: _pack_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return _rebuilt(value, [_pack_tree(v) for v in value])
+    if isinstance(value, _graph_type()):
+        return _PackedGraph({k: _pack(t) for k, t in value.to_dict().items() if isinstance(t, torch.Tensor)})
+    return value
+
+
+def _unpack_tree(value: Any) -> Any:
+    """Inverse of :func:`_pack_tree`."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, _Packed):
+        return _unpack(value)
+    if isinstance(value, _PackedGraph):
+        from torch_geometric.data import Batch
+
+        g = Batch(**{n: _unpack(a) for n, a in value.items()})
+        g._num_graphs = int(g.ptr.shape[0] - 1)
+        return g
+    if isinstance(value, dict):
+        return {k: _unpack_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return _rebuilt(value, [_unpack_tree(v) for v in value])
+    return value
 
 
 def _rebuild_batch(state: dict[str, Any]) -> MultimodalBatch:
-    from torch_geometric.data import Batch
-
-    kw: dict[str, Any] = {}
-    for k, v in state.items():
-        if isinstance(v, tuple):
-            v = _unpack(v)
-        elif k == "crystal":
-            v = Batch(**{n: _unpack(a) for n, a in v.items()})
-            v._num_graphs = int(v.ptr.shape[0] - 1)
-        elif k in ("present", "rows", "inputs"):
-            v = {n: _unpack(a) for n, a in v.items()}
-        kw[k] = v
-    return MultimodalBatch(**kw)
+    return MultimodalBatch(**{k: v if k in _METADATA else _unpack_tree(v) for k, v in state.items()})
 
 
 def crystal_batch(
@@ -268,20 +336,17 @@ class Collator:
         from mmmat.modalities import specs
         from mmmat.modalities.builtin import properties_tensor
 
-        fields_: dict[str, Any] = {}
         inputs: dict[str, Any] = {}
         present: dict[str, torch.Tensor] = {}
         for spec in specs():
-            out, present[spec.name] = spec.collate(records, self)
-            if "inputs" in out:
-                inputs[spec.name] = out.pop("inputs")
-            fields_.update(out)
+            value, present[spec.name] = spec.collate(records, self)
+            if value is not None:
+                inputs[spec.name] = value
         return MultimodalBatch(
             material_ids=[r.material_id for r in records],
             properties=properties_tensor(records, self.property_names),
             property_names=list(self.property_names),
             present=present,
             inputs=inputs,
-            **fields_,
             skipped=skipped,
         )

@@ -1,46 +1,33 @@
 """A split held as flat tensors on one device, batches assembled by indexing: the fast path for small sets.
 
 A data set the size of MP-20 (17k crystals, ~100 MB with XRD profiles and images) fits on a GPU many times
-over. :class:`ResidentData` packs every record once (atoms, lattices, XRD profiles and peaks, images,
-pre-tokenised texts, properties) and :meth:`ResidentData.batch` builds a :class:`MultimodalBatch` for any
-index tensor with a handful of gathers on the device, including the periodic neighbour graph. No worker
-processes, no pickling, no host-to-device copies per step. :class:`ResidentLoader` iterates it like a
-``DistributedSampler``-driven ``DataLoader``: a seeded permutation per epoch, an equal number of batches on
-every rank.
+over. :class:`ResidentData` packs every record once (atoms and lattices here; every other modality by its spec's
+:meth:`~mmmat.modalities.ModalitySpec.pack_resident`: XRD profiles and peaks, images, pre-tokenised texts, ...;
+properties) and :meth:`ResidentData.batch` builds a :class:`MultimodalBatch` for any index tensor with a
+handful of gathers on the device (:meth:`~mmmat.modalities.ModalitySpec.resident_batch`), including the periodic
+neighbour graph. No worker processes, no pickling, no host-to-device copies per step. :class:`ResidentLoader`
+iterates it like a ``DistributedSampler``-driven ``DataLoader``: a seeded permutation per epoch, an equal number
+of batches on every rank.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from mmmat.data.batch import ByteTokenizer, MultimodalBatch, _tokenize, crystal_batch
+from mmmat.data.batch import ByteTokenizer, MultimodalBatch, crystal_batch, map_tensors
 from mmmat.data.schema import MaterialRecord
 
 
-def _pack_texts(
-    per_record: list[list[str]], tokenizer: Any, max_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokenise every text once: (T + 1, L) ids and mask, and the (M + 1,) pointer of each record's texts.
+class ResidentIndex(NamedTuple):
+    """The records of one batch: indices on the data's device (for gathers) and on the host (for sizes)."""
 
-    The last row is the empty text, which absent rows get (as the collator gives them).
-    """
-    flat = [t for texts in per_record for t in texts] + [""]
-    ptr = torch.zeros(len(per_record) + 1, dtype=torch.long)
-    ptr[1:] = torch.cumsum(torch.tensor([len(t) for t in per_record], dtype=torch.long), 0)
-    ids, mask = [], []
-    for start in range(0, len(flat), 4096):
-        i, m = _tokenize(tokenizer, flat[start : start + 4096], max_tokens)
-        ids.append(i)
-        mask.append(m)
-    width = max(x.shape[1] for x in ids)
-    ids = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in ids])
-    mask = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in mask])
-    return ids, mask, ptr
+    device: torch.Tensor
+    host: torch.Tensor
 
 
 class ResidentData:
@@ -64,6 +51,11 @@ class ResidentData:
             beyond any cutoff), so they carry zero weight. A batch with more edges than the capacity is never
             truncated: the capacity grows to fit it (``capacity_grown`` counts how often).
 
+    Attributes:
+        t: The crystals' atoms, lattices (and precomputed graphs and features) and the properties, on ``device``.
+        packed: modality -> its spec's :meth:`~mmmat.modalities.ModalitySpec.pack_resident` tensors.
+        present_host: modality -> (M,) bool presence per record, on the host.
+
     """
 
     def __init__(
@@ -79,7 +71,7 @@ class ResidentData:
         precompute_graph: bool = False,
         edge_capacity: int | None = None,
     ):
-        from mmmat.data.xrd import NUM_POINTS
+        from mmmat.modalities import specs
 
         if not records:
             raise ValueError("ResidentData needs at least one record")
@@ -88,42 +80,17 @@ class ResidentData:
         self.property_names = list(property_names)
         self.material_ids = [r.material_id for r in records]
         m = len(records)
-        tokenizer = tokenizer or ByteTokenizer()
         counts = torch.tensor([r.num_atoms for r in records], dtype=torch.long)
         ptr = torch.zeros(m + 1, dtype=torch.long)
         ptr[1:] = torch.cumsum(counts, 0)
-        xrd = torch.zeros(m, NUM_POINTS, dtype=torch.float16)
-        has_xrd = torch.zeros(m, dtype=torch.bool)
-        n_peaks = max((0 if r.xrd_peaks is None else len(r.xrd_peaks)) for r in records)
-        peaks = torch.zeros(m, max(n_peaks, 1), 2)
-        peak_mask = torch.zeros(m, max(n_peaks, 1), dtype=torch.bool)
-        shapes = [r.image.shape for r in records if r.image is not None]
-        h, w = (max(s[0] for s in shapes), max(s[1] for s in shapes)) if shapes else (1, 1)
-        image = torch.zeros(m, 1, h, w, dtype=torch.uint8)
-        has_image = torch.zeros(m, dtype=torch.bool)
         props = torch.full((m, len(self.property_names)), math.nan)
         for i, r in enumerate(records):
-            if r.xrd is not None:
-                xrd[i] = torch.from_numpy(np.asarray(r.xrd, dtype=np.float16)[:NUM_POINTS])
-                has_xrd[i] = True
-            if r.xrd_peaks is not None and len(r.xrd_peaks):
-                peaks[i, : len(r.xrd_peaks)] = torch.from_numpy(np.asarray(r.xrd_peaks, dtype=np.float32))
-                peak_mask[i, : len(r.xrd_peaks)] = True
-            if r.image is not None:
-                image[i, 0, : r.image.shape[0], : r.image.shape[1]] = torch.from_numpy(np.array(r.image))
-                has_image[i] = True
             for j, name in enumerate(self.property_names):
                 v = r.properties.get(name)
                 if v is not None:
                     props[i, j] = float(v)
-        proc = [[t.text for t in r.processing_texts] for r in records]
-        lit = [[t.text for t in r.literature_texts if include_generated_text or not t.generated] for r in records]
-        p_ids, p_mask, p_ptr = _pack_texts(proc, tokenizer, max_text_tokens)
-        l_ids, l_mask, l_ptr = _pack_texts(lit, tokenizer, max_text_tokens)
         dev = self.device
         self._counts_cpu = counts
-        # texts per record, on the host: a batch's present text rows are known without reading the device
-        self._n_texts_cpu = {"p": p_ptr[1:] - p_ptr[:-1], "l": l_ptr[1:] - l_ptr[:-1]}
         self.crystal_features: list[str] = []
         self.t = {
             "counts": counts.to(dev),
@@ -131,20 +98,14 @@ class ResidentData:
             "z": torch.from_numpy(np.concatenate([r.numbers for r in records]).astype(np.int64)).to(dev),
             "frac": torch.from_numpy(np.concatenate([r.frac_coords for r in records]).astype(np.float32)).to(dev),
             "lattice": torch.from_numpy(np.stack([r.lattice for r in records]).astype(np.float32)).to(dev),
-            "xrd": xrd.to(dev),
-            "has_xrd": has_xrd.to(dev),
-            "peaks": peaks.to(dev),
-            "peak_mask": peak_mask.to(dev),
-            "image": image.to(dev),
-            "has_image": has_image.to(dev),
             "props": props.to(dev),
-            "p_ids": p_ids.to(dev),
-            "p_mask": p_mask.to(dev),
-            "p_ptr": p_ptr.to(dev),
-            "l_ids": l_ids.to(dev),
-            "l_mask": l_mask.to(dev),
-            "l_ptr": l_ptr.to(dev),
         }
+        # every modality, packed by its spec (the crystal's spec hands its graphs back to this object)
+        options = {"tokenizer": tokenizer or ByteTokenizer(), "max_text_tokens": max_text_tokens,
+                   "include_generated_text": include_generated_text, "resident": self}
+        self.packed = {s.name: s.pack_resident(records, dev, **options) for s in specs()}
+        #: modality -> (M,) bool presence per record, on the host: a batch's present rows without a device sync
+        self.present_host = {name: p["present"].cpu() for name, p in self.packed.items()}
         self.precompute_graph = bool(precompute_graph) and cutoff is not None
         self.edge_capacity: int | None = None
         self.capacity_grown = 0
@@ -262,77 +223,52 @@ class ResidentData:
             self.crystal_features.append(name)
 
     def nbytes(self) -> int:
-        """Bytes held on the device."""
-        return sum(t.numel() * t.element_size() for t in self.t.values())
+        """Bytes held on the device (the crystals, properties and every modality's packed tensors)."""
+        seen: dict[int, int] = {}
 
-    def _texts(
-        self, which: str, idx: torch.Tensor, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def count(t: torch.Tensor) -> torch.Tensor:
+            if t.device == self.device:
+                seen[id(t)] = t.numel() * t.element_size()
+            return t
+
+        map_tensors([self.t, *({k: v for k, v in p.items() if v is not self} for p in self.packed.values())], count)
+        return sum(seen.values())
+
+    def crystals_at(self, idx: ResidentIndex) -> Any:
+        """The graph batch of the crystals at ``idx``: atoms gathered, the periodic graph built or gathered."""
         t = self.t
-        ptr = t[f"{which}_ptr"]
-        start, n = ptr[idx], ptr[idx + 1] - ptr[idx]
-        if generator is not None:
-            r = torch.rand(idx.shape[0], device=self.device, generator=generator)
-            pick = start + torch.floor(r * n.clamp(min=1)).long()
-        else:
-            pick = start
-        present = n > 0
-        empty = t[f"{which}_ids"].shape[0] - 1
-        pick = torch.where(present, pick, torch.full_like(pick, empty))
-        ids = t[f"{which}_ids"][pick]
-        mask = t[f"{which}_mask"][pick]
-        return ids, mask, present
+        n_atoms = int(self._counts_cpu[idx.host].sum())  # from the host copy: no device sync
+        counts = t["counts"][idx.device]
+        crystal = self._crystals(idx.device, counts, n_atoms, None if self.precompute_graph else self.cutoff)
+        if self.precompute_graph:
+            self._gathered_edges(idx.device, idx.host, crystal)
+        for name in self.crystal_features:
+            crystal[name] = t[f"feat_{name}"][idx.device]
+        return crystal
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> MultimodalBatch:
         """The batch of the records at ``idx`` (a random text per material when ``generator`` is given)."""
-        t = self.t
-        idx_cpu = idx.cpu()  # ids and the atom total come from host copies: no device sync for them
-        n_atoms = int(self._counts_cpu[idx_cpu].sum())
-        idx = idx_cpu.to(self.device, non_blocking=True)
-        counts = t["counts"][idx]
-        crystal = self._crystals(idx, counts, n_atoms, None if self.precompute_graph else self.cutoff)
-        if self.precompute_graph:
-            self._gathered_edges(idx, idx_cpu, crystal)
-        for name in self.crystal_features:
-            crystal[name] = t[f"feat_{name}"][idx]
-        p_ids, p_mask, p_present = self._texts("p", idx, generator)
-        l_ids, l_mask, l_present = self._texts("l", idx, generator)
-        rows = {}
-        for which, modality in (("p", "processing_text"), ("l", "literature_text")):
-            r = torch.nonzero(self._n_texts_cpu[which][idx_cpu] > 0).squeeze(1)
-            rows[modality] = (r if r.numel() else torch.zeros(1, dtype=torch.long)).to(self.device, non_blocking=True)
-        return MultimodalBatch(
-            material_ids=[self.material_ids[i] for i in idx_cpu.tolist()],
-            crystal=crystal,
-            xrd=t["xrd"][idx].float(),
-            xrd_peaks=t["peaks"][idx],
-            xrd_peak_mask=t["peak_mask"][idx],
-            image=t["image"][idx],
-            processing_ids=p_ids,
-            processing_mask=p_mask,
-            literature_ids=l_ids,
-            literature_mask=l_mask,
-            properties=t["props"][idx],
-            property_names=list(self.property_names),
-            present=self._present(counts, idx, p_present, l_present),
-            rows=rows,
-        )
-
-    def _present(self, counts: torch.Tensor, idx: torch.Tensor, p_present: torch.Tensor,
-                 l_present: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Presence of every registered modality; those computed from the crystal are present with it."""
         from mmmat.modalities import specs
 
-        t = self.t
-        stored = {"crystal": counts > 0, "xrd": t["has_xrd"][idx], "image": t["has_image"][idx],
-                  "processing_text": p_present, "literature_text": l_present}
-        out = {}
+        idx_cpu = idx.cpu()  # ids and sizes come from host copies: no device sync for them
+        at = ResidentIndex(idx_cpu.to(self.device, non_blocking=True), idx_cpu)
+        inputs, present, rows = {}, {}, {}
         for spec in specs():
-            if spec.name in stored:
-                out[spec.name] = stored[spec.name]
-            elif spec.lazy:
-                out[spec.name] = counts > 0
-        return out
+            value, present[spec.name] = spec.resident_batch(self.packed[spec.name], at, generator)
+            if value is not None:
+                inputs[spec.name] = value
+            if spec.present_rows_only:
+                r = torch.nonzero(self.present_host[spec.name][idx_cpu]).squeeze(1)
+                rows[spec.name] = (r if r.numel() else torch.zeros(1, dtype=torch.long)).to(
+                    self.device, non_blocking=True)
+        return MultimodalBatch(
+            material_ids=[self.material_ids[i] for i in idx_cpu.tolist()],
+            properties=self.t["props"][at.device],
+            property_names=list(self.property_names),
+            present=present,
+            inputs=inputs,
+            rows=rows,
+        )
 
 
 class ResidentLoader:

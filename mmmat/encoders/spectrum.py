@@ -13,8 +13,8 @@ Why ln d
     while staying tolerant to the few-per-cent translations of strain.
 
 Input
-    ``batch.xrd`` (B, 1701) profiles on the 2θ grid, or any profile passed explicitly: the augmented
-    profile from :class:`mmmat.data.augment.XRDAugment` when training, or a measured pattern from
+    ``batch.inputs["xrd"]["profile"]`` (B, 1701) profiles on the 2θ grid, or any profile passed explicitly: the
+    augmented profile from :class:`mmmat.data.augment.XRDAugment` when training, or a measured pattern from
     :func:`mmmat.data.xrd.resample` (same grid).
 """
 
@@ -295,11 +295,11 @@ class XRDCNNEncoder(nn.Module):
         return x
 
     def forward(self, batch: Any = None, profile: torch.Tensor | None = None) -> torch.Tensor:
-        """Embed profiles: ``profile`` (B, 1701) when given, else ``batch.xrd``; returns (B, out_dim)."""
+        """Embed profiles: ``profile`` (B, 1701) when given, else the batch's XRD profiles; returns (B, out_dim)."""
         if profile is None:
             if batch is None:
                 raise ValueError("XRDCNNEncoder needs a batch or profile=")
-            profile = batch.xrd
+            profile = batch.inputs["xrd"]["profile"]
         if profile.dim() != 2:
             raise ValueError(f"profile must be (B, L), got shape {tuple(profile.shape)}")
         return self.embed_profile(profile)

@@ -1,7 +1,7 @@
 """Text encoders: a BERT-style transformer over the token ids of one text modality, pooled to one vector.
 
-``"text/transformer"`` (:class:`TextEncoder`) reads ``batch.processing_ids``/``processing_mask`` or
-``batch.literature_ids``/``literature_mask`` (by ``modality``), runs a transformer encoder (a fresh
+``"text/transformer"`` (:class:`TextEncoder`) reads ``batch.inputs[modality]`` (``{"ids": (B, T), "mask":
+(B, T)}`` of a text modality such as ``processing_text`` or ``literature_text``), runs a transformer encoder (a fresh
 ``BertModel`` sized by the arguments, or a pretrained model loaded with ``AutoModel.from_pretrained``), pools
 the last hidden states over the real tokens (masked mean, or the first token) and projects to ``out_dim``.
 
@@ -33,12 +33,6 @@ import torch
 from torch import nn
 
 from mmmat.encoders.registry import encoder_config, register_encoder
-
-#: Text modalities and the batch fields (ids, attention mask) that carry them.
-TEXT_FIELDS = {
-    "processing_text": ("processing_ids", "processing_mask"),
-    "literature_text": ("literature_ids", "literature_mask"),
-}
 
 
 def _load_pretrained(path: str) -> nn.Module:
@@ -104,8 +98,11 @@ class TextEncoder(nn.Module):
         tokenizer_vocab_size: int | None = None,
     ):
         super().__init__()
-        if modality not in TEXT_FIELDS:
-            raise ValueError(f"modality must be one of {sorted(TEXT_FIELDS)}, got {modality!r}")
+        from mmmat.modalities import specs
+
+        texts = sorted(s.name for s in specs() if s.is_text)
+        if modality not in texts:
+            raise ValueError(f"modality must be one of {texts}, got {modality!r}")
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.modality = modality
@@ -175,8 +172,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         """Encode the batch's texts of this modality to (B, out_dim)."""
-        ids_name, mask_name = TEXT_FIELDS[self.modality]
-        return self.encode(getattr(batch, ids_name), getattr(batch, mask_name))
+        x = batch.inputs[self.modality]
+        return self.encode(x["ids"], x["mask"])
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Encode (B, T) token ids with their (B, T) attention mask (1 = real token) to (B, out_dim)."""

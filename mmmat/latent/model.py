@@ -18,12 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmmat.data.batch import Collator, MultimodalBatch
+from mmmat.data.batch import Collator, MultimodalBatch, map_tensors
 from mmmat.encoders.registry import EncoderConfig, create_encoder, encoder_spec
 from mmmat.modelio import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401  (re-exported)
 
 TOKENIZER_DIR = "tokenizer"
-TEXT_MODALITIES = ("processing_text", "literature_text")
+
+
+def __getattr__(name: str) -> Any:
+    # ``TEXT_MODALITIES``: the registered text modalities (mmmat.modalities), looked up when asked for
+    if name == "TEXT_MODALITIES":
+        from mmmat.modalities import specs
+
+        return tuple(s.name for s in specs() if s.is_text)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Projection(nn.Module):
@@ -66,7 +74,7 @@ class MultimodalModel(nn.Module):
         max_text_tokens: int = 128,
     ):
         super().__init__()
-        from mmmat.modalities import modality_names
+        from mmmat.modalities import get_modality, modality_names
 
         unknown = sorted(set(encoders) - set(modality_names()))
         if unknown:
@@ -86,7 +94,7 @@ class MultimodalModel(nn.Module):
         for modality, cfg in encoders.items():
             cfg = dict(cfg)
             name = cfg.pop("name")
-            if modality in TEXT_MODALITIES:
+            if get_modality(modality).is_text:
                 cfg.setdefault("modality", modality)
             enc = create_encoder(name, **cfg)
             self.encoders[modality] = enc
@@ -110,13 +118,14 @@ class MultimodalModel(nn.Module):
             raise KeyError(f"this model has no {modality!r} encoder (it has {self.modalities})")
         from mmmat.modalities import get_modality
 
-        if modality in TEXT_MODALITIES and modality in batch.present:
-            return self._encode_text_rows(modality, batch)
-        h = get_modality(modality).run_encoder(self.encoders[modality], batch)
+        spec = get_modality(modality)
+        if spec.present_rows_only and modality in batch.present:
+            return self._encode_present_rows(modality, batch)
+        h = spec.run_encoder(self.encoders[modality], batch)
         return F.normalize(self.projections[modality](h).float(), dim=-1)
 
-    def _encode_text_rows(self, modality: str, batch: MultimodalBatch) -> torch.Tensor:
-        """Run a text encoder on the rows that have the text only (most materials have none).
+    def _encode_present_rows(self, modality: str, batch: MultimodalBatch) -> torch.Tensor:
+        """Run an encoder on the rows that have its modality only (most materials have no text).
 
         Absent rows get zeros (the loss masks them); at least one row always runs, so every parameter takes
         part in every step (DDP needs that). The rows come from ``batch.rows`` when the batch builder knew them
@@ -130,9 +139,8 @@ class MultimodalModel(nn.Module):
             rows = present.nonzero().squeeze(1)
             if rows.numel() == 0:
                 rows = torch.zeros(1, dtype=torch.long, device=present.device)
-        field = "processing" if modality == "processing_text" else "literature"
-        ids, mask = getattr(batch, f"{field}_ids")[rows], getattr(batch, f"{field}_mask")[rows]
-        sub = dataclasses.replace(batch, **{f"{field}_ids": ids, f"{field}_mask": mask})
+        picked = map_tensors(batch.inputs[modality], lambda t: t[rows])
+        sub = dataclasses.replace(batch, inputs={**batch.inputs, modality: picked})
         h = F.normalize(self.projections[modality](self.encoders[modality](sub)).float(), dim=-1)
         out = torch.zeros(len(batch), h.shape[-1], device=h.device, dtype=h.dtype)
         return out.index_copy(0, rows, h)

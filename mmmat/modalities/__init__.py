@@ -4,14 +4,16 @@ A spec declares everything the rest of the code needs to know about its modality
 
 * its record field(s) on :class:`~mmmat.data.schema.MaterialRecord` and the webdataset member(s) of a shard
   sample, with :meth:`ModalitySpec.encode_sample` / :meth:`ModalitySpec.decode_sample`;
-* how records collate into a :class:`~mmmat.data.batch.MultimodalBatch` (its input under
-  ``batch.inputs[name]`` or, for the five original modalities, the batch's named fields) and its presence mask
-  ``batch.present[name]`` (:meth:`ModalitySpec.collate`);
+* how records collate into a :class:`~mmmat.data.batch.MultimodalBatch`: its input ``batch.inputs[name]``
+  and its presence mask ``batch.present[name]`` (:meth:`ModalitySpec.collate`);
+* how a whole split is held as tensors on a device and a batch gathered from them
+  (:meth:`ModalitySpec.pack_resident`, :meth:`ModalitySpec.resident_batch`, used by
+  :class:`~mmmat.data.resident.ResidentData`), giving the same input as the collate;
 * its query reader (:meth:`ModalitySpec.read_query`, units in :attr:`ModalitySpec.query_units`) turning a
   user's file into what :meth:`~mmmat.latent.model.MultimodalModel.embed` takes, and the raw-input batch
   :meth:`ModalitySpec.raw_batch` that ``embed`` builds from it;
-* its default encoder config (:attr:`ModalitySpec.default_encoder`) and augmentations
-  (:attr:`ModalitySpec.augmentations`);
+* its default encoder config (:attr:`ModalitySpec.default_encoder`) and its training augmentation
+  (:meth:`ModalitySpec.augmenter`, built from :attr:`ModalitySpec.augmentation`);
 * for a modality derived from the crystal, its renderer from a structure (:meth:`ModalitySpec.render`) and,
   when the batch does not carry it, how it is computed on the batch's device (:meth:`ModalitySpec.derive`).
 
@@ -51,9 +53,12 @@ class ModalitySpec:
         label: How messages name a query file of it (``"CIF file x.cif not found"``).
         is_text: A text modality (queries are sentences, not files).
         default_encoder: Encoder config (``{"name": registered encoder, **kwargs}``) of a new model.
-        augmentations: Dotted names of the augmentations applied to it in training.
+        augmentation: Dotted name of the class of its training augmentation (:meth:`augmenter` builds it), or
+            empty when it has none.
         condition_weight: Default weight of its latent when it conditions the generator (the chance of being
             picked as a training condition, relative to the other modalities).
+        present_rows_only: Its encoder runs on the batch's present rows only (absent rows embed as zeros); a
+            batch builder that knows those rows on the host lists them in ``batch.rows[name]``.
 
     """
 
@@ -69,8 +74,9 @@ class ModalitySpec:
     label: str = ""
     is_text: bool = False
     default_encoder: dict[str, Any] = {}
-    augmentations: tuple[str, ...] = ()
+    augmentation: str = ""
     condition_weight: float = 1.0
+    present_rows_only: bool = False
 
     # ------------------------------------------------------------------ records <-> shard samples
     def encode_sample(self, record: MaterialRecord) -> dict[str, Any]:
@@ -86,15 +92,57 @@ class ModalitySpec:
         return all(getattr(record, f, None) is not None for f in self.record_fields)
 
     # ------------------------------------------------------------------ batches
-    def collate(self, records: Sequence[MaterialRecord], collator: Collator) -> tuple[dict[str, Any], torch.Tensor]:
-        """``(batch fields, (B,) bool presence)`` of ``records``.
+    def collate(self, records: Sequence[MaterialRecord], collator: Collator) -> tuple[Any, torch.Tensor]:
+        """``(input, (B,) bool presence)`` of ``records``: the input becomes ``batch.inputs[name]``.
 
-        The fields are :class:`~mmmat.data.batch.MultimodalBatch` attributes (the original five modalities) or
-        ``{"inputs": value}`` for ``batch.inputs[name]``. The default (a lazy modality) carries nothing and is
-        present wherever the crystal is.
+        The default (a lazy modality) carries no input (None) and is present wherever the crystal is.
         """
         import torch
-        return {}, torch.tensor([r.num_atoms > 0 for r in records], dtype=torch.bool)
+        return None, torch.tensor([r.num_atoms > 0 for r in records], dtype=torch.bool)
+
+    def pack_resident(self, records: Sequence[MaterialRecord], device: torch.device, **options: Any) -> dict[str, Any]:
+        """The modality of every record as tensors on ``device``, for :meth:`resident_batch` to gather from.
+
+        The dict holds at least ``"present"``: (M,) bool per record. ``options`` are those of
+        :class:`~mmmat.data.resident.ResidentData` (``tokenizer``, ``max_text_tokens``,
+        ``include_generated_text``, and ``resident``, the ResidentData being built); a spec takes what it needs.
+        The default serves a lazy modality: presence only, wherever the crystal is.
+        """
+        import torch
+
+        if not self.lazy:
+            raise NotImplementedError(f"modality {self.name!r} does not say how to hold its records resident")
+        present = torch.tensor([r.num_atoms > 0 for r in records], dtype=torch.bool)
+        return {"present": present.to(device)}
+
+    def resident_batch(self, packed: dict[str, Any], idx: Any, generator: torch.Generator | None) -> tuple[Any, Any]:
+        """``(input, (B,) bool presence)`` of the records at ``idx`` from :meth:`pack_resident`'s tensors.
+
+        Args:
+            packed: What :meth:`pack_resident` returned.
+            idx: :class:`~mmmat.data.resident.ResidentIndex`: the batch's record indices on the device
+                (``idx.device``) and on the host (``idx.host``).
+            generator: Random choices (e.g. one text of several), None for the first / deterministic one.
+
+        The input equals what :meth:`collate` gives for the same records (the tests hold them equal).
+        """
+        return None, packed["present"][idx.device]
+
+    def augmenter(self, **kwargs: Any) -> Any:
+        """Its training augmentation built from config keyword arguments (:attr:`augmentation` called with them).
+
+        The augmenter is a ``torch.nn.Module`` whose ``augment_batch(batch, name)`` replaces (or changes in
+        place) ``batch.inputs[name]`` by an augmented input and returns the parameters it drew (a dict of
+        tensors, possibly empty). A spec may return None where ``kwargs`` ask for nothing.
+
+        Raises:
+            ValueError: The modality has no augmentation.
+
+        """
+        if not self.augmentation:
+            raise ValueError(f"modality {self.name!r} has no training augmentation")
+        module, _, cls = self.augmentation.rpartition(".")
+        return getattr(importlib.import_module(module), cls)(**kwargs)
 
     def batch_input(self, batch: MultimodalBatch) -> Any:
         """The input of this modality in ``batch`` (computed by :meth:`derive` and kept when the batch lacks it)."""

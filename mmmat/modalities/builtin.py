@@ -1,8 +1,14 @@
 """The five original modalities: crystal, powder XRD, microscopy image, synthesis text and literature text.
 
-Their shard members and batch fields are those of the format the project has always written
-(``struct.npz``, ``meta.json``, ``xrd.npy``, ``peaks.npy``, ``image.png``; ``MultimodalBatch.xrd``, ...), so
-shards built before the registry existed load unchanged.
+Their shard members are those of the format the project has always written (``struct.npz``, ``meta.json``,
+``xrd.npy``, ``peaks.npy``, ``image.png``), so shards built before the registry existed load unchanged. Their
+batch inputs (``batch.inputs[name]``):
+
+* ``crystal``: a torch-geometric ``Batch`` (see :func:`mmmat.data.batch.crystal_batch`);
+* ``xrd``: ``{"profile": (B, 1701) float32, "peaks": (B, P, 2) float32 (d Å, intensity 0..100),
+  "peak_mask": (B, P) bool}``;
+* ``image``: (B, 1, H, W) uint8;
+* ``processing_text`` / ``literature_text``: ``{"ids": (B, T) long, "mask": (B, T) long}``, one text each.
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ class CrystalSpec(ModalitySpec):
     query_suffixes = (".cif", ".mcif", ".vasp", ".poscar", ".extxyz")
     query_units = "a structure file (CIF, POSCAR, extxyz, ...) or a pymatgen Structure / ASE Atoms; lengths in Å"
     default_encoder = {"name": "crystal/schnet"}
-    augmentations = ()
+    augmentation = "mmmat.data.augment.CrystalAugment"
 
     def has(self, record: Any) -> bool:
         """Whether ``record`` has atoms."""
@@ -102,8 +108,15 @@ class CrystalSpec(ModalitySpec):
             "numbers": np.asarray(st["numbers"]),
         }
 
-    def collate(self, records: Sequence[Any], collator: Any) -> tuple[dict[str, Any], torch.Tensor]:
-        """A torch-geometric batch of the crystals (``batch.crystal``)."""
+    def augmenter(self, **kwargs: Any) -> Any:
+        """:class:`~mmmat.data.augment.CrystalAugment` (``displacement`` Å, ``strain``); None for an empty config."""
+        unknown = sorted(set(kwargs) - {"displacement", "strain"})
+        if unknown:
+            raise ValueError(f"{self.name} augmentation: unknown keys {unknown} (displacement, strain)")
+        return super().augmenter(**kwargs) if kwargs else None
+
+    def collate(self, records: Sequence[Any], collator: Any) -> tuple[Any, torch.Tensor]:
+        """A torch-geometric batch of the crystals."""
         import torch
 
         from mmmat.data.batch import crystal_batch
@@ -115,7 +128,15 @@ class CrystalSpec(ModalitySpec):
         crystal = crystal_batch(
             z, frac, lattice, counts, collator.cutoff if collator.build_graph else None, collator.max_num_neighbors
         )
-        return {"crystal": crystal}, counts > 0
+        return crystal, counts > 0
+
+    def pack_resident(self, records: Sequence[Any], device: Any, resident: Any = None, **options: Any) -> dict:
+        """The crystals are held by ``resident`` itself (its atoms, neighbour graphs and static edge capacity)."""
+        return {"present": resident.t["counts"] > 0, "resident": resident}
+
+    def resident_batch(self, packed: dict[str, Any], idx: Any, generator: Any) -> tuple[Any, torch.Tensor]:
+        """The graph batch of the crystals at ``idx`` (:meth:`mmmat.data.resident.ResidentData.crystals_at`)."""
+        return packed["resident"].crystals_at(idx), packed["present"][idx.device]
 
     def raw_batch(self, model: Any, chunk: Any) -> Any:
         """Structures, ASE Atoms or records (validated) as a batch."""
@@ -160,7 +181,7 @@ class XRDSpec(ModalitySpec):
     query_suffixes = (".xy", ".xye", ".csv", ".dat", ".txt", ".xrdml", ".brml", ".raw", ".ras", ".gsa", ".fxye")
     query_units = "a powder pattern file: 2θ in degrees, intensity in counts; wavelength in Å (default Cu Kα)"
     default_encoder = {"name": "xrd/cnn"}
-    augmentations = ("mmmat.data.augment.XRDAugment",)
+    augmentation = "mmmat.data.augment.XRDAugment"
     condition_weight = 2.0
 
     def encode_sample(self, record: Any) -> dict[str, Any]:
@@ -183,7 +204,7 @@ class XRDSpec(ModalitySpec):
         }
 
     def collate(self, records: Sequence[Any], collator: Any) -> tuple[dict[str, Any], torch.Tensor]:
-        """``batch.xrd`` (B, 1701) and the zero-padded ``batch.xrd_peaks`` / ``batch.xrd_peak_mask``."""
+        """``{"profile": (B, 1701), "peaks": (B, P, 2), "peak_mask": (B, P)}``, peaks zero-padded."""
         import torch
 
         from mmmat.data.xrd import NUM_POINTS
@@ -202,11 +223,39 @@ class XRDSpec(ModalitySpec):
                 peaks[i, : len(p)] = p
                 peak_mask[i, : len(p)] = True
         present = torch.tensor([r.xrd is not None for r in records], dtype=torch.bool)
-        return {"xrd": xrd, "xrd_peaks": peaks, "xrd_peak_mask": peak_mask}, present
+        return {"profile": xrd, "peaks": peaks, "peak_mask": peak_mask}, present
+
+    def pack_resident(self, records: Sequence[Any], device: Any, **options: Any) -> dict[str, Any]:
+        """Profiles as float16 (M, 1701), peaks (M, P, 2) and their mask, presence (M,)."""
+        import torch
+
+        from mmmat.data.xrd import NUM_POINTS
+
+        m = len(records)
+        xrd = torch.zeros(m, NUM_POINTS, dtype=torch.float16)
+        has_xrd = torch.zeros(m, dtype=torch.bool)
+        n_peaks = max((0 if r.xrd_peaks is None else len(r.xrd_peaks)) for r in records)
+        peaks = torch.zeros(m, max(n_peaks, 1), 2)
+        peak_mask = torch.zeros(m, max(n_peaks, 1), dtype=torch.bool)
+        for i, r in enumerate(records):
+            if r.xrd is not None:
+                xrd[i] = torch.from_numpy(np.asarray(r.xrd, dtype=np.float16)[:NUM_POINTS])
+                has_xrd[i] = True
+            if r.xrd_peaks is not None and len(r.xrd_peaks):
+                peaks[i, : len(r.xrd_peaks)] = torch.from_numpy(np.asarray(r.xrd_peaks, dtype=np.float32))
+                peak_mask[i, : len(r.xrd_peaks)] = True
+        return {"profile": xrd.to(device), "present": has_xrd.to(device), "peaks": peaks.to(device),
+                "peak_mask": peak_mask.to(device)}
+
+    def resident_batch(self, packed: dict[str, Any], idx: Any, generator: Any) -> tuple[Any, torch.Tensor]:
+        """The profiles (as float32), peaks and masks at ``idx``."""
+        i = idx.device
+        x = {"profile": packed["profile"][i].float(), "peaks": packed["peaks"][i], "peak_mask": packed["peak_mask"][i]}
+        return x, packed["present"][i]
 
     def raw_batch(self, model: Any, chunk: Any) -> Any:
         """(N, 1701) profiles on the mmmat grid."""
-        b, b.xrd = profile_batch(model, chunk, self.name)
+        b, b.inputs[self.name]["profile"] = profile_batch(model, chunk, self.name)
         return b
 
     def read_query(self, source: Any, model: Any = None, wavelength: float | None = None, **options: Any) -> Any:
@@ -248,7 +297,6 @@ class ImageSpec(ModalitySpec):
     query_suffixes = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
     query_units = "an image file (Pillow formats or .npy), grayscale; resized to the encoder's input size"
     default_encoder = {"name": "image/timm"}
-    augmentations = ()
 
     def encode_sample(self, record: Any) -> dict[str, Any]:
         """``image.png`` (8-bit grayscale PNG); how it was made goes into ``meta.json`` (``image_meta``)."""
@@ -268,8 +316,8 @@ class ImageSpec(ModalitySpec):
             image = _png_decode(image)
         return {"image": image, "image_meta": meta.get("image_meta", {})}
 
-    def collate(self, records: Sequence[Any], collator: Any) -> tuple[dict[str, Any], torch.Tensor]:
-        """``batch.image`` (B, 1, H, W) uint8, zero-padded to the largest image."""
+    def collate(self, records: Sequence[Any], collator: Any) -> tuple[Any, torch.Tensor]:
+        """(B, 1, H, W) uint8 images, zero-padded to the largest one."""
         import torch
         b = len(records)
         shapes = [r.image.shape for r in records if r.image is not None]
@@ -279,7 +327,26 @@ class ImageSpec(ModalitySpec):
         for i, r in enumerate(records):
             if r.image is not None:
                 image[i, 0, : r.image.shape[0], : r.image.shape[1]] = torch.from_numpy(np.asarray(r.image))
-        return {"image": image}, torch.tensor([r.image is not None for r in records], dtype=torch.bool)
+        return image, torch.tensor([r.image is not None for r in records], dtype=torch.bool)
+
+    def pack_resident(self, records: Sequence[Any], device: Any, **options: Any) -> dict[str, Any]:
+        """(M, 1, H, W) uint8 images zero-padded to the largest, presence (M,)."""
+        import torch
+
+        m = len(records)
+        shapes = [r.image.shape for r in records if r.image is not None]
+        h, w = (max(s[0] for s in shapes), max(s[1] for s in shapes)) if shapes else (1, 1)
+        image = torch.zeros(m, 1, h, w, dtype=torch.uint8)
+        has_image = torch.zeros(m, dtype=torch.bool)
+        for i, r in enumerate(records):
+            if r.image is not None:
+                image[i, 0, : r.image.shape[0], : r.image.shape[1]] = torch.from_numpy(np.array(r.image))
+                has_image[i] = True
+        return {"image": image.to(device), "present": has_image.to(device)}
+
+    def resident_batch(self, packed: dict[str, Any], idx: Any, generator: Any) -> tuple[Any, torch.Tensor]:
+        """The images at ``idx``."""
+        return packed["image"][idx.device], packed["present"][idx.device]
 
     def raw_batch(self, model: Any, chunk: Any) -> Any:
         """(N, H, W) or (N, 1, H, W) uint8 images."""
@@ -290,7 +357,7 @@ class ImageSpec(ModalitySpec):
         if x.ndim != 4:
             raise ValueError(f"image inputs must be (N, H, W) or (N, 1, H, W), got {tuple(x.shape)}")
         b = _dummy_batch(model, len(x))
-        b.image = x.to(torch.uint8)
+        b.inputs[self.name] = x.to(torch.uint8)
         return b
 
     def read_query(self, source: Any, model: Any = None, **options: Any) -> Any:
@@ -318,43 +385,99 @@ class ImageSpec(ModalitySpec):
         record.image, record.image_meta = simulate_zcontrast(record.lattice, record.frac_coords, record.numbers)
 
 
+def _pack_texts(
+    per_record: list[list[str]], tokenizer: Any, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokenise every text once: (T + 1, L) ids and mask, and the (M + 1,) pointer of each record's texts.
+
+    The last row is the empty text, which absent rows get (as the collator gives them).
+    """
+    import torch
+
+    from mmmat.data.batch import _tokenize
+
+    flat = [t for texts in per_record for t in texts] + [""]
+    ptr = torch.zeros(len(per_record) + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(torch.tensor([len(t) for t in per_record], dtype=torch.long), 0)
+    ids, mask = [], []
+    for start in range(0, len(flat), 4096):
+        i, m = _tokenize(tokenizer, flat[start : start + 4096], max_tokens)
+        ids.append(i)
+        mask.append(m)
+    width = max(x.shape[1] for x in ids)
+    ids = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in ids])
+    mask = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in mask])
+    return ids, mask, ptr
+
+
 class _TextSpec(ModalitySpec):
     """A text modality: texts in ``meta.json``, one tokenised text per material in a batch."""
 
     members = (META_KEY,)
     is_text = True
+    present_rows_only = True
     query_units = "a sentence (plain text)"
     default_encoder = {"name": "text/transformer"}
-    #: ``(MaterialRecord list field, batch ids field, batch mask field)``.
-    fields: tuple[str, str, str] = ("", "", "")
+    #: The :class:`~mmmat.data.schema.MaterialRecord` list field of the texts.
+    field: str = ""
 
     def has(self, record: Any) -> bool:
         """Whether ``record`` has a text of this modality."""
-        return bool(getattr(record, self.fields[0]))
+        return bool(getattr(record, self.field))
 
     def encode_sample(self, record: Any) -> dict[str, Any]:
         """The texts as ``meta.json`` entries."""
-        return {"meta": {self.fields[0]: [t.to_dict() for t in getattr(record, self.fields[0])]}}
+        return {"meta": {self.field: [t.to_dict() for t in getattr(record, self.field)]}}
 
     def decode_sample(self, sample: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         """The texts from ``meta.json``."""
         from mmmat.data.schema import TextItem
 
-        return {self.fields[0]: [TextItem.from_dict(t) for t in meta.get(self.fields[0], [])]}
+        return {self.field: [TextItem.from_dict(t) for t in meta.get(self.field, [])]}
 
-    def texts(self, record: Any, collator: Any) -> list[str]:
+    def texts(self, record: Any, include_generated_text: bool = False) -> list[str]:
         """The texts of ``record`` a batch may use."""
-        return [t.text for t in getattr(record, self.fields[0])]
+        return [t.text for t in getattr(record, self.field)]
 
     def collate(self, records: Sequence[Any], collator: Any) -> tuple[dict[str, Any], torch.Tensor]:
-        """One text per material (random in training), tokenised into the ids and mask fields."""
+        """One text per material (random in training), tokenised: ``{"ids": (B, T), "mask": (B, T)}``."""
         import torch
 
         from mmmat.data.batch import _tokenize
 
-        picked = [collator._pick(self.texts(r, collator)) for r in records]
+        keep = getattr(collator, "include_generated_text", False)
+        picked = [collator._pick(self.texts(r, keep)) for r in records]
         ids, mask = _tokenize(collator.tokenizer, [t or "" for t in picked], collator.max_text_tokens)
-        return {self.fields[1]: ids, self.fields[2]: mask}, torch.tensor([t is not None for t in picked])
+        return {"ids": ids, "mask": mask}, torch.tensor([t is not None for t in picked])
+
+    def pack_resident(
+        self, records: Sequence[Any], device: Any, tokenizer: Any = None, max_text_tokens: int = 128,
+        include_generated_text: bool = False, **options: Any,
+    ) -> dict[str, Any]:
+        """Every text tokenised once (``ids``, ``mask``: (T + 1, L), the last row empty), ``ptr`` (M + 1,)."""
+        from mmmat.data.batch import ByteTokenizer
+
+        per_record = [self.texts(r, include_generated_text) for r in records]
+        ids, mask, ptr = _pack_texts(per_record, tokenizer or ByteTokenizer(), max_text_tokens)
+        return {"ids": ids.to(device), "mask": mask.to(device), "ptr": ptr.to(device),
+                "present": (ptr[1:] > ptr[:-1]).to(device)}
+
+    def resident_batch(self, packed: dict[str, Any], idx: Any, generator: Any) -> tuple[Any, torch.Tensor]:
+        """One text per record at ``idx``: a uniform choice drawn from ``generator``, else the first."""
+        import torch
+
+        i = idx.device
+        ptr = packed["ptr"]
+        start, n = ptr[i], ptr[i + 1] - ptr[i]
+        if generator is not None:
+            r = torch.rand(i.shape[0], device=i.device, generator=generator)
+            pick = start + torch.floor(r * n.clamp(min=1)).long()
+        else:
+            pick = start
+        present = n > 0
+        empty = packed["ids"].shape[0] - 1
+        pick = torch.where(present, pick, torch.full_like(pick, empty))
+        return {"ids": packed["ids"][pick], "mask": packed["mask"][pick]}, present
 
     def raw_batch(self, model: Any, chunk: Any) -> Any:
         """A list of non-empty strings, tokenised with the model's tokenizer."""
@@ -365,8 +488,7 @@ class _TextSpec(ModalitySpec):
             raise ValueError("text inputs must be non-empty strings")
         b = _dummy_batch(model, len(texts))
         ids, mask = _tokenize(model._collator().tokenizer, texts, model.config["max_text_tokens"])
-        setattr(b, self.fields[1], ids)
-        setattr(b, self.fields[2], mask)
+        b.inputs[self.name] = {"ids": ids, "mask": mask}
         return b
 
     def read_query(self, source: Any, model: Any = None, **options: Any) -> Any:
@@ -382,7 +504,7 @@ class _TextSpec(ModalitySpec):
 
     def record_input(self, record: Any) -> Any:
         """The first text, or None."""
-        items = getattr(record, self.fields[0])
+        items = getattr(record, self.field)
         return items[0].text if items else None
 
 
@@ -394,7 +516,7 @@ class ProcessingTextSpec(_TextSpec):
     order = 30
     record_fields = ("processing_texts",)
     query_aliases = ("synthesis",)
-    fields = ("processing_texts", "processing_ids", "processing_mask")
+    field = "processing_texts"
 
 
 @register_modality
@@ -405,12 +527,11 @@ class LiteratureTextSpec(_TextSpec):
     order = 40
     record_fields = ("literature_texts",)
     query_aliases = ("literature", "text")
-    fields = ("literature_texts", "literature_ids", "literature_mask")
+    field = "literature_texts"
 
-    def texts(self, record: Any, collator: Any) -> list[str]:
-        """Texts written by people, plus generated ones when ``collator.include_generated_text``."""
-        keep = getattr(collator, "include_generated_text", False)
-        return [t.text for t in record.literature_texts if keep or not t.generated]
+    def texts(self, record: Any, include_generated_text: bool = False) -> list[str]:
+        """Texts written by people, plus generated ones when ``include_generated_text``."""
+        return [t.text for t in record.literature_texts if include_generated_text or not t.generated]
 
 
 def properties_tensor(records: Sequence[Any], names: Sequence[str]) -> torch.Tensor:

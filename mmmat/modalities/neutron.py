@@ -145,7 +145,6 @@ class NeutronSpec(ModalitySpec):
         "counts; wavelength in Å (default 1.54184 Å)"
     )
     default_encoder = {"name": "xrd/cnn", "out_dim": 256}
-    augmentations = ()
 
     def derive(self, batch: Any) -> Tensor:
         """(B, 1701) profiles computed from ``batch.crystal`` on its device (zeros for rows without atoms)."""

@@ -251,8 +251,7 @@ class CrystalGeneration(pl.LightningModule):
             pick = torch.multinomial(torch.where(has[:, None], w, torch.ones_like(w)), 1, generator=generator)
             pick = pick.squeeze(1)
             if self.augment is not None and train and bool(batch.present["xrd"].any()):
-                prof = self.augment(batch)
-                batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
+                self.augment.augment_batch(batch, "xrd")
             latent = torch.zeros(b, self.flow.latent_dim, device=dev)
             for k, m in enumerate(self.condition_modalities):
                 rows = (pick == k) & has

@@ -20,7 +20,7 @@ import torch
 from mmmat.data.batch import MultimodalBatch
 from mmmat.encoders.registry import EncoderConfig, encoder_spec
 from mmmat.latent.losses import MultimodalContrastiveLoss
-from mmmat.latent.model import TEXT_MODALITIES, MultimodalModel
+from mmmat.latent.model import MultimodalModel
 from mmmat.tasks.schedule import adamw_param_groups, start_epoch, warmup_cosine
 
 #: Step optimisations of :class:`ContrastivePretraining` (``engine:`` in the config), each on by default except
@@ -65,11 +65,16 @@ class ContrastivePretraining(pl.LightningModule):
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         lr_scale: Optional learning-rate multiplier per modality (``{"literature_text": 0.1}``): the modality's
             encoder and projection train at ``lr`` times it; the rest at ``lr``.
-        xrd_augment: Keyword arguments of :class:`mmmat.data.augment.XRDAugment`, or None for no augmentation.
+        xrd_augment: Keyword arguments of :class:`mmmat.data.augment.XRDAugment`, or None for no augmentation
+            (the same as ``augment: {xrd: ...}``).
         crystal_augment: Optional training-time perturbation of the crystals: ``{"displacement": σ in Å
-            (Gaussian noise on every atom), "strain": largest |ε| of a random symmetric strain of the cell}``.
+            (Gaussian noise on every atom), "strain": largest |ε| of a random symmetric strain of the cell}``
+            (:class:`mmmat.data.augment.CrystalAugment`; the same as ``augment: {crystal: ...}``).
             Small distortions should not move a crystal in the latent space; they keep the crystal encoder
             from memorising exact coordinates of the training set. None (default) leaves crystals untouched.
+        augment: Training augmentation per modality: ``{modality: keyword arguments of its spec's augmenter}``
+            (:meth:`mmmat.modalities.ModalitySpec.augmenter`), applied in the registry's order to the
+            modalities the model encodes; ``xrd_augment`` and ``crystal_augment`` are entries of it.
         engine: Step optimisations, by name (see :data:`ENGINE_DEFAULTS`): ``{"compile": true}`` turns one on,
             ``{"fused_adamw": false}`` one off; unknown names are an error.
         objectives: Structural self-supervision beside the contrastive loss, by registered name
@@ -105,6 +110,7 @@ class ContrastivePretraining(pl.LightningModule):
         lr_scale: dict[str, float] | None = None,
         xrd_augment: dict[str, Any] | None = None,
         crystal_augment: dict[str, float] | None = None,
+        augment: dict[str, dict[str, Any]] | None = None,
         engine: dict[str, bool] | None = None,
         objectives: dict[str, dict[str, Any]] | None = None,
         save_heads: bool = False,
@@ -134,14 +140,7 @@ class ContrastivePretraining(pl.LightningModule):
         unknown_scale = sorted(set(lr_scale or {}) - set(encoders))
         if unknown_scale:
             raise ValueError(f"lr_scale names modalities without an encoder: {unknown_scale} (have {list(encoders)})")
-        self.augment = None
-        if xrd_augment is not None and "xrd" in self.model.modalities:
-            from mmmat.data.augment import XRDAugment
-
-            self.augment = XRDAugment(**xrd_augment)
-        unknown = sorted(set(crystal_augment or {}) - {"displacement", "strain"})
-        if unknown:
-            raise ValueError(f"crystal_augment: unknown keys {unknown} (displacement, strain)")
+        self.augmenters = self._augmenters(augment, xrd_augment=xrd_augment, crystal_augment=crystal_augment)
         self._val: list[dict[str, Any]] = []
         self._mixture: torch.Tensor | None = None
         self._static: Any = None
@@ -152,6 +151,33 @@ class ContrastivePretraining(pl.LightningModule):
                 raise ValueError("mixture_loss_weight needs xrd_augment with p_mixture > 0 (and an xrd encoder)")
             # scale (log) and bias of the multi-label logits, SigLIP's initial values
             self.mixture_logit = torch.nn.Parameter(torch.tensor([math.log(10.0), -10.0]))
+
+    def _augmenters(self, augment: dict[str, dict[str, Any]] | None, **aliases: Any) -> torch.nn.ModuleDict:
+        """Each configured modality's augmenter, in the registry's order, for the modalities the model encodes."""
+        from mmmat.modalities import get_modality, specs
+
+        config = dict(augment or {})
+        for key, kwargs in aliases.items():  # ``xrd_augment`` is ``augment: {xrd: ...}``
+            name = key.removesuffix("_augment")
+            if kwargs is not None:
+                if name in config:
+                    raise ValueError(f"augment.{name} and {key} both given: keep one")
+                config[name] = kwargs
+        for name in config:
+            get_modality(name)  # an unknown modality is an error that names the known ones
+        out = torch.nn.ModuleDict()
+        for spec in specs():
+            if config.get(spec.name) is None:
+                continue
+            aug = spec.augmenter(**config[spec.name])
+            if aug is not None and spec.name in self.model.modalities:
+                out[spec.name] = aug
+        return out
+
+    @property
+    def augment(self) -> Any:
+        """The XRD augmenter (profiles re-rendered from peaks), or None."""
+        return self.augmenters["xrd"] if "xrd" in self.augmenters else None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -167,8 +193,12 @@ class ContrastivePretraining(pl.LightningModule):
         tok = getattr(dm, "tokenizer", None)
         if tok is not None:
             self.model.tokenizer = tok
-            for m in TEXT_MODALITIES:
-                enc = self.model.encoders[m] if m in self.model.encoders else None
+            from mmmat.modalities import get_modality
+
+            for m in self.model.modalities:
+                if not get_modality(m).is_text:
+                    continue
+                enc = self.model.encoders[m]
                 vocab = getattr(getattr(getattr(enc, "model", None), "config", None), "vocab_size", None)
                 if vocab is not None and len(tok) > vocab:
                     raise ValueError(
@@ -227,7 +257,7 @@ class ContrastivePretraining(pl.LightningModule):
         enc = self.model.encoders["crystal"] if "crystal" in self.model.encoders else None
         if (
             not self.engine["precompute_patterns"]
-            or self.hparams.crystal_augment
+            or "crystal" in self.augmenters
             or not hasattr(enc, "pattern")
             or getattr(getattr(dm, "hparams", None), "mode", None) != "resident"
         ):
@@ -253,36 +283,14 @@ class ContrastivePretraining(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _augmented(self, batch: MultimodalBatch) -> MultimodalBatch:
-        if self.hparams.crystal_augment:
-            self._perturb_crystals(batch)
-        if self.augment is None:
-            return batch
-        if not self.engine["sync_free"] and not bool(batch.present["xrd"].any()):
-            return batch
-        if self.hparams.mixture_loss_weight > 0:
-            prof, params = self.augment(batch, return_params=True)
-            self._mixture = params["mixture"]
-        else:
-            prof = self.augment(batch)
-        batch.xrd = torch.where(batch.present["xrd"][:, None], prof.to(batch.xrd.dtype), batch.xrd)
+        """``batch`` with every configured augmentation applied (in place), in the registry's order."""
+        for name, aug in self.augmenters.items():
+            if not self.engine["sync_free"] and not bool(batch.present[name].any()):
+                continue
+            params = aug.augment_batch(batch, name)
+            if self.hparams.mixture_loss_weight > 0 and "mixture" in params:
+                self._mixture = params["mixture"]
         return batch
-
-    def _perturb_crystals(self, batch: MultimodalBatch) -> None:
-        """Random symmetric cell strain and atomic displacements, in place (the graph's offsets stay valid)."""
-        cfg = self.hparams.crystal_augment
-        c = batch.crystal
-        lat = c.lattice
-        if cfg.get("strain"):
-            e = (torch.rand_like(lat) * 2 - 1) * float(cfg["strain"])
-            e = 0.5 * (e + e.transpose(1, 2))
-            lat = lat @ (torch.eye(3, device=lat.device, dtype=lat.dtype) + e)
-        pos = torch.bmm(c.frac_coords.unsqueeze(1), lat[c.batch]).squeeze(1)
-        if cfg.get("displacement"):
-            pos = pos + torch.randn_like(pos) * float(cfg["displacement"])
-            c.frac_coords = torch.linalg.solve(lat[c.batch].transpose(1, 2), pos.unsqueeze(-1)).squeeze(-1)
-        c.pos, c.lattice = pos, lat
-        if getattr(c, "computed_xrd", None) is not None:
-            del c.computed_xrd  # the geometry changed: the encoder computes the pattern again
 
     def training_step(self, batch: MultimodalBatch, batch_idx: int) -> torch.Tensor:
         """One contrastive step."""

@@ -37,13 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmmat.latent.model import TEXT_MODALITIES
+from mmmat.modalities import get_modality
 
 #: Cell (Å) of the padding crystal and the cell offset of padding edges: 1000 cells = 10⁴ Å away.
 _PAD_CELL = 10.0
 _PAD_OFFSET = 1000
-
-_TEXT_FIELDS = {"processing_text": "processing", "literature_text": "literature"}
 
 
 def _round_up(n: float, unit: int) -> int:
@@ -58,10 +56,20 @@ class _Crystal:
 
 
 class _Batch:
-    """The padded batch as the encoders and the mixture loss see it."""
+    """The padded batch as the encoders and the mixture loss see it.
 
-    def __init__(self, crystal: _Crystal, xrd: Tensor, image: Tensor, present: dict[str, Tensor]):
-        self.crystal, self.xrd, self.image, self.present = crystal, xrd, image, present
+    ``inputs``, ``present`` and each input as an attribute, as a :class:`~mmmat.data.batch.MultimodalBatch`
+    reads.
+    """
+
+    def __init__(self, inputs: dict[str, Any], present: dict[str, Tensor]):
+        self.inputs, self.present = inputs, present
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["inputs"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class StaticStep:
@@ -97,7 +105,7 @@ class StaticStep:
         h = module.hparams
         if len(module.objectives):
             raise ValueError("engine.cuda_graphs does not support objectives yet (their corruption draws per atom)")
-        if h.get("crystal_augment"):
+        if "crystal" in module.augmenters:
             raise ValueError("engine.cuda_graphs does not support crystal_augment yet")
         if "crystal" not in module.model.encoders:
             raise ValueError("engine.cuda_graphs needs a crystal encoder")
@@ -148,9 +156,9 @@ class StaticStep:
         e_counts = getattr(data, "_e_counts_cpu", None)
         if e_counts is not None and getattr(data, "edge_capacity", None) is None:
             self.capacity["edges"] = max(self.capacity["edges"], _round_up(bound(e_counts), 4096))
-        for mod, which in (("processing_text", "p"), ("literature_text", "l")):
-            if mod in self.module.model.encoders:
-                has = (data._n_texts_cpu[which] > 0).double()
+        for mod in self.module.model.modalities:
+            if get_modality(mod).present_rows_only:
+                has = data.present_host[mod].double()
                 key = f"rows/{mod}"
                 self.capacity[key] = max(self.capacity.get(key, 0), min(_round_up(bound(has) + 1, 16), rows_max))
 
@@ -195,22 +203,24 @@ class StaticStep:
                 pattern = enc.pattern(c)
             x["computed_xrd"] = torch.cat([pattern.float(), pattern.new_zeros(1, pattern.shape[1]).float()])
 
-        # modalities beside the crystal
-        x["xrd"] = batch.xrd
-        x["image"] = batch.image
+        # modalities beside the crystal: their inputs as the batch has them (texts and XRD peaks padded below)
         for mod, t in batch.present.items():
             x[f"present/{mod}"] = t
-        p = batch.xrd_peaks.shape[1]
-        p_cap = self._fit("peaks", p, 1, exact_ok=True)
-        x["peaks"] = F.pad(batch.xrd_peaks, (0, 0, 0, p_cap - p))
-        x["peak_mask"] = F.pad(batch.xrd_peak_mask, (0, p_cap - p))
-        texts = [mod for mod in m.model.modalities if mod in TEXT_MODALITIES]
+        for mod in m.model.modalities:
+            if mod != "crystal" and mod in batch.inputs and not get_modality(mod).present_rows_only:
+                x[f"input/{mod}"] = batch.inputs[mod]
+        if "input/xrd" in x:  # the augmentation renders profiles from the peaks
+            xrd = x["input/xrd"]
+            p = xrd["peaks"].shape[1]
+            p_cap = self._fit("peaks", p, 1, exact_ok=True)
+            x["input/xrd"] = {**xrd, "peaks": F.pad(xrd["peaks"], (0, 0, 0, p_cap - p)),
+                              "peak_mask": F.pad(xrd["peak_mask"], (0, p_cap - p))}
+        texts = [mod for mod in m.model.modalities if get_modality(mod).present_rows_only]
         for mod in texts:
-            field = _TEXT_FIELDS[mod]
-            ids, mask = getattr(batch, f"{field}_ids"), getattr(batch, f"{field}_mask")
+            ids, mask = batch.inputs[mod]["ids"], batch.inputs[mod]["mask"]
             t_cap = self._fit(f"tokens/{mod}", ids.shape[1], 1, exact_ok=True)
-            x[f"{field}_ids"] = F.pad(ids, (0, t_cap - ids.shape[1]))
-            x[f"{field}_mask"] = F.pad(mask, (0, t_cap - mask.shape[1]))
+            x[f"ids/{mod}"] = F.pad(ids, (0, t_cap - ids.shape[1]))
+            x[f"mask/{mod}"] = F.pad(mask, (0, t_cap - mask.shape[1]))
             rows = batch.rows.get(mod) if batch.rows else None
             if rows is None:
                 rows = batch.present[mod].nonzero().squeeze(1)
@@ -235,23 +245,20 @@ class StaticStep:
         """Total loss and the detached values to log, from padded tensors (the function that is compiled)."""
         m = self.module
         model = m.model
-        b = x["xrd"].shape[0]
+        b = x["lattice"].shape[0] - 1  # the padding crystal is the last row
         present = {k.split("/", 1)[1]: v for k, v in x.items() if k.startswith("present/")}
-        xrd = x["xrd"]
+        inputs = {k.split("/", 1)[1]: v for k, v in x.items() if k.startswith("input/")}
+        inputs["crystal"] = _Crystal(**{k: x[k] for k in ("z", "pos", "batch", "lattice", "ptr", "edge_index",
+                                                             "cell_offset", "computed_xrd") if k in x})
+        view = _Batch(inputs, present)
         mixture = None
-        if m.augment is not None:
-            if self.mixture_weight > 0:
-                prof, params = m.augment(peaks=x["peaks"], peak_mask=x["peak_mask"], return_params=True)
+        for name, aug in m.augmenters.items():
+            params = aug.augment_batch(view, name)
+            if self.mixture_weight > 0 and "mixture" in params:
                 mixture = params["mixture"]
-            else:
-                prof = m.augment(peaks=x["peaks"], peak_mask=x["peak_mask"])
-            xrd = torch.where(present["xrd"][:, None], prof.to(xrd.dtype), xrd)
-        crystal = _Crystal(**{k: x[k] for k in ("z", "pos", "batch", "lattice", "ptr", "edge_index",
-                                                   "cell_offset", "computed_xrd") if k in x})
-        view = _Batch(crystal, xrd, x["image"], present)
         emb: dict[str, Tensor] = {}
         for mod in model.modalities:
-            if mod in TEXT_MODALITIES:
+            if get_modality(mod).present_rows_only:
                 emb[mod] = self._text(mod, x, b)
             elif mod == "crystal":
                 h = model.encoders[mod](view)[:b]  # the padding crystal's row goes
@@ -273,17 +280,16 @@ class StaticStep:
     def _text(self, mod: str, x: dict[str, Tensor], b: int) -> Tensor:
         """Embeddings (B, d) of one text modality, run on the padded present rows (absent rows are zeros)."""
         model = self.module.model
-        field = _TEXT_FIELDS[mod]
         rows, to = x[f"rows/{mod}"], x[f"rows_to/{mod}"]
-        ids = x[f"{field}_ids"].index_select(0, rows)
-        mask = x[f"{field}_mask"].index_select(0, rows)
+        ids = x[f"ids/{mod}"].index_select(0, rows)
+        mask = x[f"mask/{mod}"].index_select(0, rows)
         h = F.normalize(model.projections[mod](model.encoders[mod].encode(ids, mask)).float(), dim=-1)
         return h.new_zeros(b + 1, h.shape[-1]).index_copy(0, to, h)[:b]
 
     def __call__(self, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Pad ``batch`` and run the step: ``(loss, logs)`` with the logs copied out of any captured memory."""
         x = self.pad(batch)
-        if self.compiled and x["xrd"].is_cuda:
+        if self.compiled and x["lattice"].is_cuda:
             torch.compiler.cudagraph_mark_step_begin()
         loss, logs = self._fn(x)
         if self.compiled and not self._reported:
