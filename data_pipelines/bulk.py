@@ -26,6 +26,7 @@ Splits follow the mp20p hash rule (80/10/10 by material id), or a ``split`` fiel
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import io
 import logging
@@ -116,6 +117,18 @@ def _structure_row(structure: Any, rid: str, props: dict[str, float], source_ids
     return RawRow(rid, structure=structure.as_dict(), properties=props, source_ids=source_ids)
 
 
+def _atoms_row(atoms: Any, where: str, rid: str, get: Any, fields: Mapping[str, str], energy: Any,
+               source_ids: dict[str, str]) -> RawRow:
+    """The row of one ASE ``Atoms`` (its named properties read by ``get``), or a failed row naming ``where``."""
+    from mmmat.io import InputError, structure_from_atoms
+
+    try:
+        structure = structure_from_atoms(atoms, where)
+    except InputError as exc:
+        return RawRow(rid, source_ids=source_ids, error=str(exc))
+    return _structure_row(structure, rid, _properties(get, fields, len(atoms), energy), source_ids)
+
+
 # ====================================================================== extended XYZ
 def _open_text(p: Path) -> io.TextIOBase:
     suffix = p.suffix.lower()
@@ -197,8 +210,6 @@ def load_extxyz(
 
     import ase.io
 
-    from mmmat.io import InputError, structure_from_atoms
-
     p = _need_file(root, "extxyz")
     fields = _parse_fields(properties)
     rows: list[tuple[str, RawRow]] = []
@@ -219,14 +230,10 @@ def load_extxyz(
         info = dict(atoms.info)
         results = dict(atoms.calc.results) if atoms.calc is not None else {}
         merged = {**results, **info}
-        rid = _record_id(lambda f, m=merged: lookup(m, f), id_field, rid)
-        try:
-            structure = structure_from_atoms(atoms, f"{p.name} line {line}")
-        except InputError as exc:
-            rows.append((_split_of(rid, merged.get("split")), RawRow(rid, source_ids=ids, error=str(exc))))
-            continue
-        props = _properties(lambda f, m=merged: lookup(m, f), fields, len(atoms), merged.get("energy"))
-        rows.append((_split_of(rid, merged.get("split")), _structure_row(structure, rid, props, ids)))
+        get = functools.partial(lookup, merged)
+        rid = _record_id(get, id_field, rid)
+        row = _atoms_row(atoms, f"{p.name} line {line}", rid, get, fields, merged.get("energy"), ids)
+        rows.append((_split_of(rid, merged.get("split")), row))
     return _finish("extxyz", rows, fields, limit, {"file": str(p), "properties": fields})
 
 
@@ -245,8 +252,6 @@ def load_asedb(
     the module docstring for properties, failures and splits.
     """
     import ase.db
-
-    from mmmat.io import InputError, structure_from_atoms
 
     p = _need_file(root, "asedb")
     fields = _parse_fields(properties)
@@ -271,16 +276,11 @@ def load_asedb(
             split = _split_of(rid, get("split"))
             try:
                 atoms = row.toatoms()
-                structure = structure_from_atoms(atoms, f"{p.name} row {row.id}")
-            except InputError as exc:
-                rows.append((split, RawRow(rid, source_ids=ids, error=str(exc))))
-                continue
             except Exception as exc:  # noqa: BLE001 - a row ASE cannot rebuild is a failed record
                 error = f"{p.name} row {row.id}: unusable ({type(exc).__name__}: {str(exc)[:160]})"
                 rows.append((split, RawRow(rid, source_ids=ids, error=error)))
                 continue
-            props = _properties(get, fields, len(atoms), get("energy"))
-            rows.append((split, _structure_row(structure, rid, props, ids)))
+            rows.append((split, _atoms_row(atoms, f"{p.name} row {row.id}", rid, get, fields, get("energy"), ids)))
     except Exception as exc:  # noqa: BLE001 - a corrupt database ends the stream; the rows read are kept
         rid = f"after-{len(rows)}-rows"
         rows.append((_split_of(rid, None), RawRow(rid, error=f"{p.name}: the database stops being readable "
