@@ -125,7 +125,7 @@ def iucr_items(data: Path) -> list[tuple[str, object, object]]:
 _STATE: dict = {}
 
 
-def _init(index: str, model: str | None = None) -> None:
+def _init(index: str, model: str | None = None, split: str = "test") -> None:
     import torch
 
     from mmmat.xrd.identify import load_table
@@ -135,7 +135,7 @@ def _init(index: str, model: str | None = None) -> None:
     _STATE["index"] = index
     _STATE["model"] = model
     _STATE["table"] = table
-    _STATE["test"] = np.flatnonzero(np.char.startswith(table.source.astype(str), "mp20:test"))
+    _STATE["test"] = np.flatnonzero(np.char.startswith(table.source.astype(str), f"mp20:{split}"))
     # the same phase indexed twice (mp20p holds some compounds more than once): same formula and space group
     _STATE["key"] = {m: f"{f}|{g}" for m, f, g in zip(table.material_id.tolist(), table.formula.tolist(),
                                                         table.spacegroup.tolist())}
@@ -218,7 +218,7 @@ def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
         # spawned workers: a process forked after the parent ran torch (the embeddings) can hang in its thread pools
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init,
-                                 initargs=(str(args.index), args.model)) as ex:
+                                 initargs=(str(args.index), args.model, args.split)) as ex:
             futures = [ex.submit(synthetic_case, s) for s in seeds]
             for fut in futures:  # in seed order: a time limit keeps the first patterns, not the easiest
                 left = args.max_seconds - (time.perf_counter() - t0) if args.max_seconds else None
@@ -231,7 +231,7 @@ def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
                     print(f"synthetic {len(cases)}/{args.n} in {time.perf_counter() - t0:.0f} s", flush=True)
             ex.shutdown(wait=False, cancel_futures=True)
     else:
-        _init(str(args.index), args.model)
+        _init(str(args.index), args.model, args.split)
         for s in seeds:
             cases.append(synthetic_case(s))
             if len(cases) % 10 == 0:
@@ -423,6 +423,8 @@ def main() -> None:
     ap.add_argument("--index", type=Path, default=ROOT / "runs" / "identify_index")
     ap.add_argument("--n", type=int, default=1000, help="Synthetic patterns.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="test", choices=("test", "val"),
+                    help="mp20p split the synthetic mixtures are drawn from: val to tune settings, test to report.")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=0, help="Stop the synthetic part after this long.")
     ap.add_argument("--parts", default="synthetic,iucr,scans")

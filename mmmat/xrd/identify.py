@@ -190,12 +190,16 @@ def load_table(index: str | Path) -> PhaseTable:
     folder = Path(index)
     if not folder.is_dir():
         raise InputError(f"{folder}: index folder not found")
+    path = folder / "phases.npz"
+    if path.is_file():  # already loaded and unchanged: no read
+        key = (str(folder.resolve()), path.stat().st_mtime)
+        if key in _TABLES:
+            return _TABLES[key]
     table = ensure_table(folder)
-    key = (str(folder.resolve()), (folder / "phases.npz").stat().st_mtime)
-    if key not in _TABLES:
-        _TABLES.clear()
-        _TABLES[key] = table
-    return _TABLES[key]
+    key = (str(folder.resolve()), path.stat().st_mtime)
+    _TABLES.clear()
+    _TABLES[key] = table
+    return table
 
 
 #: Element symbols by atomic number (index 0 unused).
@@ -328,16 +332,15 @@ def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int
         sig = 1.25**level
         reach = int(math.ceil(4 * sig))
         acc = w.copy()
-        for j in range(1, 200):
-            same = row[j:] == row[:-j]
-            gap = col[j:] - col[:-j]
-            near = same & (gap <= 2 * reach)
-            if not near.any():
+        idx = np.arange(w.size)
+        for j in range(1, w.size):  # lines are sorted by (row, bin): a line out of reach at j stays so after j
+            idx = idx[idx + j < w.size]
+            idx = idx[(row[idx + j] == row[idx]) & (col[idx + j] - col[idx] <= 2 * reach)]
+            if not idx.size:
                 break
-            k = np.exp(-(gap[near] ** 2) / (4 * sig * sig))
-            a = np.flatnonzero(near)
-            np.add.at(acc, a, w[a + j] * k)
-            np.add.at(acc, a + j, w[a] * k)
+            k = np.exp(-((col[idx + j] - col[idx]) ** 2) / (4 * sig * sig))
+            acc[idx] += w[idx + j] * k  # idx holds each line once: plain fancy-index addition is exact
+            acc[idx + j] += w[idx] * k
         cache[key] = w * acc
     rkey = ("range", level, lo_bin, hi_bin)
     if rkey not in cache:
@@ -349,13 +352,15 @@ def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int
 
 
 def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarray, wavelength: float,
-           fwhm: float, zero_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+           fwhm: float, zero_shift: float = 0.0, fwhm_at: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Matched-filter score and best lattice scale of each of ``rows`` against ``signal`` (module docstring).
 
     ``signal`` (the background-free scan, or the residual of a fit) is divided by the Lorentz-polarisation
     factor, put on the absolute ln(1/d) grid, and correlated with every crystal's sticks at every lattice
     scale in :data:`SCALE_RANGE`; a crystal's score is the squared non-negative projection over its blurred
     sticks' norm, i.e. the share of the signal's energy it can explain alone at its best scale.
+    ``fwhm_at`` is the 2θ (degrees) where ``fwhm`` was measured (default: the signal's strongest point); giving
+    the same value for every screen of one scan keeps the blur, and the cached norms, the same.
     """
     mat, *_ = _screen_matrix(table)
     nb = mat.shape[1]
@@ -370,8 +375,7 @@ def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarr
     centres = _GRID_LO + SCREEN_STEP * np.arange(lo_bin, hi_bin + 1)
     m = np.interp(centres, lnq, m_data)
     # the peak FWHM in ln q at the strongest peak sets the blur (and the matched filter's self-overlap)
-    i = int(np.argmax(signal))
-    th_i = max(float(th[i]), 1e-3)
+    th_i = max(float(th[int(np.argmax(signal))]) if fwhm_at is None else math.radians(fwhm_at) / 2, 1e-3)
     sigma = max(math.radians(fwhm) / 2 / math.tan(th_i) / SCREEN_STEP / 2.355, 1.0)
     from scipy.ndimage import gaussian_filter1d
 
@@ -713,10 +717,11 @@ def identify(
     if not net.any():
         raise InputError(f"{pattern.source}: no signal above the background")
     fwhm = _fwhm_estimate(tt, net)
+    fwhm_at = float(tt[int(np.argmax(net))])
 
     fitter = _Fitter(tt, y, pattern, fwhm)
     # classical route: one matched-filter pass over the background-free scan
-    scores, scales = screen(table, rows, tt, net, pattern.wavelength, fwhm)
+    scores, scales = screen(table, rows, tt, net, pattern.wavelength, fwhm, fwhm_at=fwhm_at)
     order = np.argsort(-scores, kind="stable")
     candidates = [{"material_id": str(table.material_id[rows[i]]), "formula": str(table.formula[rows[i]]),
                    "classical_score": round(float(scores[i]), 6), "lattice_scale": round(float(scales[i]), 5)}
@@ -752,7 +757,7 @@ def identify(
         else:
             resid = np.clip(fitter.y - fit, 0.0, None)
             sc, sl = screen(table, rows, fitter.tt, resid, pattern.wavelength, fwhm,
-                            fitter.shape["zero_shift"])
+                            fitter.shape["zero_shift"], fwhm_at=fwhm_at)
         pool: dict[int, float] = {}
         for i in np.argsort(-sc, kind="stable"):
             r = int(rows[i])
