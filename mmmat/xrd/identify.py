@@ -75,6 +75,8 @@ MIN_DELTA_BIC = 10.0
 REFINE_STEPS = 3
 #: Half-range of the lattice-scale refinement around the screening value.
 SCALE_REFINE = 0.01
+#: Alternatives kept for each phase found (candidates explaining the same peaks, best first).
+SWAP_ALTERNATIVES = 4
 
 
 @dataclass
@@ -113,15 +115,26 @@ class IdentifyResult:
     contributions: dict[str, np.ndarray]
     candidates: list[dict[str, Any]] = field(default_factory=list)
     runners_up: list[str] = field(default_factory=list)
+    alternatives: dict[str, list[str]] = field(default_factory=dict)
     wavelength: float = 0.0
     source: str = ""
     instrument: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     def ranking(self) -> list[str]:
-        """Material ids: the phases found (in the order added), the runners-up, then the other candidates."""
+        """Material ids: the phases found, then in turn each phase's best alternative and a runner-up, then the rest.
+
+        The phases found come in the order added; after them, round by round, the next alternative of each
+        phase (weakest evidence first: the likeliest to be mistaken) and the next runner-up of the residual;
+        then the other candidates.
+        """
         out = [p.material_id for p in self.phases]
-        for m in [*self.runners_up, *(c["material_id"] for c in self.candidates)]:
+        weakest = [p.material_id for p in sorted(self.phases, key=lambda p: p.score)]
+        merged: list[str] = []
+        for k in range(max([len(self.runners_up), *(len(v) for v in self.alternatives.values())], default=0)):
+            merged += [self.alternatives[m][k] for m in weakest if k < len(self.alternatives.get(m, []))]
+            merged += self.runners_up[k:k + 1]
+        for m in [*merged, *(c["material_id"] for c in self.candidates)]:
             if m not in out:
                 out.append(m)
         return out
@@ -142,6 +155,7 @@ class IdentifyResult:
             "background": self.background.tolist(),
             "contributions": {k: v.tolist() for k, v in self.contributions.items()},
             "candidates": self.candidates,
+            "alternatives": self.alternatives,
         }
 
     def to_frame(self) -> Any:
@@ -257,6 +271,8 @@ def _fwhm_estimate(tt: np.ndarray, net: np.ndarray) -> float:
 SCREEN_STEP = 5e-4
 #: Lines weaker than this fraction of a crystal's strongest (no Lorentz-polarisation) are left out of screening.
 SCREEN_MIN_LINE = 5e-3
+#: Lines weaker than this fraction of a crystal's strongest in the scan are not held to the containment test.
+CONTAIN_MIN_LINE = 0.05
 #: Lattice-scale steps of the screening search, in grid bins.
 SCREEN_SHIFT_BINS = 2
 #: Elements of molecular and gas-phase crystals (solid O2, N2, H3O2, Cl2 ...): a crystal made only of these is
@@ -396,7 +412,58 @@ def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarr
     best = corr[np.arange(rows.size), j]
     energy = float((m * m).sum()) * math.sqrt(2 * math.pi) * sigma / math.sqrt(2) + 1e-30
     score = np.where((best > 0) & (norms > 0), best**2 / np.maximum(norms, 1e-30) / energy, 0.0)
-    return score, np.exp(ks[j] * SCREEN_STEP)
+    contained = _containment(table, rows, full, ks, lo_bin, hi_bin, sigma, float((m * m).sum()))
+    return np.sqrt(score * contained), np.exp(ks[j] * SCREEN_STEP)
+
+
+def _strong_lines(table: PhaseTable, lo_bin: int, hi_bin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                        np.ndarray]:
+    """Strong lines inside lo_bin..hi_bin at every shift: (owner, bin, weight) by owner, and Σ weight² per crystal.
+
+    A line is strong when it reaches :data:`CONTAIN_MIN_LINE` of its crystal's strongest line in the range.
+    """
+    cache = _cache(table)
+    key = ("strong", lo_bin, hi_bin)
+    if key not in cache:
+        for old in [k for k in cache if k[0] == "strong"][:-2]:
+            del cache[old]
+        _, row, col, w = _screen_matrix(table)
+        lo_k = int(math.floor(math.log(SCALE_RANGE[0]) / SCREEN_STEP))
+        hi_k = int(math.ceil(math.log(SCALE_RANGE[1]) / SCREEN_STEP))
+        inside = (col >= lo_bin + hi_k) & (col <= hi_bin + lo_k)
+        r, c, ww = row[inside], col[inside], w[inside]
+        top = np.zeros(len(table))
+        np.maximum.at(top, r, ww)
+        strong = ww >= CONTAIN_MIN_LINE * top[r]
+        cache[key] = (r[strong], c[strong], ww[strong], np.bincount(r, weights=ww * ww, minlength=len(table)))
+    return cache[key]
+
+
+def _containment(table: PhaseTable, rows: np.ndarray, full: np.ndarray, ks: np.ndarray, lo_bin: int, hi_bin: int,
+                 sigma: float, energy: float) -> np.ndarray:
+    """Share of the signal's energy each crystal can explain while staying under the signal (best shift).
+
+    At each lattice-scale shift a crystal's scale is bounded by the smallest ratio of the blurred signal to
+    its stick weight over its strong lines (no predicted strong line may rise above the data), and the
+    energy of its lines at that scale is compared with the signal's: a crystal with many lines matches a
+    mixture's peaks by chance in a matched filter, but not all its strong lines fall under peaks.
+    """
+    r, c, w, e2 = _strong_lines(table, lo_bin, hi_bin)
+    if rows.size < len(table):
+        keep = np.zeros(len(table), dtype=bool)
+        keep[rows] = True
+        sel = keep[r]
+        r, c, w = r[sel], c[sel], w[sel]
+    best = np.zeros(len(table))
+    if r.size:
+        starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+        owners = r[starts]
+        nb = full.size - 1
+        for k in ks:
+            a = np.minimum.reduceat(full[np.clip(c - k, 0, nb)] / w, starts)
+            best[owners] = np.maximum(best[owners], a)
+    # Gaussian lines of the blurred signal's width: Σ_bins (a·w·g)² = a²·w²·sqrt(π)·σ_total
+    return best[rows] ** 2 * e2[rows] * math.sqrt(math.pi) * sigma * math.sqrt(1.5) / (energy + 1e-30)
 
 
 # ====================================================================== learned candidates
@@ -824,6 +891,29 @@ def identify(
     if chosen:
         chosen_scales, _ = fitter.refine([lines(r) for r in chosen], chosen_scales, list(range(len(chosen))),
                                          _ALL_SHAPE, max_nfev=REFINE_STEPS)
+    # swap check: each kept phase against the candidates of the residual without it (those that explain the
+    # same peaks); one that fits better after refinement replaces it, and the others are its alternatives
+    alternatives: dict[int, list[int]] = {}
+    for i in range(len(chosen)):
+        prof = fitter.profiles([lines(r) for r in chosen], chosen_scales)
+        _, rss_all, _ = fitter.solve(prof)
+        _, _, fit_o = fitter.solve(np.delete(prof, i, axis=1))
+        others, o_scales = chosen[:i] + chosen[i + 1:], chosen_scales[:i] + chosen_scales[i + 1:]
+        tried = trials(others, o_scales, search(fit_o, chosen, False))
+        alternatives[chosen[i]] = [r for _, r, _ in tried[:SWAP_ALTERNATIVES]]
+        if not tried or tried[0][0] >= rss_all:
+            continue
+        new_rows = [*chosen[:i], tried[0][1], *chosen[i + 1:]]
+        new_scales = [*chosen_scales[:i], tried[0][2], *chosen_scales[i + 1:]]
+        saved = dict(fitter.shape)
+        new_scales, rss_new = fitter.refine([lines(r) for r in new_rows], new_scales, [i],
+                                            ("zero_shift", "displacement_mm", "W"), max_nfev=REFINE_STEPS)
+        if rss_new < rss_all:
+            old = chosen[i]
+            alternatives[new_rows[i]] = [old] + [r for r in alternatives.pop(old) if r != new_rows[i]]
+            chosen, chosen_scales = new_rows, new_scales
+        else:
+            fitter.shape = saved
     # backward check with the final peak shape: a phase whose removal does not raise the BIC by more than
     # MIN_DELTA_BIC goes; each kept phase's score is the BIC rise its removal would cause
     while chosen:
@@ -867,6 +957,8 @@ def identify(
     return IdentifyResult(
         phases=phases, rwp=rwp, two_theta=tt, measured=y, fitted=fit, residual=y - fit, background=background,
         contributions=contributions, candidates=candidates, runners_up=ranked, wavelength=float(pattern.wavelength),
+        alternatives={str(table.material_id[r]): [str(table.material_id[a]) for a in alternatives.get(r, [])]
+                      for r in chosen},
         source=pattern.source, instrument={k: float(v) for k, v in fitter.shape.items()},
         seconds=time.perf_counter() - t0,
     )
