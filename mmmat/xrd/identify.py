@@ -748,6 +748,23 @@ def identify(
             without peak tables.
 
     """
+    import torch
+
+    # the fit's tensors are small: one thread is fastest, and several threads spin against each other on a
+    # machine busy with other work (one A-Lab scan: 40 s with 2 threads, 5 s with 1, on 2 cores at load 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _identify(pattern, index, elements, max_phases, model, wavelength, learned, two_theta_range,
+                         include_molecular)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequence[str] | None, max_phases: int,
+              model: str | Path | None, wavelength: float | None, learned: bool | None,
+              two_theta_range: tuple[float, float] | None, include_molecular: bool) -> IdentifyResult:
+    """:func:`identify` on the calling thread's settings."""
     t0 = time.perf_counter()
     if not isinstance(pattern, Pattern):
         pattern = read_pattern(pattern, wavelength=wavelength)
