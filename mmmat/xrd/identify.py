@@ -271,8 +271,8 @@ def _fwhm_estimate(tt: np.ndarray, net: np.ndarray) -> float:
 SCREEN_STEP = 5e-4
 #: Lines weaker than this fraction of a crystal's strongest (no Lorentz-polarisation) are left out of screening.
 SCREEN_MIN_LINE = 5e-3
-#: Lines weaker than this fraction of a crystal's strongest in the scan are not held to the containment test.
-CONTAIN_MIN_LINE = 0.05
+#: The screening range's ends are rounded inward to multiples of this many bins.
+SCREEN_RANGE_BINS = 40
 #: Lattice-scale steps of the screening search, in grid bins.
 SCREEN_SHIFT_BINS = 2
 #: Elements of molecular and gas-phase crystals (solid O2, N2, H3O2, Cl2 ...): a crystal made only of these is
@@ -384,8 +384,10 @@ def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarr
     th = np.radians(tt_c) / 2
     lnq = np.log(2 * np.sin(np.clip(th, 1e-4, None)) / wavelength)
     m_data = signal / _lp(np.clip(tt_c, 1e-2, None))
-    lo_bin = int(math.ceil((lnq[0] - _GRID_LO) / SCREEN_STEP)) + 1
-    hi_bin = int(math.floor((lnq[-1] - _GRID_LO) / SCREEN_STEP)) - 1
+    # range ends on multiples of SCREEN_RANGE_BINS (inward): the cached norms and line sets serve every screen
+    # of a scan, whatever the zero shift
+    lo_bin = -(-(int(math.ceil((lnq[0] - _GRID_LO) / SCREEN_STEP)) + 1) // SCREEN_RANGE_BINS) * SCREEN_RANGE_BINS
+    hi_bin = (int(math.floor((lnq[-1] - _GRID_LO) / SCREEN_STEP)) - 1) // SCREEN_RANGE_BINS * SCREEN_RANGE_BINS
     if hi_bin <= lo_bin:
         return np.zeros(rows.size), np.ones(rows.size)
     centres = _GRID_LO + SCREEN_STEP * np.arange(lo_bin, hi_bin + 1)
@@ -412,58 +414,7 @@ def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarr
     best = corr[np.arange(rows.size), j]
     energy = float((m * m).sum()) * math.sqrt(2 * math.pi) * sigma / math.sqrt(2) + 1e-30
     score = np.where((best > 0) & (norms > 0), best**2 / np.maximum(norms, 1e-30) / energy, 0.0)
-    contained = _containment(table, rows, full, ks, lo_bin, hi_bin, sigma, float((m * m).sum()))
-    return np.sqrt(score * contained), np.exp(ks[j] * SCREEN_STEP)
-
-
-def _strong_lines(table: PhaseTable, lo_bin: int, hi_bin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                        np.ndarray]:
-    """Strong lines inside lo_bin..hi_bin at every shift: (owner, bin, weight) by owner, and Σ weight² per crystal.
-
-    A line is strong when it reaches :data:`CONTAIN_MIN_LINE` of its crystal's strongest line in the range.
-    """
-    cache = _cache(table)
-    key = ("strong", lo_bin, hi_bin)
-    if key not in cache:
-        for old in [k for k in cache if k[0] == "strong"][:-2]:
-            del cache[old]
-        _, row, col, w = _screen_matrix(table)
-        lo_k = int(math.floor(math.log(SCALE_RANGE[0]) / SCREEN_STEP))
-        hi_k = int(math.ceil(math.log(SCALE_RANGE[1]) / SCREEN_STEP))
-        inside = (col >= lo_bin + hi_k) & (col <= hi_bin + lo_k)
-        r, c, ww = row[inside], col[inside], w[inside]
-        top = np.zeros(len(table))
-        np.maximum.at(top, r, ww)
-        strong = ww >= CONTAIN_MIN_LINE * top[r]
-        cache[key] = (r[strong], c[strong], ww[strong], np.bincount(r, weights=ww * ww, minlength=len(table)))
-    return cache[key]
-
-
-def _containment(table: PhaseTable, rows: np.ndarray, full: np.ndarray, ks: np.ndarray, lo_bin: int, hi_bin: int,
-                 sigma: float, energy: float) -> np.ndarray:
-    """Share of the signal's energy each crystal can explain while staying under the signal (best shift).
-
-    At each lattice-scale shift a crystal's scale is bounded by the smallest ratio of the blurred signal to
-    its stick weight over its strong lines (no predicted strong line may rise above the data), and the
-    energy of its lines at that scale is compared with the signal's: a crystal with many lines matches a
-    mixture's peaks by chance in a matched filter, but not all its strong lines fall under peaks.
-    """
-    r, c, w, e2 = _strong_lines(table, lo_bin, hi_bin)
-    if rows.size < len(table):
-        keep = np.zeros(len(table), dtype=bool)
-        keep[rows] = True
-        sel = keep[r]
-        r, c, w = r[sel], c[sel], w[sel]
-    best = np.zeros(len(table))
-    if r.size:
-        starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-        owners = r[starts]
-        nb = full.size - 1
-        for k in ks:
-            a = np.minimum.reduceat(full[np.clip(c - k, 0, nb)] / w, starts)
-            best[owners] = np.maximum(best[owners], a)
-    # Gaussian lines of the blurred signal's width: Σ_bins (a·w·g)² = a²·w²·sqrt(π)·σ_total
-    return best[rows] ** 2 * e2[rows] * math.sqrt(math.pi) * sigma * math.sqrt(1.5) / (energy + 1e-30)
+    return score, np.exp(ks[j] * SCREEN_STEP)
 
 
 # ====================================================================== learned candidates
