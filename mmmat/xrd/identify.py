@@ -64,7 +64,7 @@ from mmmat.xrd.phases import D_MIN, PhaseTable, ensure_table
 #: Lattice scales (d multiplied by s) searched for each candidate: computed cells are often 1-3 % too large.
 SCALE_RANGE = (0.96, 1.03)
 #: Classical candidates carried into the fit.
-POOL = 12
+POOL = 20
 #: Learned candidates carried into the fit.
 LEARNED_POOL = 10
 #: Chebyshev background terms minus one.
@@ -75,6 +75,8 @@ MIN_DELTA_BIC = 10.0
 REFINE_STEPS = 3
 #: Half-range of the lattice-scale refinement around the screening value.
 SCALE_REFINE = 0.01
+#: Trial phases refined in turn at each addition step until one passes the criterion.
+REFINED_TRIALS = 2
 #: Alternatives kept for each phase found (candidates explaining the same peaks, best first).
 SWAP_ALTERNATIVES = 4
 
@@ -835,7 +837,7 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
         if len(chosen) >= max_phases or not tried:
             break
         accepted = False
-        for rss_new, row, scale in tried[:2]:  # the best trial, refined; the runner-up if it fails
+        for rss_new, row, scale in tried[:REFINED_TRIALS]:  # the best trial, refined; the next ones if it fails
             new_rows, new_scales = [*chosen, row], [*chosen_scales, scale]
             new_lines = [lines(r) for r in new_rows]
             saved = dict(fitter.shape)
