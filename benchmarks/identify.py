@@ -212,7 +212,7 @@ def synthetic_case(seed: int) -> dict:
 
 def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
     """Part (a)."""
-    seeds = [args.seed * 100_000 + i for i in range(args.n)]
+    seeds = [args.seed * 100_000 + i for i in range(args.first, args.n)]
     cases = []
     t0 = time.perf_counter()
     if args.workers > 1:
@@ -417,6 +417,46 @@ def scans(args: argparse.Namespace) -> tuple[dict, dict]:
     return metrics, {"real_scans": rows, "plots": str(plots)}
 
 
+def merge_pieces(files: list[str], out: str | None) -> None:
+    """Pool the synthetic metrics of pieces of one run (disjoint pattern ranges) into one result.
+
+    Fractions and per-pattern counts are weighted by patterns, the weight-fraction MAE by true phases (from
+    the 2- and 3-phase counts); a median cannot be pooled: each piece's is kept in ``synthetic_pieces``, and the
+    headline ``seconds_per_scan`` is the pattern-weighted mean of the pieces' medians.
+    """
+    import json
+
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    n = np.array([d["metrics"]["synthetic_patterns"] for d in docs], dtype=float)
+    phases = np.array([sum(int(k[0]) * v["patterns"] for k, v in d["synthetic_by_phase_count"].items())
+                       for d in docs], dtype=float)
+    metrics: dict = {}
+    for key in docs[0]["metrics"]:
+        vals = [d["metrics"].get(key) for d in docs]
+        if key == "synthetic_patterns":
+            metrics[key] = int(n.sum())
+        elif any(v is None for v in vals) or not key.startswith(("synthetic", "seconds", "cpu_seconds")):
+            metrics[key] = vals[0] if len(set(map(str, vals))) == 1 else None
+        else:
+            w = phases if "_mae" in key else n
+            metrics[key] = round(float(np.dot(vals, w) / w.sum()), 4)
+    by_k: dict = {}
+    for k in ("2_phases", "3_phases"):
+        parts = [d["synthetic_by_phase_count"].get(k) for d in docs if k in d["synthetic_by_phase_count"]]
+        if parts:
+            m = np.array([p["patterns"] for p in parts], dtype=float)
+            by_k[k] = {"patterns": int(m.sum()), **{f: round(float(np.dot([p[f] for p in parts], m) / m.sum()), 4)
+                                                    for f in parts[0] if f != "patterns"}}
+    extra = {key: docs[0][key] for key in docs[0] if key not in ("card", "date", "command", "metrics")}
+    extra["synthetic_by_phase_count"] = by_k
+    extra["synthetic_pieces"] = [{"command": d["command"], "date": d["date"],
+                                  "patterns": d["metrics"]["synthetic_patterns"],
+                                  "seconds_per_scan_median": d["metrics"]["seconds_per_scan"],
+                                  "load_average_1min_at_end": d["metrics"].get("load_average_1min_at_end")}
+                                 for d in docs]
+    write_result("identify", metrics, extra, out=out)
+
+
 def main() -> None:
     """Run the parts asked for and write results/identify.json."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -424,6 +464,10 @@ def main() -> None:
     ap.add_argument("--index", type=Path, default=ROOT / "runs" / "identify_index")
     ap.add_argument("--n", type=int, default=1000, help="Synthetic patterns.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--first", type=int, default=0,
+                    help="First synthetic pattern (a run in pieces: --first A --n B measures patterns A..B-1).")
+    ap.add_argument("--merge", default=None,
+                    help="Comma-separated result files of synthetic pieces of one run: pool them into --out.")
     ap.add_argument("--split", default="test", choices=("test", "val"),
                     help="mp20p split the synthetic mixtures are drawn from: val to tune settings, test to report.")
     ap.add_argument("--workers", type=int, default=1)
@@ -437,6 +481,9 @@ def main() -> None:
     ap.add_argument("--shards", type=Path, default=None,
                     help="mp20p shards (`mmmat data build`) to embed the index with --model when it has no embeddings.")
     args = ap.parse_args()
+    if args.merge:
+        merge_pieces(args.merge.split(","), args.out)
+        return
     build_index(args.index, args.data)
     if args.model:
         ensure_embeddings(args.index, Path(args.model), args.shards, args.data)
