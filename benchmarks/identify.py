@@ -421,8 +421,8 @@ def merge_pieces(files: list[str], out: str | None) -> None:
     """Pool the synthetic metrics of pieces of one run (disjoint pattern ranges) into one result.
 
     Fractions and per-pattern counts are weighted by patterns, the weight-fraction MAE by true phases (from
-    the 2- and 3-phase counts); a median cannot be pooled: each piece's is kept in ``synthetic_pieces``, and the
-    headline ``seconds_per_scan`` is the pattern-weighted mean of the pieces' medians.
+    the 2- and 3-phase counts); a median or percentile cannot be pooled: those keys hold the pattern-weighted
+    mean of the pieces' values, and each piece's ``seconds_per_scan`` median is kept in ``synthetic_pieces``.
     """
     import json
 
