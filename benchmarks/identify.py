@@ -6,7 +6,8 @@ Index: the 17,259 mp20p crystals (train, val and test of ``../shared/data/mp_20`
 IUCr Rietveld CIFs, as peak tables (``phases.npz``, built once into ``--index`` when missing).  Without a
 ``--model`` the index is structure-only and the learned route is not measured.
 
-(a) Synthetic mixtures of 2 or 3 (even odds) distinct mp20p **test** crystals, weight fractions Dirichlet(1)
+(a) Synthetic mixtures of 2 or 3 (even odds) distinct mp20p **test** crystals (``--split val``: val crystals, the
+    mixtures every identify setting is tuned on), weight fractions Dirichlet(1)
     rescaled so every phase has at least 0.1, each phase's cell scaled isotropically by 1 ± 1 % (uniform),
     rendered by :mod:`mmmat.xrd.instrument` with the settings of :data:`BENCH_RANGES`, every one outside the
     pretraining ranges (:class:`mmmat.xrd.instrument.InstrumentRanges` defaults): Caglioti U 0.01-0.03
@@ -125,7 +126,7 @@ def iucr_items(data: Path) -> list[tuple[str, object, object]]:
 _STATE: dict = {}
 
 
-def _init(index: str, model: str | None = None) -> None:
+def _init(index: str, model: str | None = None, split: str = "test") -> None:
     import torch
 
     from mmmat.xrd.identify import load_table
@@ -135,7 +136,7 @@ def _init(index: str, model: str | None = None) -> None:
     _STATE["index"] = index
     _STATE["model"] = model
     _STATE["table"] = table
-    _STATE["test"] = np.flatnonzero(np.char.startswith(table.source.astype(str), "mp20:test"))
+    _STATE["test"] = np.flatnonzero(np.char.startswith(table.source.astype(str), f"mp20:{split}"))
     # the same phase indexed twice (mp20p holds some compounds more than once): same formula and space group
     _STATE["key"] = {m: f"{f}|{g}" for m, f, g in zip(table.material_id.tolist(), table.formula.tolist(),
                                                         table.spacegroup.tolist())}
@@ -211,14 +212,14 @@ def synthetic_case(seed: int) -> dict:
 
 def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
     """Part (a)."""
-    seeds = [args.seed * 100_000 + i for i in range(args.n)]
+    seeds = [args.seed * 100_000 + i for i in range(args.first, args.n)]
     cases = []
     t0 = time.perf_counter()
     if args.workers > 1:
         # spawned workers: a process forked after the parent ran torch (the embeddings) can hang in its thread pools
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init,
-                                 initargs=(str(args.index), args.model)) as ex:
+                                 initargs=(str(args.index), args.model, args.split)) as ex:
             futures = [ex.submit(synthetic_case, s) for s in seeds]
             for fut in futures:  # in seed order: a time limit keeps the first patterns, not the easiest
                 left = args.max_seconds - (time.perf_counter() - t0) if args.max_seconds else None
@@ -231,7 +232,7 @@ def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
                     print(f"synthetic {len(cases)}/{args.n} in {time.perf_counter() - t0:.0f} s", flush=True)
             ex.shutdown(wait=False, cancel_futures=True)
     else:
-        _init(str(args.index), args.model)
+        _init(str(args.index), args.model, args.split)
         for s in seeds:
             cases.append(synthetic_case(s))
             if len(cases) % 10 == 0:
@@ -416,6 +417,46 @@ def scans(args: argparse.Namespace) -> tuple[dict, dict]:
     return metrics, {"real_scans": rows, "plots": str(plots)}
 
 
+def merge_pieces(files: list[str], out: str | None) -> None:
+    """Pool the synthetic metrics of pieces of one run (disjoint pattern ranges) into one result.
+
+    Fractions and per-pattern counts are weighted by patterns, the weight-fraction MAE by true phases (from
+    the 2- and 3-phase counts); a median or percentile cannot be pooled: those keys hold the pattern-weighted
+    mean of the pieces' values, and each piece's ``seconds_per_scan`` median is kept in ``synthetic_pieces``.
+    """
+    import json
+
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    n = np.array([d["metrics"]["synthetic_patterns"] for d in docs], dtype=float)
+    phases = np.array([sum(int(k[0]) * v["patterns"] for k, v in d["synthetic_by_phase_count"].items())
+                       for d in docs], dtype=float)
+    metrics: dict = {}
+    for key in docs[0]["metrics"]:
+        vals = [d["metrics"].get(key) for d in docs]
+        if key == "synthetic_patterns":
+            metrics[key] = int(n.sum())
+        elif any(v is None for v in vals) or not key.startswith(("synthetic", "seconds", "cpu_seconds")):
+            metrics[key] = vals[0] if len(set(map(str, vals))) == 1 else None
+        else:
+            w = phases if "_mae" in key else n
+            metrics[key] = round(float(np.dot(vals, w) / w.sum()), 4)
+    by_k: dict = {}
+    for k in ("2_phases", "3_phases"):
+        parts = [d["synthetic_by_phase_count"].get(k) for d in docs if k in d["synthetic_by_phase_count"]]
+        if parts:
+            m = np.array([p["patterns"] for p in parts], dtype=float)
+            by_k[k] = {"patterns": int(m.sum()), **{f: round(float(np.dot([p[f] for p in parts], m) / m.sum()), 4)
+                                                    for f in parts[0] if f != "patterns"}}
+    extra = {key: docs[0][key] for key in docs[0] if key not in ("card", "date", "command", "metrics")}
+    extra["synthetic_by_phase_count"] = by_k
+    extra["synthetic_pieces"] = [{"command": d["command"], "date": d["date"],
+                                  "patterns": d["metrics"]["synthetic_patterns"],
+                                  "seconds_per_scan_median": d["metrics"]["seconds_per_scan"],
+                                  "load_average_1min_at_end": d["metrics"].get("load_average_1min_at_end")}
+                                 for d in docs]
+    write_result("identify", metrics, extra, out=out)
+
+
 def main() -> None:
     """Run the parts asked for and write results/identify.json."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -423,6 +464,12 @@ def main() -> None:
     ap.add_argument("--index", type=Path, default=ROOT / "runs" / "identify_index")
     ap.add_argument("--n", type=int, default=1000, help="Synthetic patterns.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--first", type=int, default=0,
+                    help="First synthetic pattern (a run in pieces: --first A --n B measures patterns A..B-1).")
+    ap.add_argument("--merge", default=None,
+                    help="Comma-separated result files of synthetic pieces of one run: pool them into --out.")
+    ap.add_argument("--split", default="test", choices=("test", "val"),
+                    help="mp20p split the synthetic mixtures are drawn from: val to tune settings, test to report.")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=0, help="Stop the synthetic part after this long.")
     ap.add_argument("--parts", default="synthetic,iucr,scans")
@@ -434,6 +481,9 @@ def main() -> None:
     ap.add_argument("--shards", type=Path, default=None,
                     help="mp20p shards (`mmmat data build`) to embed the index with --model when it has no embeddings.")
     args = ap.parse_args()
+    if args.merge:
+        merge_pieces(args.merge.split(","), args.out)
+        return
     build_index(args.index, args.data)
     if args.model:
         ensure_embeddings(args.index, Path(args.model), args.shards, args.data)
@@ -451,6 +501,10 @@ def main() -> None:
     metrics["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     extra["note"] = (f"learned route: model {args.model}" if args.model else
                      "learned route: not measured (no --model given); pass --model and --shards.")
+    extra["synthetic_split"] = args.split
+    if "synthetic" in parts:
+        extra["note"] += (f" Synthetic mixtures drawn from the mp20p {args.split} split; the identify settings were "
+                          "chosen on mixtures of val phases only (--split val), the test mixtures measured once.")
     write_result("identify", metrics, extra, out=args.out)
 
 

@@ -63,9 +63,13 @@ def _scan(table: PhaseTable, names, fractions, scales, seed=0, **inst):
 def test_two_phase_mixture(tiny_index):
     table = load_table(tiny_index)
     pat = _scan(table, ["zno", "rutile"], [0.7, 0.3], [1.004, 0.996])
+    threads = torch.get_num_threads()
     res = identify(pat, tiny_index, elements=["Zn", "Ti", "O", "Mg"])
+    assert torch.get_num_threads() == threads  # the fit's one thread is given back
     found = {p.material_id: p for p in res.phases}
     assert set(found) == {"zno", "rutile"}
+    assert set(res.alternatives) == {"zno", "rutile"}
+    assert not set(found) & {m for alts in res.alternatives.values() for m in alts}
     assert found["zno"].weight_fraction == pytest.approx(0.7, abs=0.05)
     assert found["zno"].lattice_scale == pytest.approx(1.004, abs=0.001)
     assert found["rutile"].lattice_scale == pytest.approx(0.996, abs=0.001)
@@ -177,3 +181,16 @@ def test_molecular_solids_flagged():
     t.elements = np.array(["O", "H O", "Zn O", "N", "C O", "Cl Na", "C", "C Ca O"])
     t.material_id = np.array([f"m{i}" for i in range(8)])
     assert molecular_rows(t).tolist() == [True, True, False, True, True, False, False, False]
+
+
+def test_ranking_interleaves_alternatives_and_runners_up():
+    """Phases first; then, round by round, each phase's next alternative (weakest phase first) and a runner-up."""
+    from mmmat.xrd.identify import IdentifyResult, PhaseHit
+
+    z = np.zeros(3)
+    res = IdentifyResult(
+        phases=[PhaseHit("a", "A", 1, 0.6, 1.0, 50.0), PhaseHit("b", "B", 1, 0.4, 1.0, 12.0)], rwp=10.0,
+        two_theta=z, measured=z, fitted=z, residual=z, background=z, contributions={},
+        candidates=[{"material_id": "c9"}, {"material_id": "a"}], runners_up=["r1", "r2", "b1"],
+        alternatives={"a": ["a1", "a2"], "b": ["b1"]})
+    assert res.ranking() == ["a", "b", "b1", "a1", "r1", "a2", "r2", "c9"]

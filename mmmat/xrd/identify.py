@@ -64,7 +64,7 @@ from mmmat.xrd.phases import D_MIN, PhaseTable, ensure_table
 #: Lattice scales (d multiplied by s) searched for each candidate: computed cells are often 1-3 % too large.
 SCALE_RANGE = (0.96, 1.03)
 #: Classical candidates carried into the fit.
-POOL = 12
+POOL = 20
 #: Learned candidates carried into the fit.
 LEARNED_POOL = 10
 #: Chebyshev background terms minus one.
@@ -75,6 +75,10 @@ MIN_DELTA_BIC = 10.0
 REFINE_STEPS = 3
 #: Half-range of the lattice-scale refinement around the screening value.
 SCALE_REFINE = 0.01
+#: Trial phases refined in turn at each addition step until one passes the criterion.
+REFINED_TRIALS = 2
+#: Alternatives kept for each phase found (candidates explaining the same peaks, best first).
+SWAP_ALTERNATIVES = 4
 
 
 @dataclass
@@ -113,15 +117,26 @@ class IdentifyResult:
     contributions: dict[str, np.ndarray]
     candidates: list[dict[str, Any]] = field(default_factory=list)
     runners_up: list[str] = field(default_factory=list)
+    alternatives: dict[str, list[str]] = field(default_factory=dict)
     wavelength: float = 0.0
     source: str = ""
     instrument: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     def ranking(self) -> list[str]:
-        """Material ids: the phases found (in the order added), the runners-up, then the other candidates."""
+        """Material ids: the phases found, then in turn each phase's best alternative and a runner-up, then the rest.
+
+        The phases found come in the order added; after them, round by round, the next alternative of each
+        phase (weakest evidence first: the likeliest to be mistaken) and the next runner-up of the residual;
+        then the other candidates.
+        """
         out = [p.material_id for p in self.phases]
-        for m in [*self.runners_up, *(c["material_id"] for c in self.candidates)]:
+        weakest = [p.material_id for p in sorted(self.phases, key=lambda p: p.score)]
+        merged: list[str] = []
+        for k in range(max([len(self.runners_up), *(len(v) for v in self.alternatives.values())], default=0)):
+            merged += [self.alternatives[m][k] for m in weakest if k < len(self.alternatives.get(m, []))]
+            merged += self.runners_up[k:k + 1]
+        for m in [*merged, *(c["material_id"] for c in self.candidates)]:
             if m not in out:
                 out.append(m)
         return out
@@ -142,6 +157,7 @@ class IdentifyResult:
             "background": self.background.tolist(),
             "contributions": {k: v.tolist() for k, v in self.contributions.items()},
             "candidates": self.candidates,
+            "alternatives": self.alternatives,
         }
 
     def to_frame(self) -> Any:
@@ -190,12 +206,16 @@ def load_table(index: str | Path) -> PhaseTable:
     folder = Path(index)
     if not folder.is_dir():
         raise InputError(f"{folder}: index folder not found")
+    path = folder / "phases.npz"
+    if path.is_file():  # already loaded and unchanged: no read
+        key = (str(folder.resolve()), path.stat().st_mtime)
+        if key in _TABLES:
+            return _TABLES[key]
     table = ensure_table(folder)
-    key = (str(folder.resolve()), (folder / "phases.npz").stat().st_mtime)
-    if key not in _TABLES:
-        _TABLES.clear()
-        _TABLES[key] = table
-    return _TABLES[key]
+    key = (str(folder.resolve()), path.stat().st_mtime)
+    _TABLES.clear()
+    _TABLES[key] = table
+    return table
 
 
 #: Element symbols by atomic number (index 0 unused).
@@ -253,6 +273,8 @@ def _fwhm_estimate(tt: np.ndarray, net: np.ndarray) -> float:
 SCREEN_STEP = 5e-4
 #: Lines weaker than this fraction of a crystal's strongest (no Lorentz-polarisation) are left out of screening.
 SCREEN_MIN_LINE = 5e-3
+#: The screening range's ends are rounded inward to multiples of this many bins.
+SCREEN_RANGE_BINS = 40
 #: Lattice-scale steps of the screening search, in grid bins.
 SCREEN_SHIFT_BINS = 2
 #: Elements of molecular and gas-phase crystals (solid O2, N2, H3O2, Cl2 ...): a crystal made only of these is
@@ -328,16 +350,15 @@ def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int
         sig = 1.25**level
         reach = int(math.ceil(4 * sig))
         acc = w.copy()
-        for j in range(1, 200):
-            same = row[j:] == row[:-j]
-            gap = col[j:] - col[:-j]
-            near = same & (gap <= 2 * reach)
-            if not near.any():
+        idx = np.arange(w.size)
+        for j in range(1, w.size):  # lines are sorted by (row, bin): a line out of reach at j stays so after j
+            idx = idx[idx + j < w.size]
+            idx = idx[(row[idx + j] == row[idx]) & (col[idx + j] - col[idx] <= 2 * reach)]
+            if not idx.size:
                 break
-            k = np.exp(-(gap[near] ** 2) / (4 * sig * sig))
-            a = np.flatnonzero(near)
-            np.add.at(acc, a, w[a + j] * k)
-            np.add.at(acc, a + j, w[a] * k)
+            k = np.exp(-((col[idx + j] - col[idx]) ** 2) / (4 * sig * sig))
+            acc[idx] += w[idx + j] * k  # idx holds each line once: plain fancy-index addition is exact
+            acc[idx + j] += w[idx] * k
         cache[key] = w * acc
     rkey = ("range", level, lo_bin, hi_bin)
     if rkey not in cache:
@@ -349,13 +370,15 @@ def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int
 
 
 def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarray, wavelength: float,
-           fwhm: float, zero_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+           fwhm: float, zero_shift: float = 0.0, fwhm_at: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Matched-filter score and best lattice scale of each of ``rows`` against ``signal`` (module docstring).
 
     ``signal`` (the background-free scan, or the residual of a fit) is divided by the Lorentz-polarisation
     factor, put on the absolute ln(1/d) grid, and correlated with every crystal's sticks at every lattice
     scale in :data:`SCALE_RANGE`; a crystal's score is the squared non-negative projection over its blurred
     sticks' norm, i.e. the share of the signal's energy it can explain alone at its best scale.
+    ``fwhm_at`` is the 2θ (degrees) where ``fwhm`` was measured (default: the signal's strongest point); giving
+    the same value for every screen of one scan keeps the blur, and the cached norms, the same.
     """
     mat, *_ = _screen_matrix(table)
     nb = mat.shape[1]
@@ -363,15 +386,16 @@ def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarr
     th = np.radians(tt_c) / 2
     lnq = np.log(2 * np.sin(np.clip(th, 1e-4, None)) / wavelength)
     m_data = signal / _lp(np.clip(tt_c, 1e-2, None))
-    lo_bin = int(math.ceil((lnq[0] - _GRID_LO) / SCREEN_STEP)) + 1
-    hi_bin = int(math.floor((lnq[-1] - _GRID_LO) / SCREEN_STEP)) - 1
+    # range ends on multiples of SCREEN_RANGE_BINS (inward): the cached norms and line sets serve every screen
+    # of a scan, whatever the zero shift
+    lo_bin = -(-(int(math.ceil((lnq[0] - _GRID_LO) / SCREEN_STEP)) + 1) // SCREEN_RANGE_BINS) * SCREEN_RANGE_BINS
+    hi_bin = (int(math.floor((lnq[-1] - _GRID_LO) / SCREEN_STEP)) - 1) // SCREEN_RANGE_BINS * SCREEN_RANGE_BINS
     if hi_bin <= lo_bin:
         return np.zeros(rows.size), np.ones(rows.size)
     centres = _GRID_LO + SCREEN_STEP * np.arange(lo_bin, hi_bin + 1)
     m = np.interp(centres, lnq, m_data)
     # the peak FWHM in ln q at the strongest peak sets the blur (and the matched filter's self-overlap)
-    i = int(np.argmax(signal))
-    th_i = max(float(th[i]), 1e-3)
+    th_i = max(float(th[int(np.argmax(signal))]) if fwhm_at is None else math.radians(fwhm_at) / 2, 1e-3)
     sigma = max(math.radians(fwhm) / 2 / math.tan(th_i) / SCREEN_STEP / 2.355, 1.0)
     from scipy.ndimage import gaussian_filter1d
 
@@ -677,6 +701,23 @@ def identify(
             without peak tables.
 
     """
+    import torch
+
+    # the fit's tensors are small: one thread is fastest, and several threads spin against each other on a
+    # machine busy with other work (one A-Lab scan: 40 s with 2 threads, 5 s with 1, on 2 cores at load 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _identify(pattern, index, elements, max_phases, model, wavelength, learned, two_theta_range,
+                         include_molecular)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequence[str] | None, max_phases: int,
+              model: str | Path | None, wavelength: float | None, learned: bool | None,
+              two_theta_range: tuple[float, float] | None, include_molecular: bool) -> IdentifyResult:
+    """:func:`identify` on the calling thread's settings."""
     t0 = time.perf_counter()
     if not isinstance(pattern, Pattern):
         pattern = read_pattern(pattern, wavelength=wavelength)
@@ -713,10 +754,11 @@ def identify(
     if not net.any():
         raise InputError(f"{pattern.source}: no signal above the background")
     fwhm = _fwhm_estimate(tt, net)
+    fwhm_at = float(tt[int(np.argmax(net))])
 
     fitter = _Fitter(tt, y, pattern, fwhm)
     # classical route: one matched-filter pass over the background-free scan
-    scores, scales = screen(table, rows, tt, net, pattern.wavelength, fwhm)
+    scores, scales = screen(table, rows, tt, net, pattern.wavelength, fwhm, fwhm_at=fwhm_at)
     order = np.argsort(-scores, kind="stable")
     candidates = [{"material_id": str(table.material_id[rows[i]]), "formula": str(table.formula[rows[i]]),
                    "classical_score": round(float(scores[i]), 6), "lattice_scale": round(float(scales[i]), 5)}
@@ -752,7 +794,7 @@ def identify(
         else:
             resid = np.clip(fitter.y - fit, 0.0, None)
             sc, sl = screen(table, rows, fitter.tt, resid, pattern.wavelength, fwhm,
-                            fitter.shape["zero_shift"])
+                            fitter.shape["zero_shift"], fwhm_at=fwhm_at)
         pool: dict[int, float] = {}
         for i in np.argsort(-sc, kind="stable"):
             r = int(rows[i])
@@ -795,7 +837,7 @@ def identify(
         if len(chosen) >= max_phases or not tried:
             break
         accepted = False
-        for rss_new, row, scale in tried[:2]:  # the best trial, refined; the runner-up if it fails
+        for rss_new, row, scale in tried[:REFINED_TRIALS]:  # the best trial, refined; the next ones if it fails
             new_rows, new_scales = [*chosen, row], [*chosen_scales, scale]
             new_lines = [lines(r) for r in new_rows]
             saved = dict(fitter.shape)
@@ -819,6 +861,29 @@ def identify(
     if chosen:
         chosen_scales, _ = fitter.refine([lines(r) for r in chosen], chosen_scales, list(range(len(chosen))),
                                          _ALL_SHAPE, max_nfev=REFINE_STEPS)
+    # swap check: each kept phase against the candidates of the residual without it (those that explain the
+    # same peaks); one that fits better after refinement replaces it, and the others are its alternatives
+    alternatives: dict[int, list[int]] = {}
+    for i in range(len(chosen)):
+        prof = fitter.profiles([lines(r) for r in chosen], chosen_scales)
+        _, rss_all, _ = fitter.solve(prof)
+        _, _, fit_o = fitter.solve(np.delete(prof, i, axis=1))
+        others, o_scales = chosen[:i] + chosen[i + 1:], chosen_scales[:i] + chosen_scales[i + 1:]
+        tried = trials(others, o_scales, search(fit_o, chosen, False))
+        alternatives[chosen[i]] = [r for _, r, _ in tried[:SWAP_ALTERNATIVES]]
+        if not tried or tried[0][0] >= rss_all:
+            continue
+        new_rows = [*chosen[:i], tried[0][1], *chosen[i + 1:]]
+        new_scales = [*chosen_scales[:i], tried[0][2], *chosen_scales[i + 1:]]
+        saved = dict(fitter.shape)
+        new_scales, rss_new = fitter.refine([lines(r) for r in new_rows], new_scales, [i],
+                                            ("zero_shift", "displacement_mm", "W"), max_nfev=REFINE_STEPS)
+        if rss_new < rss_all:
+            old = chosen[i]
+            alternatives[new_rows[i]] = [old] + [r for r in alternatives.pop(old) if r != new_rows[i]]
+            chosen, chosen_scales = new_rows, new_scales
+        else:
+            fitter.shape = saved
     # backward check with the final peak shape: a phase whose removal does not raise the BIC by more than
     # MIN_DELTA_BIC goes; each kept phase's score is the BIC rise its removal would cause
     while chosen:
@@ -862,6 +927,8 @@ def identify(
     return IdentifyResult(
         phases=phases, rwp=rwp, two_theta=tt, measured=y, fitted=fit, residual=y - fit, background=background,
         contributions=contributions, candidates=candidates, runners_up=ranked, wavelength=float(pattern.wavelength),
+        alternatives={str(table.material_id[r]): [str(table.material_id[a]) for a in alternatives.get(r, [])]
+                      for r in chosen},
         source=pattern.source, instrument={k: float(v) for k, v in fitter.shape.items()},
         seconds=time.perf_counter() - t0,
     )
