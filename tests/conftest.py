@@ -70,3 +70,26 @@ def web_env(tmp_path_factory):
     from web_fixtures import build_env
 
     return build_env(tmp_path_factory.mktemp("web_env"))
+
+
+def rocksalt_and_wurtzite():
+    """NaCl (rock salt, 4.0 Å) and GaN (wurtzite): two small pymatgen structures for generator tests."""
+    from pymatgen.core import Lattice, Structure
+
+    nacl = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    gan = Structure.from_spacegroup(
+        "P6_3mc", Lattice.hexagonal(3.19, 5.19), ["Ga", "N"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.375]]
+    )
+    return [nacl, gan]
+
+
+def flat_crystal_tensors(structs):
+    """``(lattice (B, 3, 3), frac (N, 3), z (N,), counts (B,), batch (N,))`` of pymatgen structures, as torch."""
+    import torch
+
+    lat = torch.tensor(np.stack([s.lattice.matrix for s in structs]), dtype=torch.float32)
+    frac = torch.tensor(np.concatenate([s.frac_coords for s in structs]), dtype=torch.float32)
+    z = torch.tensor(np.concatenate([s.atomic_numbers for s in structs]))
+    counts = torch.tensor([len(s) for s in structs])
+    batch = torch.repeat_interleave(torch.arange(len(structs)), counts)
+    return lat, frac, z, counts, batch

@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pymatgen.core import Lattice, Structure
+from conftest import flat_crystal_tensors, rocksalt_and_wurtzite
+from pymatgen.core import Lattice
 
 from data_pipelines.base import BuildOptions, get_source
 from data_pipelines.build import build_shards
@@ -84,35 +85,18 @@ def test_denoiser_is_permutation_equivariant_and_translation_invariant():
     assert torch.allclose(net(y, f4, s, t, ts, batch, counts)[1], vf, atol=1e-4)
 
 
-def _crystals():
-    nacl = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    gan = Structure.from_spacegroup(
-        "P6_3mc", Lattice.hexagonal(3.19, 5.19), ["Ga", "N"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.375]]
-    )
-    return [nacl, gan]
-
-
-def _tensors(structs):
-    lat = torch.tensor(np.stack([s.lattice.matrix for s in structs]), dtype=torch.float32)
-    frac = torch.tensor(np.concatenate([s.frac_coords for s in structs]), dtype=torch.float32)
-    z = torch.tensor(np.concatenate([s.atomic_numbers for s in structs]))
-    counts = torch.tensor([len(s) for s in structs])
-    batch = torch.repeat_interleave(torch.arange(len(structs)), counts)
-    return lat, frac, z, counts, batch
-
-
 @pytest.fixture(scope="module")
 def overfit_flow():
     """A small flow trained to memorise two crystals (CSP and de novo rows)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    structs = _crystals()
+    structs = rocksalt_and_wurtzite()
     flow = CrystalFlow(hidden=32, layers=2, fourier=4, max_atoms=8)
-    lat, frac, z, counts, batch = _tensors(structs)
+    lat, frac, z, counts, batch = flat_crystal_tensors(structs)
     flow.fit_statistics(lat, counts, z)
     rep = 16
-    lat_r, frac_r, z_r, counts_r, _ = _tensors(structs * rep)
+    lat_r, frac_r, z_r, counts_r, _ = flat_crystal_tensors(structs * rep)
     batch_r = torch.repeat_interleave(torch.arange(2 * rep), counts_r)
     opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
     losses = []
@@ -280,7 +264,7 @@ def test_generate_cli_with_conditions(tiny_generator, tmp_path):
     from mmmat.data.xrd import TWO_THETA, compute_peaks, render_profile
 
     tmp, _, _ = tiny_generator
-    nacl = _crystals()[0]
+    nacl = rocksalt_and_wurtzite()[0]
     prof = render_profile(compute_peaks(nacl))
     xy = tmp_path / "p.xy"
     np.savetxt(xy, np.stack([TWO_THETA, prof], 1))

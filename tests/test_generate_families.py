@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pymatgen.core import Lattice, Structure
+from conftest import flat_crystal_tensors, rocksalt_and_wurtzite
 
 from mmmat.generative.api import Generator, generate, load_generator, sample_structures
 from mmmat.generative.flow import CrystalDenoiser, CrystalFlow, wrap
@@ -75,33 +75,16 @@ def test_translation_invariance_is_exact_for_the_gnn_and_not_built_into_the_tran
     assert translation_error(_transformer(), y, f, s, t, batch, counts) > 1e-3
 
 
-def _crystals():
-    nacl = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-    gan = Structure.from_spacegroup(
-        "P6_3mc", Lattice.hexagonal(3.19, 5.19), ["Ga", "N"], [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.375]]
-    )
-    return [nacl, gan]
-
-
-def _tensors(structs):
-    lat = torch.tensor(np.stack([s.lattice.matrix for s in structs]), dtype=torch.float32)
-    frac = torch.tensor(np.concatenate([s.frac_coords for s in structs]), dtype=torch.float32)
-    z = torch.tensor(np.concatenate([s.atomic_numbers for s in structs]))
-    counts = torch.tensor([len(s) for s in structs])
-    batch = torch.repeat_interleave(torch.arange(len(structs)), counts)
-    return lat, frac, z, counts, batch
-
-
 def _overfit(translate_augment: bool, steps: int = 250):
     """A small transformer-family flow trained to memorise two crystals; its translation error after training."""
     torch.manual_seed(0)
-    structs = _crystals()
+    structs = rocksalt_and_wurtzite()
     flow = CrystalFlow(hidden=32, layers=2, fourier=4, max_atoms=8, family="transformer", heads=4,
                        translate_augment=translate_augment)
-    lat, frac, z, counts, _ = _tensors(structs)
+    lat, frac, z, counts, _ = flat_crystal_tensors(structs)
     flow.fit_statistics(lat, counts, z)
     rep = 16
-    lat_r, frac_r, z_r, counts_r, batch_r = _tensors(structs * rep)
+    lat_r, frac_r, z_r, counts_r, batch_r = flat_crystal_tensors(structs * rep)
     opt = torch.optim.Adam(flow.parameters(), lr=3e-3)
     losses = []
     for _ in range(steps):
