@@ -84,7 +84,8 @@ def _start(args: argparse.Namespace, config: str, batch: int, tag: str, extra: l
     callbacks = [c for c in (cfg.get("trainer") or {}).get("callbacks") or []
                  if not str(c.get("class_path", "")).endswith((".TimeBudget", ".Throughput"))]
     callbacks.append({"class_path": "mmmat.tasks.callbacks.StepProfiler",
-                      "init_args": {"out_dir": f"{work}/prof", "start": start, "steps": args.steps, "sync_steps": 5}})
+                      "init_args": {"out_dir": f"{work}/prof", "start": start, "steps": args.steps,
+                                   "sync_steps": args.sync_steps}})
     overlay = work / "overlay.yaml"
     overlay.write_text(yaml.safe_dump({"trainer": {
         "max_steps": 100000, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False,
@@ -119,6 +120,8 @@ def _finish(args: argparse.Namespace, tag: str, proc: subprocess.Popen, work: Pa
 
 #: ``engine`` of the cuda_graphs runs: the shipped config's optimisations plus the static, captured step.
 GRAPHS_ENGINE = "precompute_patterns: true, sync_free: true, fused_adamw: true, compile: true, cuda_graphs: true"
+#: the same with the pattern CNN compiled into the graphs too (``--graphs-cnn``)
+GRAPHS_CNN_ENGINE = GRAPHS_ENGINE + ", compile_pattern_cnn: true"
 
 
 def _batches(args: argparse.Namespace, n: int, batch: int, cutoff: float) -> list:
@@ -204,6 +207,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--sync-steps", type=int, default=60,
+                    help="steps under the synchronisation check (long enough to hold an epoch's end)")
     ap.add_argument("--encoder-rounds", type=int, default=5)
     ap.add_argument("--encoder-batch", type=int, default=256)
     ap.add_argument("--plain", action="store_true", help="also the step with every engine optimisation off")
@@ -214,6 +219,8 @@ def main() -> None:
     ap.add_argument("--ddp", action="store_true", help="also the two-GPU DDP step and ddp_speedup")
     ap.add_argument("--cuda-graphs", action="store_true", help="also the step with engine.cuda_graphs on")
     ap.add_argument("--graphs-only", action="store_true", help="only the cuda_graphs runs (part 1 from --merge)")
+    ap.add_argument("--graphs-cnn", action="store_true",
+                    help="also the cuda_graphs step with the pattern CNN compiled (runs b<N>_graphs_cnn)")
     ap.add_argument("--parallel", action="store_true", help="one-GPU runs of one part together, one per GPU")
     ap.add_argument("--extra", action="append", default=[], help="a train.py override for every run (repeat)")
     ap.add_argument("--workdir", default="/tmp/pretrain_speed")
@@ -229,6 +236,8 @@ def main() -> None:
     parts = [] if args.ddp_only or args.graphs_only else [("", [])]
     if args.cuda_graphs and not args.ddp_only:
         parts.append(("_graphs", [f"--model.init_args.engine={{{GRAPHS_ENGINE}}}"]))
+    if args.graphs_cnn and not args.ddp_only:
+        parts.append(("_graphs_cnn", [f"--model.init_args.engine={{{GRAPHS_CNN_ENGINE}}}"]))
     for suffix, extra in parts:
         jobs = [(args.config, b, f"b{b}{suffix}", [*args.extra, *extra]) for b in args.batch_sizes]
         done = step_speeds(args, jobs, soft=bool(suffix))  # a failed cuda_graphs run is recorded, not fatal
@@ -236,11 +245,13 @@ def main() -> None:
             r = runs[f"b{b}{suffix}"] = done[f"b{b}{suffix}"]
             if "failed" in r:
                 continue
-            key = "_cuda_graphs" if suffix else ""
+            key = {"": "", "_graphs": "_cuda_graphs"}.get(suffix, "_cuda_graphs" + suffix.replace("_graphs", ""))
             metrics[f"crystals_per_s_b{b}{key}"] = round(b / r["wall_ms"] * 1e3, 1)
             metrics[f"gpu_busy_share_b{b}{key}"] = round(r["busy_share"], 3)
             metrics[f"host_syncs_per_step_b{b}{key}"] = r.get("syncs_per_step")
+            metrics[f"host_syncs_per_steady_step_b{b}{key}"] = r.get("syncs_per_steady_step")
             metrics[f"peak_memory_gb_b{b}{key}"] = round(r.get("peak_memory_gb", float("nan")), 2)
+            metrics[f"loss_finite_b{b}{key}"] = r.get("loss_finite")
         write_result("pretrain_speed", metrics, {"runs": runs}, out=args.result)
     if f"b{args.batch_sizes[0]}" in runs:
         metrics["host_syncs_per_step"] = runs[f"b{args.batch_sizes[0]}"].get("syncs_per_step")

@@ -294,3 +294,14 @@ def test_shipped_configs_stop_a_run_whose_loss_is_not_finite(tmp_path, tiny_shar
     cli = train.main(_args(tmp_path, tiny_shards, "--config", str(extra), "--trainer.max_epochs=4",
                            "--trainer.limit_val_batches=0"))
     assert cli.trainer.global_step == 3  # stopped after the first epoch (48 materials, batch 16), not 12 steps
+
+
+def test_cuda_graphs_off_cuda_runs_the_plain_step_and_says_why(tmp_path, tiny_shards):
+    """The shipped mp20p engine (cuda_graphs on) on a CPU trainer: the plain step runs, with a warning naming why."""
+    import train
+
+    engine = "--model.init_args.engine={cuda_graphs: true, compile_pattern_cnn: false}"
+    with pytest.warns(UserWarning, match="cuda_graphs: the plain step runs .*CUDA"):
+        cli = train.main(_args(tmp_path, tiny_shards, engine, "--trainer.max_steps=2"))
+    assert cli.model._static is None and cli.trainer.global_step == 2
+    assert torch.isfinite(torch.tensor(float(cli.trainer.callback_metrics["train/loss"])))

@@ -390,3 +390,19 @@ def test_gpu_augment_and_encoder_bf16(batch):
         out = enc(b, profile=prof)
     assert out.shape == (3, 16) and torch.isfinite(out.float()).all()
     out.float().sum().backward()
+
+
+@pytest.mark.parametrize("length", [7, 8, 1024, 1025])
+def test_window_max_is_maxpool(length):
+    """The CNN's stem pooling gives nn.MaxPool1d's output and, without ties, its gradient."""
+    from torch import nn
+
+    from mmmat.encoders.spectrum import WindowMax1d
+
+    x = torch.randn(3, 4, length, generator=torch.Generator().manual_seed(length))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = nn.MaxPool1d(3, stride=2, padding=1)(xa), WindowMax1d(3, stride=2, padding=1)(xb)
+    assert a.shape == b.shape and torch.equal(a, b)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    assert torch.equal(xa.grad, xb.grad)

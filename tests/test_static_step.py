@@ -211,3 +211,25 @@ def test_static_step_compiles_as_one_graph(shards):
     loss, logs = compiled(dm.resident("train").batch(torch.arange(8)))
     loss.backward()
     assert torch.isfinite(loss) and "train/loss" in logs and torch.isfinite(logs["train/loss"])
+
+
+def test_eager_pattern_cnn_breaks_the_graph_and_keeps_the_result(shards):
+    """Pattern CNNs kept out of the compiled graphs: graph breaks, and the same loss and gradients."""
+    from mmmat.tasks.static_step import StaticStep
+
+    dm = _data(shards, precompute_graph=True)
+    plain, static_m = _module(), _module()
+    static_m.load_state_dict(copy.deepcopy(plain.state_dict()))
+    plain._precompute_patterns(dm)
+    with pytest.raises(ValueError, match="fullgraph"):
+        StaticStep(static_m, compile=True, backend="eager", eager_pattern_cnn=True)
+    torch._dynamo.reset()
+    step = StaticStep(static_m, compile=True, mode=None, backend="eager", fullgraph=False, eager_pattern_cnn=True)
+    data = dm.resident("train")
+    idx = torch.tensor([3, 1, 4, 15, 9, 2, 6, 5, 35, 8, 27, 0])
+    x = step.pad(data.batch(idx))
+    explain = torch._dynamo.explain(step.loss)(x)
+    assert explain.graph_break_count >= 2  # the crystal encoder's CNN and the xrd encoder's
+    la, ga = _loss_and_grads(plain, lambda b: plain.training_step(b, 0), data.batch(idx), 0)
+    lb, gb = _loss_and_grads(static_m, lambda b: step(b)[0], data.batch(idx), 0)
+    _same(la, ga, lb, gb)

@@ -144,6 +144,27 @@ def _norm(kind: str, channels: int, groups: int) -> nn.Module:
     raise ValueError(f"norm must be 'group' or 'batch', got {kind!r}")
 
 
+class WindowMax1d(nn.Module):
+    """Max over windows of ``kernel`` points every ``stride`` points, edges padded with -inf (``nn.MaxPool1d``).
+
+    The same forward as ``nn.MaxPool1d(kernel, stride, padding)``, written as pad + unfold + amax. Compiled
+    by inductor under bf16 autocast on CUDA (torch 2.11), the network with ``nn.MaxPool1d`` had non-finite
+    gradients from the first step while its residual stages alone stayed finite
+    (benchmarks/results/pretrain_compile_nan.json). On exactly tied maxima the gradient is shared among the
+    tied points instead of going to the first one.
+    """
+
+    def __init__(self, kernel: int = 3, stride: int = 2, padding: int = 1) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.padding = int(kernel), int(stride), int(padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) → (B, C, ⌊(L + 2·padding − kernel) / stride⌋ + 1)."""
+        if self.padding:
+            x = F.pad(x, (self.padding, self.padding), value=float("-inf"))
+        return x.unfold(-1, self.kernel, self.stride).amax(dim=-1)
+
+
 class ResBlock1d(nn.Module):
     """Pre-activation-free basic residual block: conv-norm-GELU-conv-norm, plus a (strided) shortcut, GELU."""
 
@@ -259,7 +280,7 @@ class XRDCNNEncoder(nn.Module):
             nn.Conv1d(1 + n_pos, widths[0], stem_kernel, stride=2, padding=stem_kernel // 2, bias=False),
             _norm(norm, widths[0], groups),
             nn.GELU(),
-            nn.MaxPool1d(3, stride=2, padding=1),
+            WindowMax1d(3, stride=2, padding=1),
         )
         self.stages = nn.ModuleList()
         self.pos_proj = nn.ModuleList()

@@ -249,7 +249,10 @@ class StepProfiler(pl.Callback):
     (synchronised, without the profiler), the GPU busy share, the operators by CUDA and by CPU time, and the
     synchronising lines per step; and ``<out_dir>/profile_rank<r>.json`` with the numbers: ``wall_ms`` (per step,
     without the profiler), ``device_ms`` (kernel and copy time per step), ``busy_share`` (device time / wall time
-    without the profiler), ``syncs_per_step``, ``peak_memory_gb`` and ``batch_size``.
+    without the profiler), ``syncs_per_step`` (every synchronisation in the window, per step),
+    ``syncs_per_steady_step`` (per step that neither ends an epoch nor follows an epoch's end: epoch-end
+    callbacks read values back) with ``sync_steps_at_epoch_end``, ``peak_memory_gb``, ``batch_size``, and
+    ``last_loss`` / ``loss_finite`` (the loss of the last step, read once after the windows).
 
     Args:
         out_dir: Folder for the reports.
@@ -271,6 +274,7 @@ class StepProfiler(pl.Callback):
         self._warn: Any = None
         self._lines: list[str] = []
         self._numbers: dict[str, float] = {}
+        self._epoch_ended = False
 
     def _phase(self, step: int) -> str:
         a = self.start
@@ -305,6 +309,7 @@ class StepProfiler(pl.Callback):
 
             self._warn = warnings.catch_warnings(record=True)
             self._records = self._warn.__enter__()
+            self._seen, self._epoch_ended, self._per_step = 0, False, []
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
 
@@ -313,6 +318,10 @@ class StepProfiler(pl.Callback):
     ) -> None:
         """Close the window that ends at this step; write the report after the last one."""
         step = trainer.global_step  # already advanced by the optimizer step
+        if self.start <= step:  # the latest loss, read once at the end (whether the measured steps stayed finite)
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor):
+                self._last_loss = loss.detach().float().clone()
         if step == self.start + self.steps and self._prof is not None:
             _sync(pl_module)
             wall = time.perf_counter() - self._t["profiled"]
@@ -321,6 +330,11 @@ class StepProfiler(pl.Callback):
             self._prof = None
             if not self.sync_steps or pl_module.device.type != "cuda":
                 self._finish(trainer)
+        if self._warn is not None:  # synchronisations since the last step's end, and whether an epoch ended
+            n = sum("synchroniz" in str(w.message) for w in self._records)
+            ends_epoch = idx + 1 >= getattr(trainer, "num_training_batches", float("inf"))
+            self._per_step.append((n - self._seen, self._epoch_ended or ends_epoch))
+            self._seen, self._epoch_ended = n, False
         if step == self.start + self.steps + self.sync_steps and self._warn is not None:
             torch.cuda.set_sync_debug_mode(0)
             for w in self._records:
@@ -330,10 +344,17 @@ class StepProfiler(pl.Callback):
             self._warn.__exit__(None, None, None)
             self._warn = None
             self._numbers["syncs_per_step"] = sum(self._syncs.values()) / self.sync_steps
+            steady = [n for n, boundary in self._per_step if not boundary]
+            self._numbers["syncs_per_steady_step"] = sum(steady) / len(steady) if steady else float("nan")
+            self._numbers["sync_steps_at_epoch_end"] = len(self._per_step) - len(steady)
             self._lines.append(f"\nsynchronising calls per step ({self.sync_steps} steps), by source line:")
             for key, n in sorted(self._syncs.items(), key=lambda kv: -kv[1]):
                 self._lines.append(f"{n / self.sync_steps:8.1f}  {key}")
             self._finish(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Mark the step interval that holds an epoch's end (its hooks may read values back)."""
+        self._epoch_ended = True
 
     def _report_profile(self, wall: float) -> None:
         ka = self._prof.key_averages()
@@ -361,6 +382,10 @@ class StepProfiler(pl.Callback):
         ]
 
     def _finish(self, trainer: pl.Trainer) -> None:
+        last = getattr(self, "_last_loss", None)
+        if last is not None:
+            self._numbers["last_loss"] = float(last)
+            self._numbers["loss_finite"] = bool(torch.isfinite(last))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"profile_rank{trainer.global_rank}.txt").write_text("\n".join(self._lines) + "\n")
         (self.out_dir / f"profile_rank{trainer.global_rank}.json").write_text(json.dumps(self._numbers, indent=1))

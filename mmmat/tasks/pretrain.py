@@ -38,6 +38,10 @@ ENGINE_DEFAULTS: dict[str, bool] = {
     # the whole step (augmentation, encoders, losses) on batches padded to fixed capacities, compiled as one
     # graph and replayed as CUDA graphs (mmmat.tasks.static_step); one process only, replaces ``compile``
     "cuda_graphs": False,
+    # also compile the powder-pattern CNN (under ``compile`` or ``cuda_graphs``); off: it runs eager, because
+    # compiled under bf16 autocast it made the loss NaN on an H200 (torch 2.11;
+    # benchmarks/results/pretrain_compile_nan.json)
+    "compile_pattern_cnn": False,
 }
 
 
@@ -217,17 +221,30 @@ class ContrastivePretraining(pl.LightningModule):
             self._compile_encoders()
 
     def _static_step(self) -> None:
-        """Set up the static-shape, captured step (``engine.cuda_graphs``); the plain step under several ranks."""
-        if self.trainer.world_size > 1:
-            import warnings
+        """Set up the static-shape, captured step (``engine.cuda_graphs``).
 
-            warnings.warn("engine.cuda_graphs applies to one process only: the plain step runs under "
-                          f"{self.trainer.world_size} ranks", UserWarning, stacklevel=2)
-            return
+        The plain step runs instead, with a warning that says why, under several ranks, off CUDA, and with
+        settings the static step does not support (structural objectives, crystal augmentation).
+        """
+        import warnings
+
         from mmmat.tasks.static_step import StaticStep
 
-        # a graph break costs speed, not correctness: reported after the first step rather than fatal
-        self._static = StaticStep(self, compile=True, mode="reduce-overhead", fullgraph=False)
+        why = None
+        if self.trainer.world_size > 1:
+            why = f"it applies to one process only, and {self.trainer.world_size} ranks run"
+        elif self.trainer.strategy.root_device.type != "cuda":
+            why = f"CUDA graphs need a CUDA device, and the step runs on {self.trainer.strategy.root_device.type}"
+        else:
+            try:
+                # a graph break costs speed, not correctness: reported after the first step rather than fatal
+                self._static = StaticStep(self, compile=True, mode="reduce-overhead", fullgraph=False,
+                                          eager_pattern_cnn=not self.engine["compile_pattern_cnn"])
+            except ValueError as err:
+                why = str(err)
+        if why is not None:
+            warnings.warn(f"engine.cuda_graphs: the plain step runs ({why})", UserWarning, stacklevel=2)
+            return
         dm = getattr(self.trainer, "datamodule", None)
         hp = getattr(dm, "hparams", None)
         if getattr(hp, "mode", None) == "resident":  # capacities from the split's sizes: no re-compilation
@@ -236,17 +253,20 @@ class ContrastivePretraining(pl.LightningModule):
     def _compile_encoders(self) -> None:
         """``torch.compile`` the tensor-level part of every encoder: its network, not the input handling.
 
-        The powder-pattern CNN (:class:`~mmmat.encoders.spectrum.XRDCNNEncoder`) stays eager: compiled under
-        bf16 autocast its output made the loss NaN from the first logged step on an H200 (torch 2.11), while
-        the compiled crystal, image and text encoders each stayed finite, and so did everything compiled in
-        fp32 (benchmarks/results/pretrain_nan_scan.json, ``compile_one_encoder``).
+        The powder-pattern CNN (:class:`~mmmat.encoders.spectrum.XRDCNNEncoder`) stays eager unless
+        ``engine.compile_pattern_cnn``: compiled under bf16 autocast its output made the loss NaN from the first
+        logged step on an H200 (torch 2.11), while the compiled crystal, image and text encoders each stayed
+        finite, and so did everything compiled in fp32 (benchmarks/results/pretrain_compile_nan.json).
         """
         from mmmat.encoders.crystal import CrystalEncoder
         from mmmat.encoders.image import TimmImageEncoder
+        from mmmat.encoders.spectrum import XRDCNNEncoder
         from mmmat.encoders.text import TextEncoder
 
         parts = {CrystalEncoder: ("message_passing", True), TimmImageEncoder: ("encode", False),
                  TextEncoder: ("encode", True)}
+        if self.engine["compile_pattern_cnn"]:
+            parts[XRDCNNEncoder] = ("embed_profile", False)
         for module in self.model.encoders.modules():
             for cls, (name, dynamic) in parts.items():
                 if isinstance(module, cls):

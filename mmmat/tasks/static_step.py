@@ -52,7 +52,8 @@ class _Crystal:
     """The padded crystal graph as plain tensors (what the crystal encoders read)."""
 
     def __init__(self, **tensors: Tensor):
-        self.__dict__.update(tensors)
+        for name, value in tensors.items():  # one by one: dynamo traces setattr, not __dict__.update
+            setattr(self, name, value)
 
 
 class _Batch:
@@ -85,6 +86,9 @@ class StaticStep:
             number of graph breaks after the first step.
         headroom: Factor a capacity is set to above an overflowing batch's size (1.25 above the first batch's
             where :meth:`plan` set none).
+        eager_pattern_cnn: Run every powder-pattern CNN (:class:`~mmmat.encoders.spectrum.XRDCNNEncoder`)
+            outside the compiled graphs (needs ``fullgraph=False``): the step is then several graphs with the
+            CNN launched eagerly between them.
 
     Attributes:
         capacity: ``atoms``, ``edges``, ``peaks``, ``tokens/<text modality>`` and ``rows/<text modality>`` of
@@ -101,6 +105,7 @@ class StaticStep:
         backend: str = "inductor",
         headroom: float = 1.1,
         fullgraph: bool = True,
+        eager_pattern_cnn: bool = False,
     ):
         h = module.hparams
         if len(module.objectives):
@@ -115,6 +120,14 @@ class StaticStep:
         self.capacity: dict[str, int] = {"atoms": 0, "edges": 0, "peaks": 0}
         self.grown = 0
         self.compiled = bool(compile)
+        if compile and eager_pattern_cnn:
+            if fullgraph:
+                raise ValueError("eager_pattern_cnn needs fullgraph=False (the CNN is a graph break)")
+            from mmmat.encoders.spectrum import XRDCNNEncoder
+
+            for enc in module.model.encoders.modules():
+                if isinstance(enc, XRDCNNEncoder):
+                    enc.embed_profile = torch.compiler.disable(enc.embed_profile, recursive=True)
         self._fn = self.loss
         if compile:
             self._fn = torch.compile(self.loss, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=False)
