@@ -245,7 +245,7 @@ def main() -> None:
             r = runs[f"b{b}{suffix}"] = done[f"b{b}{suffix}"]
             if "failed" in r:
                 continue
-            key = {"": "", "_graphs": "_cuda_graphs"}.get(suffix, "_cuda_graphs" + suffix.replace("_graphs", ""))
+            key = suffix.replace("_graphs", "_cuda_graphs", 1)  # "", "_cuda_graphs", "_cuda_graphs_cnn"
             metrics[f"crystals_per_s_b{b}{key}"] = round(b / r["wall_ms"] * 1e3, 1)
             metrics[f"gpu_busy_share_b{b}{key}"] = round(r["busy_share"], 3)
             metrics[f"host_syncs_per_step_b{b}{key}"] = r.get("syncs_per_step")

@@ -149,8 +149,8 @@ class WindowMax1d(nn.Module):
 
     The same forward as ``nn.MaxPool1d(kernel, stride, padding)``, written as pad + unfold + amax. Compiled
     by inductor under bf16 autocast on CUDA (torch 2.11), the network with ``nn.MaxPool1d`` had non-finite
-    gradients from the first step while its residual stages alone stayed finite
-    (benchmarks/results/pretrain_compile_nan.json). On exactly tied maxima the gradient is shared among the
+    gradients from the first step, and with this module it stayed finite
+    (benchmarks/results/pretrain_cnn_nan_probe.json). On exactly tied maxima the gradient is shared among the
     tied points instead of going to the first one.
     """
 

@@ -318,10 +318,10 @@ class StepProfiler(pl.Callback):
     ) -> None:
         """Close the window that ends at this step; write the report after the last one."""
         step = trainer.global_step  # already advanced by the optimizer step
-        if self.start <= step:  # the latest loss, read once at the end (whether the measured steps stayed finite)
+        if self.start <= step:  # the latest loss, read in _finish at this same step's end (no copy per step)
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             if isinstance(loss, torch.Tensor):
-                self._last_loss = loss.detach().float().clone()
+                self._last_loss = loss.detach()
         if step == self.start + self.steps and self._prof is not None:
             _sync(pl_module)
             wall = time.perf_counter() - self._t["profiled"]
@@ -384,7 +384,7 @@ class StepProfiler(pl.Callback):
     def _finish(self, trainer: pl.Trainer) -> None:
         last = getattr(self, "_last_loss", None)
         if last is not None:
-            self._numbers["last_loss"] = float(last)
+            self._numbers["last_loss"] = float(last.float())
             self._numbers["loss_finite"] = bool(torch.isfinite(last))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"profile_rank{trainer.global_rank}.txt").write_text("\n".join(self._lines) + "\n")

@@ -39,8 +39,8 @@ ENGINE_DEFAULTS: dict[str, bool] = {
     # graph and replayed as CUDA graphs (mmmat.tasks.static_step); one process only, replaces ``compile``
     "cuda_graphs": False,
     # also compile the powder-pattern CNN (under ``compile`` or ``cuda_graphs``); off: it runs eager, because
-    # compiled under bf16 autocast it made the loss NaN on an H200 (torch 2.11;
-    # benchmarks/results/pretrain_compile_nan.json)
+    # compiled inside the captured step under bf16 autocast its loss went NaN on an H200 (torch 2.11;
+    # benchmarks/results/pretrain_cnn_nan_probe.json)
     "compile_pattern_cnn": False,
 }
 
