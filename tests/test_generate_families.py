@@ -250,6 +250,36 @@ def test_families_are_evaluated_the_same_way(family_runs, tiny_shards):
         doc["metrics"][f]["csp_match_rate"] for f in ("flow_gnn", "transformer"))
 
 
+def test_families_evaluated_apart_are_joined_with_each_part_kept(family_runs, tiny_shards):
+    from generate_families import main
+
+    tmp, _ = family_runs
+    parts = []
+    for family in ("flow_gnn", "transformer"):  # one family per process, as on one GPU each
+        parts.append(tmp / "parts" / f"{family}.json")
+        main(["eval", "--workdir", str(tmp / "a"), "--shards", str(tiny_shards), "--families", family, "--n", "4",
+              "--n-csp", "2", "--steps", "2", "--stages", "validity", "--workers", "1", "--result", str(parts[-1])])
+    res = tmp / "joined" / "generate_families.json"
+    main(["join", *map(str, parts), "--result", str(res), "--merge"])
+    doc = json.loads(res.read_text())
+    single = [json.loads(p.read_text()) for p in parts]
+    assert doc["metrics"]["flow_gnn"] == single[0]["metrics"]["flow_gnn"]
+    assert doc["metrics"]["transformer"] == single[1]["metrics"]["transformer"]
+    assert [p["families"] for p in doc["parts"]] == [["flow_gnn"], ["transformer"]]
+    assert doc["card"] == single[0]["card"] and doc["parts"][1]["command"] == single[1]["command"]
+    best = doc["metrics"]["best_family_by_csp_match_rate"]
+    gen = json.loads((tmp / "joined" / "generate.json").read_text())["metrics"]
+    assert gen["csp_match_rate_generator"] == doc["metrics"][best]["csp_match_rate"]
+    assert gen["csp_match_rate_generator_family"] == best
+    (tmp / "joined" / "generate.json").write_text(json.dumps({"metrics": {"csp_flow_match_rate": 1.5}}))
+    main(["join", *map(str, parts), "--result", str(res), "--merge"])  # a better generate.py generator stays
+    gen = json.loads((tmp / "joined" / "generate.json").read_text())["metrics"]
+    assert gen["csp_match_rate_generator"] == 1.5 and gen["csp_match_rate_generator_family"].endswith("rate)")
+    assert gen[f"csp_match_rate_generator_{best}"] == doc["metrics"][best]["csp_match_rate"]
+    with pytest.raises(SystemExit, match="no family figures"):
+        main(["join", str(tmp / "joined" / "generate.json"), "--result", str(tmp / "bad.json")])
+
+
 def test_time_budget_carries_its_clock_and_schedule_across_sittings():
     from types import SimpleNamespace
 
