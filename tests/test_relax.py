@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("pymatgen")
 
@@ -49,6 +50,35 @@ def test_batched_relax_equals_one_by_one(name):
         assert np.abs(a.lattice.matrix - b.lattice.matrix).max() < POS_TOL
         assert np.abs(a.cart_coords - b.cart_coords).max() < POS_TOL
         assert not np.allclose(b.cart_coords, s.cart_coords)  # it moved
+
+
+def test_sevennet_device_built_batch_equals_per_structure_ase_graphs():
+    pytest.importorskip("sevenn")
+    from mmmat.evaluation.relax import SevenNetBatch
+
+    ss = _structures()
+    skew = ss[0].copy()
+    skew.lattice = skew.lattice.__class__.from_parameters(4.1, 4.6, 9.0, 70, 80, 110)  # a thin triclinic cell
+    ss.append(skew)
+    dev_pot, ase_pot = SevenNetBatch("cpu"), SevenNetBatch("cpu", device_graphs=False)
+    assert dev_pot.device_graphs and not ase_pot.device_graphs
+    from torch_geometric.loader.dataloader import Collater
+
+    dev_batch = dev_pot._device_batch(ss)
+    ase_batch = Collater([], follow_batch=None, exclude_keys=None)([ase_pot._graph(s) for s in ss])
+    for k in ("x", "atomic_numbers", "num_atoms", "batch", "ptr"):
+        assert torch.equal(dev_batch[k], ase_batch[k]), k
+    assert dev_batch.edge_index.shape == ase_batch.edge_index.shape  # the same edges, in another order
+
+    def edges(b):
+        key = [(int(i), int(j), *np.round(v, 4)) for (i, j), v in zip(b.edge_index.T.tolist(), b.edge_vec.numpy())]
+        return sorted(key)
+
+    assert edges(dev_batch) == edges(ase_batch)
+    a, b = dev_pot.compute(ss), ase_pot.compute(ss)
+    for (ea, fa, sa), (eb, fb, sb), s in zip(a, b, ss):
+        assert abs(ea - eb) / len(s) < 1e-5  # eV/atom: float32 sums in another edge order
+        assert np.abs(fa - fb).max() < 1e-4 and np.abs(sa - sb).max() < 1e-6
 
 
 def test_batched_relax_follows_ase_fire_unitcellfilter():

@@ -144,7 +144,8 @@ class MLIPMethod(EnergyMethod):
         """
         from mmmat.evaluation.relax import batched_relax, load_potential
 
-        res = batched_relax(load_potential(self.name, self.device), structures, steps=steps, fmax=fmax)
+        res = batched_relax(load_potential(self.name, self.device), structures, steps=steps, fmax=fmax,
+                            task=self.name)
         return res.energy_per_atom, res.structures
 
 

@@ -515,7 +515,10 @@ def _mlip_stability(structures, known, mlips, relax, steps, fmax, device, thread
             meth = spec if isinstance(spec, EnergyMethod) else MLIPMethod(spec, device)
             m = meth.name
             note(f"stability: {len(structures)} {m} relaxations of at most {steps} FIRE steps, batched")
+            t_relax = time.perf_counter()
             e, f = meth.relax(structures, steps, fmax) if relax else (meth.single_points(structures), structures)
+            note(f"stability: {m} {'relaxations' if relax else 'single points'} took "
+                 f"{time.perf_counter() - t_relax:.1f} s")
             if k == 0:
                 finals = f
             tr = time.perf_counter()
@@ -760,6 +763,7 @@ def evaluate_generated(
             "metrics": metrics,
         }
         report_stages.append(rec)
+        note(f"{stage}: {len(idx)} in, {n_out} left, {wall:.1f} s")
         flat.update(metrics)
         flat[f"{stage}_wall_s"] = wall
     survivors = np.flatnonzero(alive)
