@@ -62,10 +62,7 @@ def test_sevennet_device_built_batch_equals_per_structure_ase_graphs():
     ss.append(skew)
     dev_pot, ase_pot = SevenNetBatch("cpu"), SevenNetBatch("cpu", device_graphs=False)
     assert dev_pot.device_graphs and not ase_pot.device_graphs
-    from torch_geometric.loader.dataloader import Collater
-
-    dev_batch = dev_pot._device_batch(ss)
-    ase_batch = Collater([], follow_batch=None, exclude_keys=None)([ase_pot._graph(s) for s in ss])
+    dev_batch, ase_batch = dev_pot._device_batch(ss), ase_pot._ase_batch(ss)
     for k in ("x", "atomic_numbers", "num_atoms", "batch", "ptr"):
         assert torch.equal(dev_batch[k], ase_batch[k]), k
     assert dev_batch.edge_index.shape == ase_batch.edge_index.shape  # the same edges, in another order

@@ -182,13 +182,11 @@ class SevenNetBatch(BatchedPotential):
     def compute(self, structures: Sequence[Any]) -> list[tuple[float, np.ndarray, np.ndarray]]:
         """One forward pass over the collated graphs of all structures."""
         import sevenn._keys as key
-        from torch_geometric.loader.dataloader import Collater
 
         if self.device_graphs:
             batch = self._device_batch(list(structures))
         else:
-            graphs = _map(self._graph, list(structures), self.graph_threads)
-            batch = Collater([], follow_batch=None, exclude_keys=None)(graphs).to(self.device)
+            batch = self._ase_batch(list(structures)).to(self.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = self.model(batch)
@@ -204,6 +202,12 @@ class SevenNetBatch(BatchedPotential):
             start += n
         return res
 
+    def _ase_batch(self, structures: list) -> Any:
+        """The collated batch of ``structures`` (on the CPU) from one :meth:`_graph` per structure."""
+        from torch_geometric.loader.dataloader import Collater
+
+        graphs = _map(self._graph, structures, self.graph_threads)
+        return Collater([], follow_batch=None, exclude_keys=None)(graphs)
 
     def _device_batch(self, structures: list) -> Any:
         """The collated batch of ``structures`` with every edge within the cutoff found on the device at once.
