@@ -50,3 +50,26 @@ def test_phases_print_their_commands(tmp_path):
                            capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert r.returncode == 0, r.stderr
         assert expect in r.stdout
+
+
+def test_finetune_runs_one_file_per_run_skipping_finished_ones(tmp_path):
+    import argparse
+
+    from pretrain_ablation import finetune_runs, run_file, summarise
+
+    fe = "formation_energy_per_atom"
+    args = argparse.Namespace(finetune_variants=["scratch", "denoise"], seeds=[0, 1, 2], targets=[fe],
+                              labels=["1000", "all"], probe=True, workdir=str(tmp_path))
+    runs = finetune_runs(args)
+    # scratch: 3 x 1k + all; denoise: 3 x 1k + all + frozen probe
+    assert len(runs) == 9
+    assert ("denoise", 0, fe, "frozen", "all") in runs and ("denoise", 1, fe, "frozen", "all") not in runs
+    assert not any(r[0] == "scratch" and r[3] != "scratch" for r in runs)
+    for name, seed, mae_ in (("scratch", 1, 0.2), ("denoise", 1, 0.1)):
+        f = run_file(tmp_path, name, seed, fe, "scratch" if name == "scratch" else "finetuned", "1000")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        setting = "scratch" if name == "scratch" else "finetuned"
+        f.write_text(json.dumps({"metrics": {fe: {setting: {"1000": {"test_mae": mae_}}}}}))
+    assert len(finetune_runs(args)) == 7
+    metrics, _ = summarise(tmp_path, ["denoise"], [0, 1, 2])
+    assert metrics["pretrain_gain_1k"] == pytest.approx(0.5) and metrics["pretrain_gain_1k_std"] is None
