@@ -192,10 +192,18 @@ def summarise(workdir: Path, variants: list[str], seeds: list[int]) -> tuple[dic
                 "gain_1k_std": statistics.stdev(gains) if len(gains) > 1 else None,
                 "seeds": sorted(ft_1k),
             }
+            first = run_file(workdir, name, seeds[0], target, "finetuned", "1000")
+            if first.exists():
+                d[target]["finetune_command"] = json.loads(first.read_text()).get("command")
             p = workdir / name / "pretrain.json"
             if p.exists() and target == TARGETS[0]:
                 m = json.loads(p.read_text())["metrics"]
-                d["retrieval"] = {k: v for k, v in m.items() if "R@" in k or "median_rank" in k or "queries" in k}
+                d["retrieval"] = {k: v for k, v in m.items() if "R@" in k or "median_rank" in k or "queries" in k
+                                  or "top10" in k}
+                pre = json.loads(p.read_text())
+                d["pretraining"] = {"card": pre.get("card"), "command": pre.get("train_command", pre.get("command")),
+                                    **{k: m.get(k) for k in ("train_wall_seconds", "steps", "samples_seen",
+                                                             "crystals_per_s")}}
     fe = "formation_energy_per_atom"
     scored = [n for n in variants if details.get(n, {}).get(fe, {}).get("gain_1k_mean") is not None]
     metrics: dict = {}
@@ -245,6 +253,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="runs/pretrain_ablation")
     ap.add_argument("--result", default=None)
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--setup", default=None, help="summary: how the runs were placed on the hardware (recorded)")
     args = ap.parse_args()
     if args.phase == "pretrain":
         pretrain(args)
@@ -254,6 +263,7 @@ def main() -> None:
         metrics, details = summarise(Path(args.workdir), args.variants, args.seeds)
         write_result("pretrain_ablation", metrics,
                      {"variants": details, "seconds_per_pretraining": args.seconds, "seeds": args.seeds,
+                      "setup": args.setup,
                       "units": {"formation_energy_per_atom": "eV/atom", "band_gap": "eV"}}, out=args.result)
 
 
