@@ -129,8 +129,11 @@ def relaxers(args) -> None:
 
 def _graph_cost(device_pot, ase_pot, ss, repeats: int = 20) -> dict:
     """Milliseconds per structure to build SevenNet's batch: on the device at once, or per structure with ASE."""
+    from mmmat.evaluation.relax import _tensors
+
     out = {}
-    for key, build in (("device_batch", lambda: device_pot._device_batch(ss)),
+    tensors = _tensors(ss, device_pot.device)
+    for key, build in (("device_batch", lambda: device_pot._device_batch(*tensors)),
                        ("ase_graphs", lambda: ase_pot._ase_batch(ss))):
         build()
         t0 = time.perf_counter()

@@ -64,6 +64,18 @@ def csv_rows(structures: dict, props: dict | None = None) -> str:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: small tensors gain nothing from threads, and on a busy machine two
+    threads contending for cores make them many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def web_env(tmp_path_factory):
     """Builtin shards, a tiny model, its index, a generator and a design run, built once per session."""

@@ -12,6 +12,8 @@ from mmmat.data.schema import MaterialRecord
 from mmmat.encoders import create_encoder, list_encoders
 from mmmat.encoders.crystal import CrystalEncoder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOL = 1e-6  # float64 model on float32 collated geometry; observed errors are about 1e-8
 
 
@@ -42,15 +44,6 @@ def record(lattice, frac, numbers, mid: str = "x") -> MaterialRecord:
 
 def rec_of(s: Structure, mid: str = "x") -> MaterialRecord:
     return MaterialRecord.from_structure(s, mid)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from threads, and one thread keeps timings steady on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 pytest.importorskip("pymatgen")
 
 
@@ -54,7 +56,7 @@ def test_batched_relax_equals_one_by_one(name):
 
 def test_sevennet_device_built_batch_equals_per_structure_ase_graphs():
     pytest.importorskip("sevenn")
-    from mmmat.evaluation.relax import SevenNetBatch
+    from mmmat.evaluation.relax import SevenNetBatch, _tensors
 
     ss = _structures()
     skew = ss[0].copy()
@@ -62,7 +64,7 @@ def test_sevennet_device_built_batch_equals_per_structure_ase_graphs():
     ss.append(skew)
     dev_pot, ase_pot = SevenNetBatch("cpu"), SevenNetBatch("cpu", device_graphs=False)
     assert dev_pot.device_graphs and not ase_pot.device_graphs
-    dev_batch, ase_batch = dev_pot._device_batch(ss), ase_pot._ase_batch(ss)
+    dev_batch, ase_batch = dev_pot._device_batch(*_tensors(ss, "cpu")), ase_pot._ase_batch(ss)
     for k in ("x", "atomic_numbers", "num_atoms", "batch", "ptr"):
         assert torch.equal(dev_batch[k], ase_batch[k]), k
     assert dev_batch.edge_index.shape == ase_batch.edge_index.shape  # the same edges, in another order
@@ -120,3 +122,38 @@ def test_failed_structure_costs_only_itself():
     assert res.energy_per_atom[0] == -1.0 and res.energy_per_atom[3] == -1.0
     assert np.isnan(res.energy_per_atom[1]) and np.isnan(res.energy_per_atom[2])
     assert res.structures[1] is bad
+
+
+def test_unknown_elements_never_reach_the_potential():
+    from pymatgen.core import Lattice, Structure
+
+    from mmmat.evaluation.relax import BatchedPotential, batched_relax
+
+    seen = []
+
+    class CopperOnly(BatchedPotential):
+        elements = frozenset({29})
+
+        def compute(self, structures):
+            seen.extend(s.composition.reduced_formula for s in structures)
+            return [(-1.0 * len(s), np.zeros((len(s), 3)), np.zeros((3, 3))) for s in structures]
+
+    cu = Structure(Lattice.cubic(3.6), ["Cu"], [[0, 0, 0]])
+    fm = Structure(Lattice.cubic(3.6), ["Fm"], [[0, 0, 0]])  # Z = 100: beyond CHGNet's 94 embeddings
+    res = batched_relax(CopperOnly(), [cu, fm], steps=3, fmax=0.1)
+    assert res.energy_per_atom[0] == -1.0 and np.isnan(res.energy_per_atom[1])
+    assert set(seen) == {"Cu"} and res.structures[1] is fm
+
+
+def test_potentials_declare_their_elements():
+    pytest.importorskip("chgnet")
+    pytest.importorskip("sevenn")
+    from pymatgen.core import Lattice, Structure
+
+    from mmmat.evaluation.relax import load_potential
+
+    fm = Structure(Lattice.cubic(3.6), ["Fm"], [[0, 0, 0]])
+    nacl = _structures()[0]
+    for name, n in (("chgnet", 94), ("sevennet", 89)):
+        pot = load_potential(name, "cpu")
+        assert len(pot.elements) == n and pot.supports(nacl) and not pot.supports(fm)

@@ -21,17 +21,10 @@ from mmmat.encoders import create_encoder, list_encoders
 from mmmat.encoders.crystal_xrd import CrystalXRDEncoder
 from mmmat.latent.model import MultimodalModel
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # ---------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small tensors gain nothing from threads, and one thread keeps timings steady on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def nacl() -> Structure:
     return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
 
