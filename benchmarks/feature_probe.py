@@ -14,6 +14,9 @@ validation split, then:
   features (Roy & Vetterli 2007), against the feature width; a collapsed representation has a low one;
 - ``feature_std`` / ``feature_abs``: mean per-feature standard deviation and mean absolute value.
 
+For the graph + computed-pattern encoder the same figures are given for its two branches before their fusion
+(``graph``, ``xrd``), to tell where a pretraining lost what the target needs.
+
 A fine-tuning run starts from these features; when a pretrained encoder probes worse than a random one, the
 pretraining has taken out what the target needs, and fine-tuning must first undo it.
 """
@@ -63,8 +66,13 @@ def ridge_probe(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray, fo
     return {"val_mae": float(np.abs(fit(x, y, lam)(xv) - yv).mean()), "penalty": lam, "cv_mae": cv[lam]}
 
 
-def features(path: str, records: list, reinit: bool, batch_size: int = 128) -> np.ndarray:
-    """Crystal-encoder features (the heads' input) of ``records``, from the model saved at ``path``."""
+def features(path: str, records: list, reinit: bool, batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Crystal-encoder features of ``records`` from the model saved at ``path``, per view.
+
+    ``output``: what the property heads read. For a graph + computed-pattern encoder (``crystal/schnet_xrd``)
+    also its two branches before their fusion: ``graph`` (the pooled graph network) and ``xrd`` (the CNN over
+    the pattern computed from the structure).
+    """
     import torch
 
     from mmmat.data.batch import Collator
@@ -78,11 +86,17 @@ def features(path: str, records: list, reinit: bool, batch_size: int = 128) -> n
                 m.reset_parameters()
     model.eval()
     collate = Collator(cutoff=model.config["cutoff"], build_graph=True)
-    out = []
+    enc = model.encoder
+    branches = hasattr(enc, "gnn") and hasattr(enc, "xrd") and hasattr(enc, "pattern")
+    out: dict[str, list] = {}
     with torch.no_grad():
         for lo in range(0, len(records), batch_size):
-            out.append(model.embed(collate(records[lo : lo + batch_size])).numpy())
-    return np.concatenate(out)
+            batch = collate(records[lo : lo + batch_size])
+            out.setdefault("output", []).append(model.embed(batch).numpy())
+            if branches:
+                out.setdefault("graph", []).append(enc.gnn.encode(batch.crystal)[0].float().numpy())
+                out.setdefault("xrd", []).append(enc.xrd(profile=enc.pattern(batch.crystal)).float().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def main() -> None:
@@ -112,13 +126,20 @@ def main() -> None:
     for spec in args.models:
         name, path = spec.split("=", 1)
         t0 = time.perf_counter()
-        x, xv = features(path, tr, name == "random"), features(path, va, name == "random")
-        metrics[name] = {
-            **ridge_probe(x, y, xv, yv),
-            "effective_rank": effective_rank(x), "width": int(x.shape[1]),
-            "feature_std": float(x.std(0).mean()), "feature_abs": float(np.abs(x).mean()),
-            "model": path, "seconds": round(time.perf_counter() - t0, 1),
-        }
+        feats, feats_v = features(path, tr, name == "random"), features(path, va, name == "random")
+        metrics[name] = {"model": path}
+        for view, x in feats.items():
+            xv = feats_v[view]
+            res = {
+                **ridge_probe(x, y, xv, yv),
+                "effective_rank": effective_rank(x), "width": int(x.shape[1]),
+                "feature_std": float(x.std(0).mean()), "feature_abs": float(np.abs(x).mean()),
+            }
+            if view == "output":  # the heads' input keeps the flat keys; the branches go under their names
+                metrics[name].update(res)
+            else:
+                metrics[name][view] = res
+        metrics[name]["seconds"] = round(time.perf_counter() - t0, 1)
         print(name, {k: v for k, v in metrics[name].items() if k != "model"}, flush=True)
     write_result("feature_probe", metrics, {"target": args.target, "train_labels": len(tr), "val_materials": len(va),
                                             "shards": args.shards}, out=args.result)
