@@ -12,6 +12,8 @@ and a faster step for some variants would give them more samples in the same tim
     contrastive       the contrastive objective alone
     denoise           contrastive + coordinate denoising
     denoise_masked    contrastive + coordinate denoising + masked atoms
+    denoise_masked_spread  the same + feature_spread on the crystal encoder's output (against the collapse
+                      that benchmarks/feature_probe.py measures)
 
 Fine-tuning (benchmarks/finetune.py, fixed step counts): formation energy and band gap, all labels (seed 0) and
 1,000 labels (seeds ``--seeds``: each seed draws its own 1,000 materials and initialisation); the pretrained
@@ -41,10 +43,13 @@ from common import write_result  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 #: the same step for every variant (see above)
 PLAIN_ENGINE = "{precompute_patterns: true, sync_free: true, fused_adamw: true, compile: false, cuda_graphs: false}"
-VARIANTS = {
-    "contrastive": None,
-    "denoise": "{denoise: {weight: 1.0}}",
-    "denoise_masked": "{denoise: {weight: 1.0}, masked_atoms: {weight: 0.5}}",
+_DM = "--model.init_args.objectives={denoise: {weight: 1.0}, masked_atoms: {weight: 0.5}}"
+#: variant -> its train.py arguments
+VARIANTS: dict[str, list[str]] = {
+    "contrastive": [],
+    "denoise": ["--model.init_args.objectives={denoise: {weight: 1.0}}"],
+    "denoise_masked": [_DM],
+    "denoise_masked_spread": [_DM, "--model.init_args.feature_spread={weight: 1.0}"],
 }
 TARGETS = ("formation_energy_per_atom", "band_gap")
 
@@ -80,8 +85,7 @@ def pretrain(args: argparse.Namespace) -> None:
         elif args.measured:
             cmd += ["--measured", args.measured]
         cmd.append("--")  # train.py arguments follow
-        if VARIANTS[name]:
-            cmd.append(f"--model.init_args.objectives={VARIANTS[name]}")
+        cmd += VARIANTS[name]
         cmd += [f"--model.init_args.engine={PLAIN_ENGINE}", *args.pretrain_override]
         _run(cmd, args.dry_run)
         if args.queries and not args.no_eval:

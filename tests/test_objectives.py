@@ -116,9 +116,11 @@ def test_pretraining_with_objectives_through_train_py(tmp_path, tiny_shards):
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--model.init_args.save_dir={tmp_path}/model", "--trainer.max_epochs=1",
         "--model.init_args.objectives={denoise: {weight: 1.0}, masked_atoms: {weight: 0.5, mask_fraction: 0.2}}",
-        "--model.init_args.save_heads=true",
+        "--model.init_args.save_heads=true", "--model.init_args.feature_spread={weight: 0.5}",
     ])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert 0.0 <= metrics["train/loss/feature_correlation"] <= 1.0
+    assert math.isfinite(metrics["train/loss/feature_variance"])
     assert math.isfinite(metrics["train/loss/objective_denoise"])
     assert math.isfinite(metrics["train/loss/objective_masked_atoms"])
     model_dir = tmp_path / "model"
@@ -131,3 +133,26 @@ def test_pretraining_with_objectives_through_train_py(tmp_path, tiny_shards):
     from mmmat.latent.model import MultimodalModel
 
     assert MultimodalModel.from_pretrained(model_dir).modalities
+
+
+def test_feature_spread_is_small_for_spread_features_and_large_for_collapsed_ones():
+    from mmmat.latent.losses import feature_spread_loss
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(4096, 16, generator=g)
+    loss, terms = feature_spread_loss(spread)
+    assert terms["variance"] < 0.05 and terms["correlation"] < 0.01
+    collapsed = (torch.randn(4096, 1, generator=g) @ torch.randn(1, 16, generator=g)) * 0.1  # rank 1, small
+    collapsed = collapsed.requires_grad_()
+    loss_c, terms_c = feature_spread_loss(collapsed)
+    assert terms_c["correlation"] > 0.8 and terms_c["variance"] > 0.5 and loss_c > 10 * loss
+    loss_c.backward()
+    assert torch.isfinite(collapsed.grad).all() and collapsed.grad.abs().sum() > 0
+
+
+def test_feature_spread_rejects_unknown_options():
+    from mmmat.tasks.pretrain import ContrastivePretraining
+
+    enc = {"crystal": {"name": "crystal/schnet", "hidden": 16, "num_interactions": 1, "num_rbf": 8}}
+    with pytest.raises(ValueError, match="feature_spread: unknown options"):
+        ContrastivePretraining(enc, embed_dim=8, feature_spread={"weight": 1.0, "beta": 2.0})

@@ -33,6 +33,7 @@ __all__ = [
     "LogitScale",
     "MultimodalContrastiveLoss",
     "clip_loss",
+    "feature_spread_loss",
     "gather_with_grad",
     "siglip_loss",
 ]
@@ -418,3 +419,32 @@ class MultimodalContrastiveLoss(nn.Module):
             logs[f"n_pairs/{a}-{b}"] = st["n"]
         total = num / den.clamp(min=1e-12)
         return total, logs
+
+
+def feature_spread_loss(
+    h: Tensor, gamma: float = 1.0, decorrelation: float = 1.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """A penalty that keeps a batch of features from collapsing onto a few directions.
+
+    VICReg's variance term, and a scale-free decorrelation term in the spirit of Barlow Twins' redundancy
+    reduction. ``variance``: mean over features of ``relu(gamma - std)``; ``correlation``: mean square of the
+    off-diagonal entries of the features' correlation matrix over the batch. Returns ``variance +
+    decorrelation × correlation`` and both terms (detached) for logging. Local to the rank's batch; needs at
+    least 2 rows.
+
+    Args:
+        h: (B, D) features (before any projection or normalisation).
+        gamma: Target standard deviation of every feature.
+        decorrelation: Weight of the correlation term.
+
+    """
+    h = h.float()
+    centred = h - h.mean(dim=0)
+    std = torch.sqrt(centred.var(dim=0) + 1e-4)
+    variance = F.relu(gamma - std).mean()
+    z = centred / std
+    corr = z.T @ z / max(h.shape[0] - 1, 1)
+    d = corr.shape[0]
+    off = corr - torch.diag_embed(torch.diagonal(corr))
+    correlation = off.square().sum() / max(d * (d - 1), 1)
+    return variance + decorrelation * correlation, {"variance": variance.detach(), "correlation": correlation.detach()}

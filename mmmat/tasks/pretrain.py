@@ -19,7 +19,7 @@ import torch
 
 from mmmat.data.batch import MultimodalBatch
 from mmmat.encoders.registry import EncoderConfig, encoder_spec
-from mmmat.latent.losses import MultimodalContrastiveLoss
+from mmmat.latent.losses import MultimodalContrastiveLoss, feature_spread_loss
 from mmmat.latent.model import MultimodalModel
 from mmmat.tasks.schedule import adamw_param_groups, start_epoch, warmup_cosine
 
@@ -85,6 +85,11 @@ class ContrastivePretraining(pl.LightningModule):
             (:mod:`mmmat.latent.objectives`): ``{"denoise": {"weight": 1.0, "sigma_max": 0.3},
             "masked_atoms": {"weight": 0.5}}``. Each runs the crystal encoder's graph branch on a corrupted copy
             of the batch's crystals and adds ``weight`` × its loss.
+        feature_spread: Keep the crystal encoder's output features (what property heads read) from collapsing
+            onto a few directions: ``{"weight": w, "gamma": 1.0, "decorrelation": 1.0}`` adds ``w`` ×
+            :func:`mmmat.latent.losses.feature_spread_loss` of the batch's crystal features before projection.
+            Contrastive pretraining alone halves their effective rank (benchmarks/results/feature_probe.json).
+            None (default) adds nothing.
         save_heads: Also write the objectives' heads (``objectives.safetensors`` + ``objectives.json``) beside
             the saved model; the model itself never carries them.
         mixture_loss_weight: Weight of the multi-label objective on mixed XRD patterns (``xrd_augment`` with
@@ -117,6 +122,7 @@ class ContrastivePretraining(pl.LightningModule):
         augment: dict[str, dict[str, Any]] | None = None,
         engine: dict[str, bool] | None = None,
         objectives: dict[str, dict[str, Any]] | None = None,
+        feature_spread: dict[str, float] | None = None,
         save_heads: bool = False,
         mixture_loss_weight: float = 0.0,
         save_dir: str | None = None,
@@ -141,6 +147,14 @@ class ContrastivePretraining(pl.LightningModule):
             gnn = getattr(enc, "gnn", enc)
             for name, cfg in objectives.items():
                 self.objectives[name] = create_objective(name, hidden=gnn.hidden, cutoff=gnn.cutoff, **(cfg or {}))
+        self._crystal_features: torch.Tensor | None = None
+        if feature_spread is not None:
+            unknown = sorted(set(feature_spread) - {"weight", "gamma", "decorrelation"})
+            if unknown:
+                raise ValueError(f"feature_spread: unknown options {unknown} (have weight, gamma, decorrelation)")
+            if "crystal" not in self.model.encoders:
+                raise ValueError("feature_spread needs a crystal encoder")
+            self.model.projections["crystal"].register_forward_hook(self._keep_crystal_features)
         unknown_scale = sorted(set(lr_scale or {}) - set(encoders))
         if unknown_scale:
             raise ValueError(f"lr_scale names modalities without an encoder: {unknown_scale} (have {list(encoders)})")
@@ -327,6 +341,13 @@ class ContrastivePretraining(pl.LightningModule):
         loss, logs = self.loss(emb, {m: batch.present[m] for m in emb})
         if len(self.objectives):
             loss = loss + self._objective_losses(batch, logs)
+        spread = self.hparams.feature_spread
+        if spread is not None and self._crystal_features is not None:
+            value, terms = feature_spread_loss(self._crystal_features, gamma=float(spread.get("gamma", 1.0)),
+                                               decorrelation=float(spread.get("decorrelation", 1.0)))
+            self._crystal_features = None
+            logs.update({f"loss/feature_{k}": v for k, v in terms.items()})
+            loss = loss + float(spread.get("weight", 1.0)) * value
         bs = len(batch)
         if self.hparams.mixture_loss_weight > 0 and self._mixture is not None and {"xrd", "crystal"} <= set(emb):
             mix_loss = self._mixture_loss(emb["xrd"], emb["crystal"], batch)
@@ -339,6 +360,11 @@ class ContrastivePretraining(pl.LightningModule):
             if k.startswith(("loss/", "acc/", "logit")):
                 self.log(f"train/{k}", v, batch_size=bs)
         return loss
+
+    def _keep_crystal_features(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        """Forward hook on the crystal projection: keep its input (the encoder's output) for feature_spread."""
+        if self.training:
+            self._crystal_features = inputs[0]
 
     def _objective_losses(self, batch: MultimodalBatch, logs: dict[str, Any]) -> torch.Tensor:
         """Weighted sum of the structural objectives on corrupted copies of the batch's crystals."""

@@ -110,6 +110,8 @@ class StaticStep:
         h = module.hparams
         if len(module.objectives):
             raise ValueError("engine.cuda_graphs does not support objectives yet (their corruption draws per atom)")
+        if h.get("feature_spread") is not None:
+            raise ValueError("engine.cuda_graphs does not support feature_spread yet")
         if "crystal" in module.augmenters:
             raise ValueError("engine.cuda_graphs does not support crystal_augment yet")
         if "crystal" not in module.model.encoders:
