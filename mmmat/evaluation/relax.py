@@ -406,26 +406,23 @@ class _Batch:
         self.dt = torch.zeros(0, dtype=f64, device=device)
         self.a, self.npos, self.steps = torch.zeros_like(self.dt), self.counts.clone(), self.counts.clone()
         self.started = torch.zeros(0, dtype=torch.bool, device=device)
+        self.batch = self.counts.clone()
 
-    @property
-    def batch(self):
-        """Structure index of every atom row."""
+    def _index_atoms(self) -> None:
+        """Recompute :attr:`batch`, the structure index of every atom row (when the structures change only)."""
         torch = self.torch
-        return torch.repeat_interleave(torch.arange(len(self.ids), device=self.device), self.counts)
+        self.batch = torch.repeat_interleave(torch.arange(len(self.ids), device=self.device), self.counts,
+                                             output_size=self.xa.shape[0])
 
     def add(self, items: list[tuple[int, Any]]) -> None:
         """Append structures (index, pymatgen structure) in their starting state."""
         torch, dev, f64 = self.torch, self.device, self.torch.float64
         if not items:
             return
-        n = [len(s) for _, s in items]
         self.ids += [i for i, _ in items]
         self.species += [[site.specie for site in s] for _, s in items]
-        counts = torch.tensor(n, dtype=torch.long, device=dev)
+        xa, orig, z, counts = _tensors([s for _, s in items], dev)
         eye = torch.eye(3, dtype=f64, device=dev).expand(len(items), 3, 3) * counts.to(f64)[:, None, None]
-        xa = torch.as_tensor(np.concatenate([s.cart_coords for _, s in items]), dtype=f64, device=dev)
-        orig = torch.as_tensor(np.stack([s.lattice.matrix for _, s in items]), dtype=f64, device=dev)
-        z = torch.as_tensor(np.concatenate([s.atomic_numbers for _, s in items]), dtype=torch.long, device=dev)
         zeros = torch.zeros(len(items), dtype=f64, device=dev)
         self.counts, self.numbers = torch.cat([self.counts, counts]), torch.cat([self.numbers, z])
         self.orig, self.xa, self.xc = torch.cat([self.orig, orig]), torch.cat([self.xa, xa]), torch.cat([self.xc, eye])
@@ -435,6 +432,7 @@ class _Batch:
         self.npos = torch.cat([self.npos, torch.zeros_like(counts)])
         self.steps = torch.cat([self.steps, torch.zeros_like(counts)])
         self.started = torch.cat([self.started, torch.zeros(len(items), dtype=torch.bool, device=dev)])
+        self._index_atoms()
 
     def keep(self, mask) -> None:
         """Keep only the structures where ``mask`` (a CPU bool array over the batch) is True."""
@@ -447,6 +445,7 @@ class _Batch:
             setattr(self, name, getattr(self, name)[m])
         for name in ("numbers", "xa", "va"):
             setattr(self, name, getattr(self, name)[atoms])
+        self._index_atoms()
 
     def geometry(self):
         """(positions (N, 3), cells (B, 3, 3)) at the current generalised coordinates."""
