@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--mutations", type=int, default=60, help="mutations per round (loop only)")
     ap.add_argument("--epochs", type=int, default=30, help="surrogate training epochs")
     ap.add_argument("--generator", default=None, help="generator folder: adds the generator_random arm")
+    ap.add_argument("--arms", nargs="+", default=None,
+                    help="run only these arms (several processes can share one --out; --from-ledgers joins them)")
     ap.add_argument("--generator-n", type=int, default=200)
     ap.add_argument("--out", default="runs/bench_design", help="run folders (an existing one is resumed)")
     ap.add_argument("--cache", default="runs/bench_design_cache", help="parsed mp20p structures, MLIP hull energies")
@@ -107,6 +109,11 @@ def main() -> None:
     ref["train_features"] = crystal_features([s for s, _, _ in ref["train"]])
     t_ref = time.perf_counter() - t0
     arms = ["loop", "template_random"] + (["generator_random"] if args.generator else [])
+    if args.arms:
+        unknown = sorted(set(args.arms) - set(arms))
+        if unknown:
+            raise SystemExit(f"unknown or unavailable arms {unknown} (available: {arms})")
+        arms = [a for a in arms if a in args.arms]
     runs: dict[str, list[dict]] = {a: [] for a in arms}
     for seed in args.seeds:
         for arm in arms:

@@ -222,6 +222,36 @@ def test_stand_in_oracle_single_point_method_uses_the_relaxed_structure(tmp_path
     assert {p.name for p in tmp_path.glob("*.json")} == {"a-0.0.json", "b-0.0@a-0.0.json"}
 
 
+def test_gpu_methods_relax_the_round_in_one_batch_and_runs_can_share_a_cache(tmp_path, nacl):
+    """On a GPU the worker pool (one structure per process) is never used; two hulls write one cache folder."""
+    from pymatgen.core import Lattice, Structure
+
+    from mmmat.design import KnownPhases
+    from mmmat.design.oracle import HullOracle, MethodHull, StandInMethod
+
+    class OnGPU(StandInMethod):
+        device = "cuda"
+        calls: list = []
+
+        def relax(self, structures, steps, fmax):
+            self.calls.append(len(structures))
+            return super().relax(structures, steps, fmax)
+
+    known = KnownPhases([nacl], ["nacl"])
+    m = OnGPU("g", 0.0)
+    oracle = HullOracle([m], known, steps=5, cache=tmp_path, workers=4, method_specs=[("stand_in", {})])
+    ss = [Structure(Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]) for a in (2.8, 3.0, 3.2)]
+    res = oracle.evaluate(ss)
+    assert oracle._pool is None and OnGPU.calls[0] == 3  # then elemental end points, one by one
+    assert all(r["e_hull"]["g"] is not None for r in res)
+    # a second run's hull of the same method saves beside the first without a shared temporary file
+    other = MethodHull(StandInMethod("g", 0.0), known, tmp_path)
+    other.ensure(["Na", "Cl"])
+    other._save()
+    oracle.hulls["g"]._save()
+    assert [p.name for p in tmp_path.iterdir()] == ["g-0.0.json"]
+
+
 def test_reference_structure_cache_round_trips(tmp_path):
     from mmmat.design.config import DataConfig
     from mmmat.design.loop import load_reference

@@ -192,7 +192,7 @@ class OracleConfig:
         steps: Most relaxation steps (FIRE, positions and cell).
         fmax: Force threshold, eV/Å.
         device: Torch device (None: CUDA when available).
-        workers: Processes that relax at once on CPU (each holds its own models).
+        workers: Processes that relax at once on a CPU (each holds its own models); ignored on a GPU.
         cache: Folder of the known phases' energy cache (None: ``<out>/../hull_cache``).
         relax_methods: Methods that relax (None: all); the others take a single point of the structure the
             first of these relaxed (cheaper where one MLIP is slow; the report says which relaxed).

@@ -25,6 +25,7 @@ import importlib
 import io
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -262,7 +263,7 @@ class MethodHull:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # runs sharing a cache folder never share it
         tmp.write_text(json.dumps({"method": self.method.cache_key(), "unit": "eV/atom", "entries": self._cache}))
         tmp.replace(self.path)
 
@@ -467,7 +468,8 @@ class HullOracle(Oracle):
         steps: Most relaxation steps per structure.
         fmax: Force threshold, eV/Å.
         cache: Folder of the known phases' energy cache (None: no cache).
-        workers: Processes that relax at once (1: this process).
+        workers: Processes that relax at once on a CPU, one structure each (1: this process, every structure
+            of a call in one batch per method; always so when the methods run on a GPU).
         method_specs: ``[(kind, kwargs)]`` that rebuild ``methods`` in worker processes (needed when
             ``workers > 1``).
         relax_methods: Methods that relax (None: all). The others compute a single point of the structure the
@@ -498,7 +500,10 @@ class HullOracle(Oracle):
     def _relax_all(self, structures: Sequence[Any]) -> list[list[tuple[float, Any]]]:
         from pymatgen.core import Structure
 
-        if self.workers > 1 and len(structures) > 1 and self.method_specs:
+        # worker processes relax one structure each: a CPU's way to use its cores; on a GPU one batched call
+        # per method (every structure of the round at once) is faster than any number of them
+        on_cpu = all(str(getattr(m, "device", "cpu")).startswith("cpu") for m in self._methods)
+        if self.workers > 1 and len(structures) > 1 and self.method_specs and on_cpu:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
@@ -559,7 +564,8 @@ class MLIPOracle(HullOracle):
         fmax: Force threshold, eV/Å.
         device: Torch device (None: CUDA when available).
         cache: Folder of the known phases' energy cache.
-        workers: Processes that relax at once (each loads its own models; on a GPU they share it).
+        workers: Processes that relax at once on a CPU (each loads its own models); ignored on a GPU, where
+            one batched call per method relaxes every structure of the round.
         relax_methods: MLIPs that relax (None: both); see :class:`HullOracle`.
     """
 
