@@ -38,6 +38,10 @@ def test_config_rejects_unknown_keys_and_test_split(tmp_path):
     cfg = tiny_config(tmp_path / "run", budget="many")
     with pytest.raises(ConfigError, match="budget"):
         load_config(cfg)
+    cfg = tiny_config(tmp_path / "run")
+    cfg["oracle"]["batch"] = -1
+    with pytest.raises(ConfigError, match="oracle.batch"):
+        load_config(cfg)
 
 
 def test_family_substitution_stays_in_li_tm_o():
@@ -155,6 +159,13 @@ def test_tiny_loop_killed_mid_round_resumes_without_repeating_oracle_calls(tmp_p
 
     with pytest.raises(DesignError, match="resume"):
         run(path)
+    # how the work is done may change on resume (worker processes, oracle batch); what is computed may not
+    path.write_text(yaml.safe_dump({**cfg, "oracle": {**cfg["oracle"], "workers": 3, "batch": 0}}))
+    assert run(path, resume=True)["rounds"][-1]["cumulative_oracle_calls"] == 24
+    assert len(log.read_text().splitlines()) == 24
+    path.write_text(yaml.safe_dump({**cfg, "oracle": {**cfg["oracle"], "steps": 7}}))
+    with pytest.raises(DesignError, match=r"another config \(differs in \['oracle'\]\)"):
+        run(path, resume=True)
 
 
 def test_mlip_oracle_chgnet_and_sevennet(tmp_path):
@@ -243,6 +254,8 @@ def test_gpu_methods_relax_the_round_in_one_batch_and_runs_can_share_a_cache(tmp
     ss = [Structure(Lattice.cubic(a), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]) for a in (2.8, 3.0, 3.2)]
     res = oracle.evaluate(ss)
     assert oracle._pool is None and OnGPU.calls[0] == 3  # then elemental end points, one by one
+    assert oracle.batch_size == 0  # the loop hands it a whole round per call
+    assert HullOracle([StandInMethod("c", 0.0)], known, steps=5).batch_size == 1
     assert all(r["e_hull"]["g"] is not None for r in res)
     # a second run's hull of the same method saves beside the first without a shared temporary file
     other = MethodHull(StandInMethod("g", 0.0), known, tmp_path)

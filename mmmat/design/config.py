@@ -193,6 +193,9 @@ class OracleConfig:
         fmax: Force threshold, eV/Å.
         device: Torch device (None: CUDA when available).
         workers: Processes that relax at once on a CPU (each holds its own models); ignored on a GPU.
+        batch: Structures per oracle call (None: the oracle's choice, a whole round on a GPU, 2 per worker
+            process on a CPU, else 1; 0: a whole round). The ledger is written after each call: a run killed
+            during a call evaluates that call's structures again on ``--resume``, never a finished call's.
         cache: Folder of the known phases' energy cache (None: ``<out>/../hull_cache``).
         relax_methods: Methods that relax (None: all); the others take a single point of the structure the
             first of these relaxed (cheaper where one MLIP is slow; the report says which relaxed).
@@ -205,6 +208,7 @@ class OracleConfig:
     fmax: float = 0.1
     device: str | None = None
     workers: int = 1
+    batch: int | None = None
     cache: str | None = None
     relax_methods: list[str] | None = None
     options: dict[str, Any] = field(default_factory=dict)
@@ -291,6 +295,8 @@ class DesignConfig:
         for o in self.objectives:
             if o.surrogate and o.surrogate not in self.surrogate.targets:
                 raise ConfigError(f"objective {o.name!r}: surrogate target {o.surrogate!r} not in surrogate.targets")
+        if self.oracle.batch is not None and self.oracle.batch < 0:
+            raise ConfigError(f"oracle.batch must be 0 (a whole round at once) or more, got {self.oracle.batch}")
         for m in self.oracle.methods:
             if self.oracle.kind == "mlip" and m not in ("chgnet", "sevennet"):
                 raise ConfigError(f"oracle.methods: unknown MLIP {m!r} (chgnet, sevennet)")

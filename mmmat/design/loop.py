@@ -242,6 +242,19 @@ def _oracle_label(cfg: DesignConfig, orc: dict, target: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------- the loop
+#: Config keys that change how the work is done, not its results: a run may resume with others.
+EXECUTION_KEYS = {"oracle": ("workers", "batch")}
+
+
+def _results_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without :data:`EXECUTION_KEYS` (what a resumed run must share with the ledger's)."""
+    out = json.loads(json.dumps(cfg))
+    for section, keys in EXECUTION_KEYS.items():
+        for k in keys:
+            (out.get(section) or {}).pop(k, None)
+    return out
+
+
 class DesignLoop:
     """One design run over a folder; :meth:`run` goes round by round, resuming from the ledger."""
 
@@ -259,8 +272,9 @@ class DesignLoop:
         self.ledger = Ledger(ledger_path)
         stored = self.ledger.get_meta("config")
         mine = json.loads(json.dumps(self.cfg.to_dict()))
-        if stored is not None and stored != mine:
-            diff = sorted(k for k in mine if mine[k] != stored.get(k))
+        if stored is not None and _results_config(stored) != _results_config(mine):
+            a, b = _results_config(mine), _results_config(stored)
+            diff = sorted(k for k in a if a[k] != b.get(k))
             raise DesignError(f"{ledger_path} was written with another config (differs in {diff})")
         self.ledger.set_meta("config", mine)
         (self.out / "config.json").write_text(json.dumps(mine, indent=1))
@@ -440,8 +454,11 @@ class DesignLoop:
     # ---------------------------------------------------------------- verify
     def _verify(self, r: int) -> None:
         pending = self.ledger.candidates("round = ? AND status = 'selected'", (r,))
-        chunk = max(1, 2 * self.cfg.oracle.workers) if self.cfg.oracle.workers > 1 else 1
-        for lo in range(0, len(pending), chunk):
+        # oracle calls of the size the oracle does best (a GPU relaxes a whole round in one batch); the ledger is
+        # written after each, so a kill costs at most the unfinished call
+        size = self.cfg.oracle.batch if self.cfg.oracle.batch is not None else getattr(self.oracle, "batch_size", 1)
+        chunk = len(pending) if size <= 0 else size
+        for lo in range(0, len(pending), max(1, chunk)):
             part = pending[lo : lo + chunk]
             results = self.oracle.evaluate([_structure(p["cif"]) for p in part])
             log.debug("oracle: %s done", [p["id"] for p in part])

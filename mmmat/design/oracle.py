@@ -52,6 +52,9 @@ class Oracle:
     """
 
     methods: tuple[str, ...] = ()
+    #: Structures per :meth:`evaluate` call that use the oracle best (0: every pick of a round at once). The loop
+    #: writes the ledger after each call, so a run killed during a call evaluates that call's structures again.
+    batch_size: int = 1
 
     def evaluate(self, structures: Sequence[Any]) -> list[dict[str, Any]]:
         """One result per structure (JSON-ready dicts).
@@ -497,13 +500,22 @@ class HullOracle(Oracle):
         self._pool = None
         self.stats = {"structures": 0, "relax_seconds": 0.0}
 
+    @property
+    def batch_size(self) -> int:
+        """0 (the whole round in one batched relaxation per method) on a GPU; two per worker process; else 1."""
+        if not self._on_cpu():
+            return 0
+        return 2 * self.workers if self.workers > 1 and self.method_specs else 1
+
+    def _on_cpu(self) -> bool:
+        return all(str(getattr(m, "device", "cpu")).startswith("cpu") for m in self._methods)
+
     def _relax_all(self, structures: Sequence[Any]) -> list[list[tuple[float, Any]]]:
         from pymatgen.core import Structure
 
         # worker processes relax one structure each: a CPU's way to use its cores; on a GPU one batched call
         # per method (every structure of the round at once) is faster than any number of them
-        on_cpu = all(str(getattr(m, "device", "cpu")).startswith("cpu") for m in self._methods)
-        if self.workers > 1 and len(structures) > 1 and self.method_specs and on_cpu:
+        if self.workers > 1 and len(structures) > 1 and self.method_specs and self._on_cpu():
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
