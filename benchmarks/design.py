@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import card, write_result  # noqa: E402
 
 
 def arm_config(base: dict, arm: str, args, seed: int, out: Path, generator: str | None) -> dict:
@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_design", help="run folders (an existing one is resumed)")
     ap.add_argument("--cache", default="runs/bench_design_cache", help="parsed mp20p structures, MLIP hull energies")
     ap.add_argument("--result", default=None)
+    ap.add_argument("--card", default=None,
+                    help="with --from-ledgers: the machine the ledgers were written on (default: this one)")
+    ap.add_argument("--setup", default=None, help="with --from-ledgers: how the runs were launched (free text)")
     ap.add_argument("--from-ledgers", action="store_true",
                     help="run nothing: summarise the run folders under --out from their ledgers (judged rounds only; "
                          "unfinished runs are marked partial)")
@@ -222,14 +225,20 @@ def _from_ledgers(args) -> None:
         "oracle_calls_per_arm_and_seed_planned": args.budget,
         "oracle_calls_by_arm": {a: sum(r["oracle_calls"] for r in v) for a, v in runs.items()},
         "seeds_done": sorted({r["seed"] for v in runs.values() for r in v if not r["partial"]}),
+        # true while any run has fewer oracle calls than planned: the figures above are then interim
+        "partial": any(r["partial"] for v in runs.values() for r in v),
         "oracle_seconds_per_structure": float(np.mean([r["oracle_seconds_per_structure_mean"] for v in runs.values()
                                                        for r in v if r["oracle_seconds_per_structure_mean"]])),
         "oracle_steps": args.steps,
         "methods": args.methods or ["chgnet", "sevennet"],
     }
     _plot(out, args.task)
-    write_result("design", metrics, {"task": args.task, "runs": runs, "summarised_from_ledgers": str(out)},
-                 out=args.result)
+    extra = {"task": args.task, "runs": runs, "summarised_from_ledgers": str(out)}
+    if args.card:
+        extra.update(card=args.card, summarised_on=card())
+    if args.setup:
+        extra["setup"] = args.setup
+    write_result("design", metrics, extra, out=args.result)
 
 
 def _plot(out: Path, task: str) -> None:
