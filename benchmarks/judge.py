@@ -1,6 +1,6 @@
 """The judge of generated crystals, timed: batched relaxers compared, and the full staged report of de novo samples.
 
-Two modes.
+Three modes.
 
 ``relaxers``: the same perturbed mp20p-like crystals relaxed (at most ``--steps`` FIRE steps, fmax 0.05 eV/Å)
 three ways: one by one with ASE's ``FIRE(UnitCellFilter)`` and the MLIP's ASE calculator, batched by
@@ -22,7 +22,7 @@ alone, and each stage's seconds beside those of the report the file held before 
     python benchmarks/judge.py report --generated DENOVO --shards shards/mp20p --cache CACHE --steps 500 \\
         --device cuda
 
-On a GPU node without registry access (docs: /work/shared/docs/GPU.md), two calls: the first builds what is
+On a GPU node without registry access, two calls: the first builds what is
 cached once (elemental table, fingerprints and hull energies: carry them back), the second times the report::
 
     # 1: python -m mmmat.evaluation.elemental --device cuda --out $OUT/elemental_references.json
@@ -30,6 +30,12 @@ cached once (elemental table, fingerprints and hull energies: carry them back), 
     # 2: cp elemental_references.json mmmat/evaluation/data/
     #    python benchmarks/judge.py report --generated DENOVO --shards SHARDS --cache cache --skip-prepare \
     #        --steps 500 --device cuda --result $OUT/generate_denovo_eval.json
+
+``rescore``: the stability rule re-applied to a saved report's per-sample energies above hull (no relaxation
+re-run), e.g. with another lower bound ``--min-e-hull`` (default -0.2 eV/atom: deeper is counted apart, as
+an MLIP artefact, not as stable); updates the S.U.N. rates of that run in the result file::
+
+    python benchmarks/judge.py rescore --report benchmarks/results/profiles/judge_gpu_500_steps_h200_report.json.gz
 
 Numbers on mp20p are not MP-20 numbers.
 """
@@ -226,6 +232,58 @@ def report(args) -> None:
     write_result("generate_denovo_eval", metrics, extra, out=path)
 
 
+def rescore(args) -> None:
+    """Re-apply the stability rule to a saved report's per-sample energies above hull (no relaxation re-run).
+
+    S.U.N. = valid, unique, novel and stable (:func:`mmmat.evaluation.generation.mlip_stable`) over all samples.
+    The figures go under the report's run in the result file (``runs[<device>_<steps>_steps]["rescored"]``) and
+    replace its headline metrics, the bound stated beside them.
+    """
+    import gzip
+
+    from mmmat.evaluation.generation import mlip_stable
+
+    raw = Path(args.report).read_bytes()
+    rep = json.loads(gzip.decompress(raw) if args.report.endswith(".gz") else raw)
+    ps, st = rep["per_sample"], rep["settings"]
+    n = rep["n_generated"]
+    col = {k: np.array([np.nan if v is None else float(v) for v in ps[k]], dtype=np.float64)
+           for k in ps if k.startswith("e_above_hull_")}
+    mlips = [m for m in st["mlips"] if f"e_above_hull_{m}" in col]
+    if not mlips:
+        raise SystemExit(f"{args.report}: no per-sample energies above hull of {st['mlips']}")
+    flags = mlip_stable({m: col[f"e_above_hull_{m}"] for m in mlips}, st["stable_threshold_eV_per_atom"],
+                        None if args.min_e_hull == float("-inf") else args.min_e_hull)
+    passed = np.array([all(ps[k][i] is True for k in ("valid", "unique", "novel")) for i in range(n)])
+    out = {
+        "report": args.report, "min_e_hull_eV_per_atom": args.min_e_hull,
+        "stable_threshold_eV_per_atom": st["stable_threshold_eV_per_atom"], "mlips": mlips,
+        "sun_rate_two_mlip": float((passed & flags["all"]).sum() / n),
+        "sun_rate_one_mlip": float((passed & flags["one"]).sum() / n),
+        "sun_rate_two_mlip_unguarded": float((passed & flags["all_unguarded"]).sum() / n),
+        "sun_rate_one_mlip_unguarded": float((passed & flags["one_unguarded"]).sum() / n),
+        "n_far_below_hull": int(flags["far"].sum()),
+        "n_sun_far_below_hull": int((passed & flags["all_unguarded"] & flags["far"]).sum()),
+        **{f"n_far_below_hull_{m}": int((col[f"e_above_hull_{m}"] < args.min_e_hull).sum()) for m in mlips},
+        **{f"median_e_above_hull_{m}": float(np.nanmedian(col[f"e_above_hull_{m}"])) for m in mlips},
+        "sun_one_mlip_name": mlips[0],
+    }
+    path = Path(args.result) if args.result else RESULTS / "generate_denovo_eval.json"
+    doc = json.loads(path.read_text())
+    key = f"{st['device'].split(':')[0]}_{st['relax_steps']}_steps"
+    if key not in doc.get("runs", {}):
+        raise SystemExit(f"{path} has no run {key!r} to rescore (runs: {sorted(doc.get('runs', {}))})")
+    doc["runs"][key]["rescored"] = {**out, "command": command(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    m = doc["metrics"]
+    m.update({k: out[k] for k in ("sun_rate_two_mlip", "sun_rate_one_mlip", "sun_rate_two_mlip_unguarded",
+                                  "sun_rate_one_mlip_unguarded", "n_far_below_hull")})
+    m["sun_rule"] = (f"valid, unique, novel vs train; E_hull in [{args.min_e_hull}, "
+                     f"{st['stable_threshold_eV_per_atom']}] eV/atom under each MLIP against its hull of every "
+                     f"mp20p phase (*_unguarded: no lower bound); from run {key}")
+    path.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(out, indent=1))
+
+
 def main() -> None:
     """Parse arguments and run a mode."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -254,8 +312,12 @@ def main() -> None:
     p.add_argument("--skip-prepare", action="store_true",
                    help="no cold prepare: the report computes the hull of the touched chemical systems itself")
     p.add_argument("--result", default=None, help="result file (default benchmarks/results/generate_denovo_eval.json)")
+    q = sub.add_parser("rescore", help="re-apply the stability rule to a saved report (JSON, or .json.gz)")
+    q.add_argument("--report", required=True)
+    q.add_argument("--min-e-hull", type=float, default=-0.2, help="eV/atom; -inf: no lower bound")
+    q.add_argument("--result", default=None, help="result file (default benchmarks/results/generate_denovo_eval.json)")
     args = ap.parse_args()
-    relaxers(args) if args.mode == "relaxers" else report(args)
+    {"relaxers": relaxers, "report": report, "rescore": rescore}[args.mode](args)
 
 
 if __name__ == "__main__":

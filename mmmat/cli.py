@@ -864,6 +864,10 @@ def evaluate(
         "chgnet,sevennet", help="MLIPs of the stability stage; stable only when all agree (comma-separated)."
     ),
     novelty_reference: str = typer.Option("train", help="Novelty reference: train, train+val or all."),
+    min_e_hull: float = typer.Option(
+        -0.2, help="A sample an MLIP puts deeper than this below its hull (eV/atom) is counted apart, not as "
+        "stable (the rates without this bound are reported as *_unguarded); -inf: no bound."
+    ),
     device: str | None = typer.Option(None, help="CHGNet device: cpu or cuda (default: cuda if any)."),
     limit_reference: int | None = typer.Option(None, help="Use the first N reference crystals only."),
     cache_dir: Path | None = typer.Option(None, help="Cache for reference fingerprints and hull."),
@@ -913,7 +917,7 @@ def evaluate(
             evaluate_folder, generated, reference, out, stages=names if stages else None, hull=hull, relax=relax,
             relax_steps=relax_steps, workers=workers, device=device, limit_reference=limit_reference,
             cache_dir=cache_dir, endpoint_cache=endpoint_cache, novelty_reference=novelty_reference,
-            mlips=mlip_names or None,
+            mlips=mlip_names or None, min_e_hull=None if min_e_hull == float("-inf") else min_e_hull,
         )
     except EvaluationInputError as exc:
         _fail(str(exc))
@@ -932,8 +936,8 @@ def evaluate(
     keys = (
         "valid", "unique_rate", "novel_rate", "cov_recall", "cov_precision", "wdist_density",
         "wdist_num_elems", "stable_rate", "metastable_rate", "sun_rate", "sun_rate_two_mlip", "sun_rate_one_mlip",
-        "stable_rate_all_mlips", "mlip_disagreement_rate", "csp_match_rate", "csp_rmse",
-        "csp_n",
+        "sun_rate_unguarded", "n_far_below_hull", "stable_rate_all_mlips", "mlip_disagreement_rate",
+        "csp_match_rate", "csp_rmse", "csp_n",
     )
     shown = [f"{k} {fmt(rep['metrics'][k])}" for k in keys if k in rep["metrics"]]
     if shown:

@@ -87,6 +87,38 @@ def test_two_method_stability_agreement_and_disagreement(tmp_path):
     assert rep["survivors"] == [0, 1]
     assert rep["settings"]["mlips"] == ["a", "b"] and "every MLIP" in rep["settings"]["stable_rule"]
     assert (tmp_path / "hull").is_dir()  # the known phases' energies were cached
+    # a sample that one method puts far below its hull is counted apart, not as stable
+    b.energy = lambda s, _e=StandInMethod("b", 0.0).energy: _e(s) - (0.5 if s.composition.reduced_formula == "MgO"
+                                                                     and s.volume < 60 else 0.0)
+    deep = [rocksalt("Mg", "O", 4.21), rocksalt("Mg", "O", 3.9)]
+    rep = evaluate_generated(deep, known, ["validity", "stability"], mlips=[a, b], relax=False,
+                             hull_cache=tmp_path / "hull", stable_threshold=0.15)
+    ps, m = rep["per_sample"], rep["metrics"]
+    assert ps["e_above_hull_b"][1] < -0.2 < ps["e_above_hull_a"][1]
+    assert ps["far_below_hull"] == [False, True] and ps["stable_all_mlips"] == [True, False]
+    assert m["n_far_below_hull"] == 1 and m["n_far_below_hull_b"] == 1 and m["n_far_below_hull_a"] == 0
+    assert 0 < ps["e_above_hull_a"][1] < 0.15  # a: the compressed MgO is metastable, 0.05 eV/atom up
+    assert m["stable_rate_all_mlips_unguarded"] == 1.0 and m["stable_rate_all_mlips"] == 0.5
+    assert "below -0.2 eV/atom" in rep["settings"]["stable_rule"]
+
+
+def test_stability_lower_bound_counts_far_below_hull_apart():
+    """Known answers: stable within [min_e_hull, threshold] under every MLIP; deeper is counted apart."""
+    from mmmat.evaluation.generation import FAR_BELOW_HULL, mlip_stable
+
+    a = np.array([0.0, 0.05, -0.3, np.nan, 0.2])
+    b = np.array([0.02, -0.25, 0.0, 0.0, 0.0])
+    f = mlip_stable({"a": a, "b": b}, threshold=0.1, min_e_hull=-0.2)
+    assert f["all"].tolist() == [True, False, False, False, False]
+    assert f["one"].tolist() == [True, True, False, False, False]  # a alone: its own lower bound only
+    assert f["far"].tolist() == [False, True, True, False, False]
+    assert f["all_unguarded"].tolist() == [True, True, True, False, False]
+    assert f["one_unguarded"].tolist() == [True, True, True, False, False]
+    free = mlip_stable({"a": a, "b": b}, threshold=0.1, min_e_hull=None)
+    assert free["all"].tolist() == f["all_unguarded"].tolist() and not free["far"].any()
+    assert FAR_BELOW_HULL == -0.2
+    with pytest.raises(ValueError, match="at least one MLIP"):
+        mlip_stable({})
 
 
 def test_reference_key_changes_with_structures():

@@ -499,6 +499,32 @@ def hull_relevant(reference: Sequence, samples: Sequence) -> list[int]:
     return out
 
 
+#: A sample that an MLIP puts deeper than this below the hull of every mp20p phase (eV/atom) is not counted as
+#: stable: a new phase that far under a well-sampled hull is far likelier an MLIP artefact (a collapsed cell, an
+#: unphysical energy basin) than a discovery. The design loop's ``guards.min_e_hull`` uses the same default.
+FAR_BELOW_HULL = -0.2
+
+
+def mlip_stable(e_hulls: Mapping[str, Any], threshold: float = 0.1,
+                min_e_hull: float | None = FAR_BELOW_HULL) -> dict[str, np.ndarray]:
+    """Stability flags per sample from each MLIP's energy above its hull (eV/atom, NaN where none).
+
+    ``all``: within ``[min_e_hull, threshold]`` under every MLIP; ``one``: the same under the first MLIP alone;
+    ``far``: deeper than ``min_e_hull`` under any MLIP; ``all_unguarded`` / ``one_unguarded``: without the
+    lower bound (the convention of published S.U.N. rates). ``min_e_hull`` None: no lower bound.
+    """
+    arrays = [np.asarray(v, dtype=np.float64) for v in e_hulls.values()]
+    if not arrays:
+        raise ValueError("mlip_stable needs the energies above hull of at least one MLIP")
+    lo = -np.inf if min_e_hull is None else float(min_e_hull)
+    upto = [np.isfinite(a) & (a <= threshold + ON_HULL_TOL) for a in arrays]
+    deep = [np.isfinite(a) & (a < lo) for a in arrays]
+    far = np.logical_or.reduce(deep)
+    every = np.logical_and.reduce(upto)
+    return {"all": every & ~far, "one": upto[0] & ~deep[0], "far": far, "all_unguarded": every,
+            "one_unguarded": upto[0]}
+
+
 def _mlip_stability(structures, known, mlips, relax, steps, fmax, device, threads, cache, threshold=0.1):
     """Relax with each MLIP and place on that MLIP's hull of ``known``: metrics, per-MLIP arrays, hull time."""
     from mmmat.design.oracle import EnergyMethod, KnownPhases, MethodHull, MLIPMethod
@@ -565,6 +591,7 @@ def evaluate_generated(
     relax_steps: int = 500,
     fmax: float = 0.1,
     stable_threshold: float = 0.1,
+    min_e_hull: float | None = FAR_BELOW_HULL,
     device: str | None = None,
     threads: int | None = None,
     workers: int = 1,
@@ -596,6 +623,9 @@ def evaluate_generated(
         relax_steps: Most FIRE steps per relaxation.
         fmax: Relaxation force threshold, eV/Å.
         stable_threshold: e_hull (eV/atom) at or under which a sample survives ``stability``.
+        min_e_hull: With ``mlips``: a sample any MLIP puts deeper than this below its hull (eV/atom) is counted
+            in ``n_far_below_hull`` and not as stable (:data:`FAR_BELOW_HULL`); the rates without this bound
+            are reported beside (``*_unguarded``). None: no lower bound.
         device: Torch device for CHGNet (default: CUDA if available).
         threads: Torch CPU threads for CHGNet (None: unchanged).
         workers: Processes for matching, fingerprints and CHGNet relaxations.
@@ -640,6 +670,7 @@ def evaluate_generated(
         for i, v in zip(idx, values):
             col[int(i)] = v.item() if hasattr(v, "item") else v
 
+    guarded_out = np.zeros(0, dtype=int)
     for stage in stages:
         if stage != "validity":  # only the validity stage knows what to do with a missing sample
             alive &= np.array([s is not None for s in ss], dtype=bool)
@@ -695,14 +726,20 @@ def evaluate_generated(
             if relax:
                 for i, s in zip(idx, finals):
                     ss[int(i)] = s
-            ok = np.ones(len(idx), dtype=bool)
-            for _, eh in per_m.values():
-                ok &= np.isfinite(eh) & (eh <= stable_threshold + ON_HULL_TOL)
-            keep = ok
-            one = np.isfinite(first) & (first <= stable_threshold + ON_HULL_TOL)
-            put("stable_one_mlip", idx, one)
+            flags = mlip_stable({m: eh for m, (_, eh) in per_m.items()}, stable_threshold, min_e_hull)
+            ok = keep = flags["all"]
+            put("stable_one_mlip", idx, flags["one"])
             put("stable_all_mlips", idx, ok)
+            put("far_below_hull", idx, flags["far"])
+            put("stable_one_mlip_unguarded", idx, flags["one_unguarded"])
+            guarded_out = idx[flags["all_unguarded"] & flags["far"]]  # stable but for the lower bound
             metrics["stable_rate_all_mlips"] = float(ok.mean()) if len(idx) else math.nan
+            metrics["stable_rate_all_mlips_unguarded"] = float(flags["all_unguarded"].mean()) if len(idx) else math.nan
+            metrics["n_far_below_hull"] = int(flags["far"].sum())
+            for m, (_, eh) in per_m.items():
+                deep = np.isfinite(eh) & (eh < (-np.inf if min_e_hull is None else min_e_hull))
+                metrics[f"n_far_below_hull_{m}"] = int(deep.sum())
+                metrics[f"median_e_above_hull_{m}"] = float(np.nanmedian(eh)) if np.isfinite(eh).any() else math.nan
         elif stage == "stability":
             tr = time.perf_counter()
             if hull is None:
@@ -771,9 +808,13 @@ def evaluate_generated(
         flat["sun_rate"] = len(survivors) / n if n else math.nan
         if mlips:
             one = per.get("stable_one_mlip", [None] * n)
+            one_ung = per.get("stable_one_mlip_unguarded", [None] * n)
             flat["sun_rate_two_mlip" if len(mlips) > 1 else "sun_rate_one_mlip"] = flat["sun_rate"]
             flat["sun_rate_one_mlip"] = sum(1 for v in one if v) / n if n else math.nan
             flat["sun_one_mlip_name"] = getattr(mlips[0], "name", mlips[0])
+            if stages[-1] == "stability":  # the lower bound was the last filter: what it removed is countable
+                flat["sun_rate_unguarded"] = (len(survivors) + len(guarded_out)) / n if n else math.nan
+                flat["sun_rate_one_mlip_unguarded"] = sum(1 for v in one_ung if v) / n if n else math.nan
         eh_col = per.get("e_above_hull", [None] * n)
         flat["sun_rate_on_hull"] = (
             sum(1 for i in survivors if eh_col[i] is not None and eh_col[i] <= ON_HULL_TOL) / n
@@ -794,6 +835,7 @@ def evaluate_generated(
             "relax_steps": relax_steps,
             "fmax_eV_per_A": fmax,
             "stable_threshold_eV_per_atom": stable_threshold,
+            "min_e_hull_eV_per_atom": min_e_hull if mlips else None,
             "device": dev,
             "n_reference": len(ref),
             "n_coverage_reference": len(cov_ref),
@@ -801,6 +843,8 @@ def evaluate_generated(
             "stable_rule": (
                 f"e_above_hull <= {stable_threshold} eV/atom under every MLIP "
                 f"({', '.join(getattr(m, 'name', m) for m in mlips)}), each against its own hull"
+                + (f", and no MLIP below {min_e_hull} eV/atom (far below the hull: counted apart)"
+                   if min_e_hull is not None else "")
                 if mlips else f"CHGNet e_above_hull <= {stable_threshold} eV/atom"
             ),
             "n_hull_reference": len(hull_reference) if hull_reference is not None else len(ref),
@@ -815,6 +859,7 @@ __all__ = [
     "COV_CUTOFFS",
     "CSP_TOLERANCES",
     "DEFAULT_STAGES",
+    "FAR_BELOW_HULL",
     "MATCH_TOLERANCES",
     "ReferenceSet",
     "hull_relevant",
@@ -824,6 +869,7 @@ __all__ = [
     "csp_match_details",
     "distribution_distances",
     "evaluate_generated",
+    "mlip_stable",
     "novel_mask",
     "structural_validity",
     "unique_mask",

@@ -28,6 +28,7 @@ import numpy as np
 from mmmat.evaluation.generation import (
     CSP_TOLERANCES,
     DEFAULT_STAGES,
+    FAR_BELOW_HULL,
     MIN_DISTANCE,
     MIN_VOLUME,
     ReferenceSet,
@@ -582,6 +583,7 @@ def evaluate_folder(
     endpoint_cache: str | Path | None = None,
     novelty_reference: str = "train",
     mlips: Sequence[str] | None = ("chgnet", "sevennet"),
+    min_e_hull: float | None = FAR_BELOW_HULL,
 ) -> dict[str, Any]:
     """Evaluate a generated folder against a shard folder; write ``out_json``, a ``.md`` report and plots.
 
@@ -612,6 +614,8 @@ def evaluate_folder(
             of EVERY split of ``reference_shards`` plus the shipped elemental references, cached in
             ``cache_dir`` (see :func:`prepare_reference`). None or an explicit ``hull``: the single-CHGNet hull
             of the train split.
+        min_e_hull: With ``mlips``: deeper than this below an MLIP's hull (eV/atom) a sample is counted apart
+            (``n_far_below_hull``), not as stable; the rates without the bound are reported as ``*_unguarded``.
 
     Returns:
         The report as written to ``out_json`` (JSON-ready: ``evaluate_generated``'s report without
@@ -727,6 +731,7 @@ def evaluate_folder(
         mlips=list(mlips) if use_mlips else None,
         hull_reference=hull_reference,
         hull_cache=cache / "hull" if cache is not None else None,
+        min_e_hull=min_e_hull,
     )
     res.pop("structures", None)
     metrics = dict(res["metrics"])
