@@ -40,7 +40,7 @@ def arm_config(base: dict, arm: str, args, seed: int, out: Path, generator: str 
     if args.methods:
         cfg["oracle"]["methods"] = args.methods
     cfg["oracle"].update(steps=args.steps, workers=args.workers, device=args.device, relax_methods=args.relax_methods,
-                         cache=str(Path(args.cache) / "hull"))
+                         cache=str(Path(args.cache) / "hull"), batch=args.oracle_batch)
     cfg["propose"]["templates"] = args.templates
     cfg["propose"]["mutations"] = args.mutations
     cfg["surrogate"]["epochs"] = args.epochs
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--relax-methods", nargs="+", default=None,
                     help="MLIPs that relax (default: both); the others take single points of the relaxed cell")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--oracle-batch", type=int, default=None,
+                    help="structures per oracle call (default: the oracle's choice; 0: a whole round)")
     ap.add_argument("--templates", type=int, default=200, help="template proposals per round")
     ap.add_argument("--mutations", type=int, default=60, help="mutations per round (loop only)")
     ap.add_argument("--epochs", type=int, default=30, help="surrogate training epochs")
