@@ -1,6 +1,6 @@
 """The judge of generated crystals, timed: batched relaxers compared, and the full staged report of de novo samples.
 
-Three modes.
+Four modes.
 
 ``relaxers``: the same perturbed mp20p-like crystals relaxed (at most ``--steps`` FIRE steps, fmax 0.05 eV/Å)
 three ways: one by one with ASE's ``FIRE(UnitCellFilter)`` and the MLIP's ASE calculator, batched by
@@ -36,6 +36,11 @@ re-run), e.g. with another lower bound ``--min-e-hull`` (default -0.2 eV/atom: d
 an MLIP artefact, not as stable); updates the S.U.N. rates of that run in the result file::
 
     python benchmarks/judge.py rescore --report benchmarks/results/profiles/judge_gpu_500_steps_h200_report.json.gz
+
+``hulls``: the stability stage's hull work on a saved report's samples (no MLIP runs), timed for the
+linear-programme hull the judge uses and for pymatgen's ``PhaseDiagram``, both checked against the report::
+
+    python benchmarks/judge.py hulls --report REPORT.json.gz --generated DENOVO --shards SHARDS --cache CACHE
 
 Numbers on mp20p are not MP-20 numbers.
 """
@@ -284,6 +289,75 @@ def rescore(args) -> None:
     print(json.dumps(out, indent=1))
 
 
+def hulls(args) -> None:
+    """Time the stability stage's hull work per MLIP on a saved report's samples, two ways, and check both.
+
+    For the samples that reached stability in ``--report`` (with their saved MLIP energies, so no MLIP runs):
+    the known phases' energies read from the cache (``MethodHull.ensure_many``), then each sample's energy
+    above hull by the linear-programme hull (``HullReference.e_above_hull``, what the judge uses) and by
+    pymatgen's ``PhaseDiagram`` of its chemical system (the judge's earlier route). Both must reproduce the
+    report's E_hull.
+    """
+    import gzip
+
+    from pymatgen.analysis.phase_diagram import PDEntry
+
+    from mmmat.data.loader import load_records, split_shards
+    from mmmat.design.oracle import KnownPhases, MethodHull, MLIPMethod
+    from mmmat.evaluation.generation import ReferenceSet
+    from mmmat.evaluation.report import read_generated
+
+    raw = Path(args.report).read_bytes()
+    rep = json.loads(gzip.decompress(raw) if args.report.endswith(".gz") else raw)
+    ps = rep["per_sample"]
+    structures, _ = read_generated(args.generated)
+    idx = [i for i, v in enumerate(ps["novel"]) if v is True]  # the stability stage's input
+    cur = [structures[i] for i in idx]
+    t0 = time.perf_counter()
+    recs = [r for s in ("train", "val", "test") for r in load_records(split_shards(args.shards, s))]
+    ref = ReferenceSet.from_records(recs)
+    known = KnownPhases(ref.structures, ref.ids)
+    load_s = time.perf_counter() - t0
+    systems = sorted({tuple(sorted(el.symbol for el in s.composition.elements)) for s in cur})
+    out: dict = {"samples": len(cur), "chemical_systems": len(systems), "known_phases": len(known),
+                 "reference_load_s": load_s}
+    for name in rep["settings"]["mlips"]:
+        e = np.array([np.nan if ps[f"energy_per_atom_{name}"][i] is None else ps[f"energy_per_atom_{name}"][i]
+                      for i in idx])
+        want = np.array([np.nan if ps[f"e_above_hull_{name}"][i] is None else ps[f"e_above_hull_{name}"][i]
+                         for i in idx])
+        t0 = time.perf_counter()
+        mh = MethodHull(MLIPMethod(name, "cpu"), known, Path(args.cache) / "hull", steps=rep["settings"]["relax_steps"],
+                        fmax=rep["settings"]["fmax_eV_per_A"])
+        mh.ensure_many(systems)
+        hull = mh.reference()
+        t1 = time.perf_counter()
+        lp = np.array([hull.e_above_hull(s.composition, v) for s, v in zip(cur, e)])
+        t2 = time.perf_counter()
+        pd = []
+        for s, v in zip(cur, e):
+            diagram = hull.phase_diagram(el.symbol for el in s.composition.elements) if np.isfinite(v) else None
+            if diagram is None:
+                pd.append(np.nan)
+                continue
+            pd.append(diagram.get_e_above_hull(PDEntry(s.composition, float(v) * s.composition.num_atoms),
+                                               allow_negative=True))
+        t3 = time.perf_counter()
+        pd = np.array(pd)
+        both = np.isfinite(want)
+        out[name] = {
+            "known_energies_s": t1 - t0, "e_above_hull_lp_s": t2 - t1, "e_above_hull_phase_diagram_s": t3 - t2,
+            "computed": mh.computed, "samples_with_hull": int(both.sum()),
+            "max_abs_diff_lp_vs_report": float(np.max(np.abs(lp[both] - want[both]))) if both.any() else None,
+            "max_abs_diff_phase_diagram_vs_report": float(np.max(np.abs(pd[both] - want[both]))) if both.any()
+            else None,
+            "nan_agree": bool(np.array_equal(np.isnan(lp), np.isnan(want))),
+        }
+        print(name, out[name], flush=True)
+    write_result("judge_hulls", out, {"report": args.report, "generated": args.generated, "cache": args.cache},
+                 out=args.result)
+
+
 def main() -> None:
     """Parse arguments and run a mode."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -316,8 +390,14 @@ def main() -> None:
     q.add_argument("--report", required=True)
     q.add_argument("--min-e-hull", type=float, default=-0.2, help="eV/atom; -inf: no lower bound")
     q.add_argument("--result", default=None, help="result file (default benchmarks/results/generate_denovo_eval.json)")
+    h = sub.add_parser("hulls", help="time the hull work of a saved report's stability stage (no MLIP runs)")
+    h.add_argument("--report", required=True)
+    h.add_argument("--generated", required=True, help="the report's sample folder")
+    h.add_argument("--shards", required=True)
+    h.add_argument("--cache", required=True, help="the `mmmat evaluate prepare` cache the report used")
+    h.add_argument("--result", default=None, help="result file (default benchmarks/results/judge_hulls.json)")
     args = ap.parse_args()
-    {"relaxers": relaxers, "report": report, "rescore": rescore}[args.mode](args)
+    {"relaxers": relaxers, "report": report, "rescore": rescore, "hulls": hulls}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,37 @@ def test_stability_lower_bound_counts_far_below_hull_apart():
         mlip_stable({})
 
 
+def test_hull_energy_equals_the_phase_diagram(tmp_path):
+    """The linear-programme hull equals pymatgen's PhaseDiagram on random quaternary systems (and a known case)."""
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+    from pymatgen.core import Composition
+
+    from mmmat.evaluation.generation_stability import HullReference
+
+    # known answer: A, B at 0, AB at -1 eV/atom; A3B lies on the A-AB tie line at -0.5
+    ref = HullReference(["Na", "Cl", "NaCl"], [0.0, 0.0, -1.0], ["na", "cl", "nacl"])
+    assert ref.hull_energy("Na3Cl") == pytest.approx(-0.5, abs=1e-9)
+    assert ref.e_above_hull("Na3Cl", -0.4) == pytest.approx(0.1, abs=1e-9)
+    assert ref.e_above_hull("NaCl", -1.2) == pytest.approx(-0.2, abs=1e-9)
+    assert np.isnan(ref.e_above_hull("NaO", -1.0))  # no oxygen end point
+    rng = np.random.default_rng(0)
+    els = ["Li", "Fe", "P", "O"]
+    formulas, energies = list(els), list(rng.uniform(-5, -2, 4))
+    for _ in range(60):
+        k = rng.integers(2, 5)
+        pick = rng.choice(els, k, replace=False)
+        formulas.append("".join(f"{e}{rng.integers(1, 5)}" for e in pick))
+        energies.append(rng.uniform(-7, -2))
+    ref = HullReference(formulas, energies, [str(i) for i in range(len(formulas))])
+    pd = PhaseDiagram([PDEntry(Composition(f), e * Composition(f).num_atoms) for f, e in zip(formulas, energies)])
+    for _ in range(40):
+        comp = Composition("".join(f"{e}{rng.integers(1, 7)}" for e in rng.choice(els, rng.integers(1, 5),
+                                                                                   replace=False)))
+        e = float(rng.uniform(-7, -2))
+        want = pd.get_e_above_hull(PDEntry(comp, e * comp.num_atoms), allow_negative=True)
+        assert ref.e_above_hull(comp, e) == pytest.approx(want, abs=1e-7)
+
+
 def test_reference_key_changes_with_structures():
     from mmmat.evaluation.report import reference_key
 

@@ -219,6 +219,7 @@ class KnownPhases:
         self.ids = [str(i) for i in ids]
         self.by_system: dict[frozenset, list[int]] = {}
         self.by_formula: dict[str, list[int]] = {}
+        self._keys: dict[int, str] = {}
         for i, s in enumerate(self.structures):
             self.by_system.setdefault(frozenset(el.symbol for el in s.composition.elements), []).append(i)
             self.by_formula.setdefault(s.composition.reduced_formula, []).append(i)
@@ -238,6 +239,16 @@ class KnownPhases:
     def elements(self) -> set[str]:
         """Every element of the known phases."""
         return {e for k in self.by_system for e in k}
+
+    def key(self, i: int) -> str:
+        """``<id>:<structure hash>`` of known phase ``i``, the key of its cached energies (computed once)."""
+        if i not in self._keys:
+            self._keys[i] = f"{self.ids[i]}:{_sha(self.structures[i])}"
+        return self._keys[i]
+
+    def elemental(self, elements: Sequence[str]) -> dict[str, list[int]]:
+        """The known phases of each single element of ``elements``."""
+        return {el: self.by_system[frozenset([el])] for el in set(elements) if frozenset([el]) in self.by_system}
 
 
 class MethodHull:
@@ -281,23 +292,27 @@ class MethodHull:
             self.energy[self.known.ids[i]] = v
         self.computed += len(todo)
 
-    def ensure(self, elements: Sequence[str]) -> None:
-        """Compute (or read from the cache) every known phase of the system and missing elemental end points."""
+    def _have(self, elements: Sequence[str]) -> set[str]:
+        """Which of ``elements`` have a known elemental phase with an energy."""
+        return {el for el, idx in self.known.elemental(elements).items()
+                if any(self.energy.get(self.known.ids[i]) is not None for i in idx)}
+
+    def ensure(self, elements: Sequence[str], save: bool = True) -> bool:
+        """Compute (or read from the cache) every known phase of the system and missing elemental end points.
+
+        Returns whether anything was added; ``save`` False leaves writing the cache file to the caller.
+        """
         idx = [i for i in self.known.in_system(elements) if self.known.ids[i] not in self.energy]
         todo = []
         for i in idx:
-            key = f"{self.known.ids[i]}:{_sha(self.known.structures[i])}"
+            key = self.known.key(i)
             if key in self._cache:
                 self.energy[self.known.ids[i]] = self._cache[key]["e"]
             else:
                 todo.append((i, key))
         changed = bool(idx)
         self._single_points(todo)
-        have: set[str] = set()
-        for i in self.known.in_system(elements):
-            s = self.known.structures[i]
-            if len(s.composition.elements) == 1 and self.energy.get(self.known.ids[i]) is not None:
-                have.add(s.composition.elements[0].symbol)
+        have = self._have(elements)
         from mmmat.evaluation.elemental import lookup
 
         for el in sorted(set(elements)):  # shipped end points join the hull whenever present (the lowest wins)
@@ -332,7 +347,9 @@ class MethodHull:
             changed = True
         if todo or changed:
             self._ref = None
-            self._save()
+            if save:
+                self._save()
+        return bool(todo or changed)
 
     def ensure_many(self, systems: Sequence[Sequence[str]]) -> None:
         """:meth:`ensure` for many chemical systems, with the known phases' energies in one batched call."""
@@ -344,7 +361,7 @@ class MethodHull:
                 if mid in self.energy or i in seen:
                     continue
                 seen.add(i)
-                key = f"{mid}:{_sha(self.known.structures[i])}"
+                key = self.known.key(i)
                 if key in self._cache:
                     self.energy[mid] = self._cache[key]["e"]
                 else:
@@ -354,17 +371,18 @@ class MethodHull:
             self._ref = None
         from mmmat.evaluation.elemental import lookup
 
-        have = {self.known.structures[i].composition.elements[0].symbol for i in range(len(self.known))
-                if len(self.known.structures[i].composition.elements) == 1
-                and self.energy.get(self.known.ids[i]) is not None}
         elements = {el for els in systems for el in els}
+        have = self._have(elements)
         if self.relaxer is None:
             missing = [el for el in elements if lookup(self.method.cache_key(), el) is None]
         else:
             missing = list(elements)
         self._relax_missing_prototypes(sorted(set(missing) - have - set(self.proto)))
+        changed = bool(todo)
         for els in systems:
-            self.ensure(els)
+            changed = self.ensure(els, save=False) or changed
+        if changed:
+            self._save()  # once: the cache file is rewritten whole (it was once per system)
 
     def _relax_missing_prototypes(self, elements: Sequence[str]) -> None:
         """Relax the prototypes of several elements in batched calls (MLIP methods; cached like the others)."""
