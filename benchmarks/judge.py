@@ -135,7 +135,8 @@ def relaxers(args) -> None:
         if name == "sevennet" and not args.no_torch_sim:
             metrics.update(_torch_sim(ss, args, np.array(e_ase)))
     name = "judge_relaxers_torch_sim" if args.only_torch_sim else "judge_relaxers"
-    write_result(name, metrics, {"what": "batched FIRE relaxers vs ASE one by one (see the docstring)"})
+    write_result(name, metrics, {"what": "batched FIRE relaxers vs ASE one by one (see the docstring)"},
+                 out=args.result)
 
 
 def _graph_cost(device_pot, ase_pot, ss, repeats: int = 20) -> dict:
@@ -371,6 +372,7 @@ def main() -> None:
     r.add_argument("--mlips", nargs="+", default=["chgnet", "sevennet"])
     r.add_argument("--no-torch-sim", action="store_true")
     r.add_argument("--only-torch-sim", action="store_true", help="SevenNet: ASE one by one and torch-sim only")
+    r.add_argument("--result", default=None, help="result file (default benchmarks/results/judge_relaxers.json)")
     p = sub.add_parser("report")
     p.add_argument("--generated", required=True)
     p.add_argument("--shards", required=True)
