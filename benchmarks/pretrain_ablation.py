@@ -50,6 +50,10 @@ VARIANTS: dict[str, list[str]] = {
     "denoise": ["--model.init_args.objectives={denoise: {weight: 1.0}}"],
     "denoise_masked": [_DM],
     "denoise_masked_spread": [_DM, "--model.init_args.feature_spread={weight: 1.0}"],
+    # the structural objectives without the contrastive loss (every pair weighted 0; the other encoders still run,
+    # so this variant sees fewer crystals in the same time): does the contrastive loss cost the fine-tuning?
+    "structural_only": [_DM, "--model.init_args.loss_weights={xrd: 0.0, image: 0.0, processing_text: 0.0, "
+                             "literature_text: 0.0}"],
 }
 TARGETS = ("formation_energy_per_atom", "band_gap")
 
