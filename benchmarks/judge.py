@@ -238,6 +238,14 @@ def report(args) -> None:
     write_result("generate_denovo_eval", metrics, extra, out=path)
 
 
+def _load_report(path: str) -> dict:
+    """A report JSON written by ``evaluate_folder`` (gzip-compressed when the name ends in ``.gz``)."""
+    import gzip
+
+    raw = Path(path).read_bytes()
+    return json.loads(gzip.decompress(raw) if path.endswith(".gz") else raw)
+
+
 def rescore(args) -> None:
     """Re-apply the stability rule to a saved report's per-sample energies above hull (no relaxation re-run).
 
@@ -245,12 +253,9 @@ def rescore(args) -> None:
     The figures go under the report's run in the result file (``runs[<device>_<steps>_steps]["rescored"]``) and
     replace its headline metrics, the bound stated beside them.
     """
-    import gzip
-
     from mmmat.evaluation.generation import mlip_stable
 
-    raw = Path(args.report).read_bytes()
-    rep = json.loads(gzip.decompress(raw) if args.report.endswith(".gz") else raw)
+    rep = _load_report(args.report)
     ps, st = rep["per_sample"], rep["settings"]
     n = rep["n_generated"]
     col = {k: np.array([np.nan if v is None else float(v) for v in ps[k]], dtype=np.float64)
@@ -270,7 +275,7 @@ def rescore(args) -> None:
         "sun_rate_one_mlip_unguarded": float((passed & flags["one_unguarded"]).sum() / n),
         "n_far_below_hull": int(flags["far"].sum()),
         "n_sun_far_below_hull": int((passed & flags["all_unguarded"] & flags["far"]).sum()),
-        **{f"n_far_below_hull_{m}": int((col[f"e_above_hull_{m}"] < args.min_e_hull).sum()) for m in mlips},
+        **{f"n_far_below_hull_{m}": int(flags[f"far_{m}"].sum()) for m in mlips},
         **{f"median_e_above_hull_{m}": float(np.nanmedian(col[f"e_above_hull_{m}"])) for m in mlips},
         "sun_one_mlip_name": mlips[0],
     }
@@ -299,8 +304,6 @@ def hulls(args) -> None:
     pymatgen's ``PhaseDiagram`` of its chemical system (the judge's earlier route). Both must reproduce the
     report's E_hull.
     """
-    import gzip
-
     from pymatgen.analysis.phase_diagram import PDEntry
 
     from mmmat.data.loader import load_records, split_shards
@@ -308,8 +311,7 @@ def hulls(args) -> None:
     from mmmat.evaluation.generation import ReferenceSet
     from mmmat.evaluation.report import read_generated
 
-    raw = Path(args.report).read_bytes()
-    rep = json.loads(gzip.decompress(raw) if args.report.endswith(".gz") else raw)
+    rep = _load_report(args.report)
     ps = rep["per_sample"]
     structures, _ = read_generated(args.generated)
     idx = [i for i, v in enumerate(ps["novel"]) if v is True]  # the stability stage's input

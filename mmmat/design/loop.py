@@ -272,8 +272,8 @@ class DesignLoop:
         self.ledger = Ledger(ledger_path)
         stored = self.ledger.get_meta("config")
         mine = json.loads(json.dumps(self.cfg.to_dict()))
-        if stored is not None and _results_config(stored) != _results_config(mine):
-            a, b = _results_config(mine), _results_config(stored)
+        a, b = _results_config(mine), _results_config(stored) if stored is not None else None
+        if b is not None and a != b:
             diff = sorted(k for k in a if a[k] != b.get(k))
             raise DesignError(f"{ledger_path} was written with another config (differs in {diff})")
         self.ledger.set_meta("config", mine)
@@ -457,8 +457,8 @@ class DesignLoop:
         # oracle calls of the size the oracle does best (a GPU relaxes a whole round in one batch); the ledger is
         # written after each, so a kill costs at most the unfinished call
         size = self.cfg.oracle.batch if self.cfg.oracle.batch is not None else getattr(self.oracle, "batch_size", 1)
-        chunk = len(pending) if size <= 0 else size
-        for lo in range(0, len(pending), max(1, chunk)):
+        chunk = max(1, len(pending) if size <= 0 else size)
+        for lo in range(0, len(pending), chunk):
             part = pending[lo : lo + chunk]
             results = self.oracle.evaluate([_structure(p["cif"]) for p in part])
             log.debug("oracle: %s done", [p["id"] for p in part])

@@ -510,8 +510,9 @@ def mlip_stable(e_hulls: Mapping[str, Any], threshold: float = 0.1,
     """Stability flags per sample from each MLIP's energy above its hull (eV/atom, NaN where none).
 
     ``all``: within ``[min_e_hull, threshold]`` under every MLIP; ``one``: the same under the first MLIP alone;
-    ``far``: deeper than ``min_e_hull`` under any MLIP; ``all_unguarded`` / ``one_unguarded``: without the
-    lower bound (the convention of published S.U.N. rates). ``min_e_hull`` None: no lower bound.
+    ``far``: deeper than ``min_e_hull`` under any MLIP (``far_<mlip>``: under that one); ``all_unguarded`` /
+    ``one_unguarded``: without the lower bound (the convention of published S.U.N. rates). ``min_e_hull``
+    None: no lower bound.
     """
     arrays = [np.asarray(v, dtype=np.float64) for v in e_hulls.values()]
     if not arrays:
@@ -522,7 +523,7 @@ def mlip_stable(e_hulls: Mapping[str, Any], threshold: float = 0.1,
     far = np.logical_or.reduce(deep)
     every = np.logical_and.reduce(upto)
     return {"all": every & ~far, "one": upto[0] & ~deep[0], "far": far, "all_unguarded": every,
-            "one_unguarded": upto[0]}
+            "one_unguarded": upto[0], **{f"far_{m}": d for m, d in zip(e_hulls, deep)}}
 
 
 def _mlip_stability(structures, known, mlips, relax, steps, fmax, device, threads, cache, threshold=0.1):
@@ -737,8 +738,7 @@ def evaluate_generated(
             metrics["stable_rate_all_mlips_unguarded"] = float(flags["all_unguarded"].mean()) if len(idx) else math.nan
             metrics["n_far_below_hull"] = int(flags["far"].sum())
             for m, (_, eh) in per_m.items():
-                deep = np.isfinite(eh) & (eh < (-np.inf if min_e_hull is None else min_e_hull))
-                metrics[f"n_far_below_hull_{m}"] = int(deep.sum())
+                metrics[f"n_far_below_hull_{m}"] = int(flags[f"far_{m}"].sum())
                 metrics[f"median_e_above_hull_{m}"] = float(np.nanmedian(eh)) if np.isfinite(eh).any() else math.nan
         elif stage == "stability":
             tr = time.perf_counter()

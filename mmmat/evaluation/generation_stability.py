@@ -317,10 +317,7 @@ class HullReference:
             return self._pd_cache[key]
         pd = None
         if not self.missing_endpoints(key):
-            idx: list[int] = []
-            for k in range(1, len(key) + 1):
-                for sub in combinations(sorted(key), k):
-                    idx.extend(self._by_chemsys.get(frozenset(sub), []))
+            idx = self._entries(key)
             entries = [
                 PDEntry(self._comps[i], float(self.energies[i]) * self._comps[i].num_atoms, name=self.ids[i])
                 for i in idx
@@ -329,14 +326,18 @@ class HullReference:
         self._pd_cache[key] = pd
         return pd
 
+    def _entries(self, key: frozenset) -> list[int]:
+        """Indices of the entries of a chemical system and of all its subsystems."""
+        els = sorted(key)
+        return [i for k in range(1, len(els) + 1) for sub in combinations(els, k)
+                for i in self._by_chemsys.get(frozenset(sub), [])]
+
     def _system(self, key: frozenset) -> tuple[list[str], np.ndarray, np.ndarray] | None:
         """(elements, (k, m) atomic fractions, (m,) energies per atom) of every entry of a chemical system."""
         if key not in self._lp_cache:
             out = None
             if not self.missing_endpoints(key):
-                els = sorted(key)
-                idx = [i for k in range(1, len(els) + 1) for sub in combinations(els, k)
-                       for i in self._by_chemsys.get(frozenset(sub), [])]
+                els, idx = sorted(key), self._entries(key)
                 frac = np.array([[self._comps[i].get_atomic_fraction(e) for e in els] for i in idx]).T
                 out = (els, frac, self.energies[idx])
             self._lp_cache[key] = out
