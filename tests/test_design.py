@@ -92,6 +92,24 @@ def test_selection_strategies_and_qei():
     assert np.mean(np.abs(emb[picks, 0])) < np.mean(np.abs(emb[:, 0]))
 
 
+def test_qei_inputs_reduced_to_principal_components():
+    from mmmat.design.select import reduce_inputs
+
+    rng = np.random.default_rng(1)
+    # 40 columns, one of them constant, the others mixtures of three latent factors plus a little noise
+    x = rng.normal(size=(60, 3)) @ rng.normal(size=(3, 39)) + 0.01 * rng.normal(size=(60, 39))
+    x = np.concatenate([x, np.ones((60, 1))], 1)
+    zt, zc = reduce_inputs(x[:20], x[20:], dims=3)
+    assert zt.shape == (20, 3) and zc.shape == (40, 3)
+    # three components keep almost all the (scaled) variance
+    scaled = (x[:, :39] - x[:, :39].min(0)) / np.ptp(x[:, :39], 0)
+    kept = np.concatenate([zt, zc]).var(0).sum() / scaled.var(0).sum()
+    assert kept > 0.99
+    zt, zc = reduce_inputs(x[:20], x[20:], dims=0)  # 0: every non-constant column, scaled to [0, 1]
+    assert zt.shape == (20, 39) and np.isclose(np.concatenate([zt, zc]).min(), 0.0)
+    assert np.isclose(np.concatenate([zt, zc]).max(), 1.0)
+
+
 def test_tiny_loop_killed_mid_round_resumes_without_repeating_oracle_calls(tmp_path):
     from mmmat.design import run
 
