@@ -178,8 +178,9 @@ def _write(args, runs: dict, t_ref: float, out: Path) -> None:
             "MLIPs not in relax_methods take single points of the relaxed cell (and of relaxed elemental "
             "prototypes); known phases are single points of their DFT structures. Band gap judged by the "
             "surrogate (MLP ensemble on composition + density features, mp20p train split), which the loop "
-            "also selects with: its gap advantage is not verified by the oracle. hits_ratio_vs_best_baseline is "
-            "null when no baseline found a hit."
+            "also selects with: its gap advantage is not verified by the oracle. Every arm's surrogate learns "
+            "from the oracle's labels each round (e_hull: mean of the MLIPs, bounded to [guards.min_e_hull, 1] "
+            "eV/atom). hits_ratio_vs_best_baseline is null when no baseline found a hit."
         ),
     }, out=args.result)
 

@@ -110,6 +110,36 @@ def test_qei_inputs_reduced_to_principal_components():
     assert np.isclose(np.concatenate([zt, zc]).max(), 1.0)
 
 
+def test_ensemble_update_moves_the_reference_of_the_distance_guard(nacl, gan, triclinic):
+    from mmmat.design.surrogate import EnsembleSurrogate, nearest_distance, ood_threshold
+
+    structs = [nacl, gan, triclinic] * 4
+    y = np.random.default_rng(0).normal(size=(12, 2))
+    sur = EnsembleSurrogate(["a", "b"], members=2, hidden=16, epochs=5, finetune_epochs=40, seed=0).fit(structs, y)
+    before = sur.train_embeddings().copy()
+    sur.update([nacl, gan], np.array([[5.0, 5.0], [-5.0, -5.0]]))
+    after = sur.train_embeddings()
+    # the training crystals, embedded by the updated model, lie in the guard's reference set (distance 0), and
+    # the reference moved with the update (it was computed by the model before it)
+    own = sur.predict(structs)["embedding"]
+    assert nearest_distance(own, after).max() < 1e-4
+    assert nearest_distance(own, before).max() > 1e-3
+    assert np.isfinite(ood_threshold(after, 0.99))
+
+
+def test_e_hull_labels_are_bounded_for_learning():
+    from mmmat.design.config import Objective, load_config
+    from mmmat.design.loop import E_HULL_LABEL_MAX, _oracle_label
+
+    cfg = load_config(tiny_config("unused"))
+    cfg.objectives = [Objective("e_hull", surrogate="e_above_hull", oracle="e_hull", max=0.05, scale=0.05)]
+    blown = {"e_hull": {"chgnet": 0.1, "sevennet": 1226.6}}  # one MLIP's relaxation blew up
+    assert _oracle_label(cfg, blown, "e_above_hull") == E_HULL_LABEL_MAX
+    assert _oracle_label(cfg, {"e_hull": {"chgnet": -5.0, "sevennet": -3.0}}, "e_above_hull") == cfg.guards.min_e_hull
+    assert np.isclose(_oracle_label(cfg, {"e_hull": {"chgnet": 0.1, "sevennet": 0.2}}, "e_above_hull"), 0.15)
+    assert np.isnan(_oracle_label(cfg, {"e_hull": {}}, "e_above_hull"))
+
+
 def test_tiny_loop_killed_mid_round_resumes_without_repeating_oracle_calls(tmp_path):
     from mmmat.design import run
 

@@ -229,13 +229,22 @@ def _objective_values(cfg: DesignConfig, row: dict) -> np.ndarray:
     return vals
 
 
+#: Upper bound of the e_hull labels the surrogate learns from (eV/atom): a relaxation that blew up (one MLIP put
+#: a crystal 1,226 eV/atom above its hull) would otherwise dominate the surrogate's loss; above 1 eV/atom a
+#: crystal is far from stable whatever the exact figure.
+E_HULL_LABEL_MAX = 1.0
+
+
 def _oracle_label(cfg: DesignConfig, orc: dict, target: str) -> float:
-    """The oracle's label for a surrogate target (mean over methods for e_hull), NaN when it gives none."""
+    """The oracle's label for a surrogate target, NaN when it gives none.
+
+    For e_hull: the mean over methods, within [``guards.min_e_hull``, :data:`E_HULL_LABEL_MAX`].
+    """
     for o in cfg.objectives:
         if o.surrogate == target and o.oracle:
             if o.oracle == "e_hull":
                 eh = [v for v in (orc.get("e_hull") or {}).values() if v is not None]
-                return max(float(np.mean(eh)), cfg.guards.min_e_hull) if eh else math.nan
+                return float(np.clip(np.mean(eh), cfg.guards.min_e_hull, E_HULL_LABEL_MAX)) if eh else math.nan
             v = (orc.get("properties") or {}).get(o.oracle)
             return math.nan if v is None else float(v)
     return math.nan
@@ -518,6 +527,8 @@ class DesignLoop:
             return
         keep = np.isfinite(y).any(1)
         self.surrogate.update([_structure(row["cif"]) for row, k in zip(rows, keep) if k], y[keep])
+        # the distance-to-data guard measures in the surrogate's embedding, which the update may have moved
+        self.ood_thr = ood_threshold(self.surrogate.train_embeddings(), self.cfg.guards.ood_quantile, self.cfg.seed)
         g = self.cfg.propose.generator
         if self.generator is not None and g.reweight > 0:
             hits = self.ledger.candidates("is_hit = 1")

@@ -166,6 +166,7 @@ class EnsembleSurrogate(Surrogate):
         self.x = np.concatenate([self.x, *[xn] * 5])
         self.y = np.concatenate([self.y, *[yn] * 5])
         self._train(self.finetune_epochs, torch.Generator().manual_seed(self.seed + len(self.x)))
+        self._train_emb = None  # the embedding (a member's hidden layer) moved with the training
 
     @torch.no_grad()
     def train_embeddings(self) -> np.ndarray:
