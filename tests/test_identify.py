@@ -194,3 +194,27 @@ def test_ranking_interleaves_alternatives_and_runners_up():
         candidates=[{"material_id": "c9"}, {"material_id": "a"}], runners_up=["r1", "r2", "b1"],
         alternatives={"a": ["a1", "a2"], "b": ["b1"]})
     assert res.ranking() == ["a", "b", "b1", "a1", "r1", "a2", "r2", "c9"]
+
+
+def test_ranking_puts_coverage_candidates_after_the_phases():
+    from mmmat.xrd.identify import IdentifyResult, PhaseHit
+
+    z = np.zeros(3)
+    res = IdentifyResult(
+        phases=[PhaseHit("a", "A", 1, 1.0, 1.0, 50.0)], rwp=10.0, two_theta=z, measured=z, fitted=z, residual=z,
+        background=z, contributions={}, candidates=[], runners_up=["r1"], alternatives={"a": ["a1"]},
+        coverage=["c1", "a", "c2"])
+    assert res.ranking() == ["a", "c1", "c2", "a1", "r1"]
+    assert res.to_dict()["coverage"] == ["c1", "a", "c2"]
+
+
+def test_elements_no_phase_explains_bring_their_crystals_forward(tiny_index):
+    """Stopped after one phase, the crystal that carries the listed element no phase holds comes right after it."""
+    table = load_table(tiny_index)
+    pat = _scan(table, ["zno", "mgo"], [0.7, 0.3], [1.0, 1.0])
+    res = identify(pat, tiny_index, elements=["Zn", "O", "Mg"], max_phases=1)
+    assert [p.material_id for p in res.phases] == ["zno"]
+    assert res.coverage == ["mgo"] and res.ranking()[:2] == ["zno", "mgo"]
+    # every listed element explained: nothing to bring forward
+    res = identify(pat, tiny_index, elements=["Zn", "O", "Mg"])
+    assert {p.material_id for p in res.phases} == {"zno", "mgo"} and res.coverage == []
