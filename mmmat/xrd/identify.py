@@ -780,19 +780,23 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
                    "classical_score": round(float(scores[i]), 6), "lattice_scale": round(float(scales[i]), 5)}
                   for i in order[: max(POOL * 3, 30)]]
     by_id = {c["material_id"]: c for c in candidates}
+
+    def entry_of(row: int, lattice_scale: float) -> dict[str, Any]:
+        """The candidate entry of a table row, added to the candidates when the screen did not list it."""
+        mid = str(table.material_id[row])
+        if mid not in by_id:
+            by_id[mid] = {"material_id": mid, "formula": str(table.formula[row]), "classical_score": None,
+                          "lattice_scale": round(float(lattice_scale), 5)}
+            candidates.append(by_id[mid])
+        return by_id[mid]
+
     learned_rows: dict[int, float] = {}
     use_learned = _has_xrd_model(index, model) if learned is None else learned
     if use_learned:
         scale_of_row = dict(zip(rows.tolist(), scales.tolist()))
         hits = learned_candidates(pattern, index, model, table, rows if restricted else None)
         for rank, (row, cos) in enumerate(hits, 1):
-            mid = str(table.material_id[row])
-            entry = by_id.get(mid)
-            if entry is None:
-                entry = {"material_id": mid, "formula": str(table.formula[row]), "classical_score": None,
-                         "lattice_scale": round(float(scale_of_row.get(row, 1.0)), 5)}
-                candidates.append(entry)
-                by_id[mid] = entry
+            entry = entry_of(row, scale_of_row.get(row, 1.0))
             entry["learned_rank"], entry["learned_score"] = rank, round(cos, 5)
             learned_rows[row] = float(scale_of_row.get(row, 1.0))
 
@@ -956,27 +960,15 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
     # the runners-up: candidates of the final residual, ranked by how much each would lower the misfit
     ranked = []
     for rank, (_, r, s_) in enumerate(trials(chosen, chosen_scales, search(fit, chosen, not chosen)), 1):
-        mid = str(table.material_id[r])
-        entry = by_id.get(mid)
-        if entry is None:
-            entry = {"material_id": mid, "formula": str(table.formula[r]), "classical_score": None,
-                     "lattice_scale": round(float(s_), 5)}
-            candidates.append(entry)
-            by_id[mid] = entry
+        entry = entry_of(r, s_)
         entry["residual_rank"] = rank
-        ranked.append(mid)
+        ranked.append(entry["material_id"])
     # the coverage candidates: the crystals of elements still unexplained that would lower the misfit most
     coverage = []
     among = carrying_unexplained(chosen)
     if among.size and COVERAGE_CANDIDATES > 0:
         tried = by_coverage(trials(chosen, chosen_scales, search(fit, chosen, not chosen, among)), chosen)
-        for _, r, s_ in tried[:COVERAGE_CANDIDATES]:
-            mid = str(table.material_id[r])
-            if mid not in by_id:
-                by_id[mid] = {"material_id": mid, "formula": str(table.formula[r]), "classical_score": None,
-                              "lattice_scale": round(float(s_), 5)}
-                candidates.append(by_id[mid])
-            coverage.append(mid)
+        coverage = [entry_of(r, s_)["material_id"] for _, r, s_ in tried[:COVERAGE_CANDIDATES]]
     tt, y = fitter.tt, fitter.y
     n = len(chosen)
     background = fitter.bg @ coef[n:]
