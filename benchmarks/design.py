@@ -30,6 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import card, write_result  # noqa: E402
 
+NOTES = (
+    "mp20p (not MP-20). MLIPs relax with FIRE (positions + cell) for at most oracle_steps steps; "
+    "MLIPs not in relax_methods take single points of the relaxed cell (and of relaxed elemental "
+    "prototypes); known phases are single points of their DFT structures. Band gap judged by the "
+    "surrogate (MLP ensemble on composition + density features, mp20p train split), which the loop "
+    "also selects with: its gap advantage is not verified by the oracle. Every arm's surrogate learns "
+    "from the oracle's labels each round (e_hull: mean of the MLIPs, bounded to [guards.min_e_hull, 1] "
+    "eV/atom). hits_ratio_vs_best_baseline is null when no baseline found a hit."
+)
+
 
 def arm_config(base: dict, arm: str, args, seed: int, out: Path, generator: str | None) -> dict:
     cfg = json.loads(json.dumps(base))
@@ -173,15 +183,7 @@ def _write(args, runs: dict, t_ref: float, out: Path) -> None:
     write_result("design", metrics, {
         "task": args.task,
         "runs": runs,
-        "notes": (
-            "mp20p (not MP-20). MLIPs relax with FIRE (positions + cell) for at most oracle_steps steps; "
-            "MLIPs not in relax_methods take single points of the relaxed cell (and of relaxed elemental "
-            "prototypes); known phases are single points of their DFT structures. Band gap judged by the "
-            "surrogate (MLP ensemble on composition + density features, mp20p train split), which the loop "
-            "also selects with: its gap advantage is not verified by the oracle. Every arm's surrogate learns "
-            "from the oracle's labels each round (e_hull: mean of the MLIPs, bounded to [guards.min_e_hull, 1] "
-            "eV/atom). hits_ratio_vs_best_baseline is null when no baseline found a hit."
-        ),
+        "notes": NOTES,
     }, out=args.result)
 
 
@@ -236,7 +238,7 @@ def _from_ledgers(args) -> None:
         "methods": args.methods or ["chgnet", "sevennet"],
     }
     _plot(out, args.task)
-    extra = {"task": args.task, "runs": runs, "summarised_from_ledgers": str(out)}
+    extra = {"task": args.task, "runs": runs, "summarised_from_ledgers": str(out), "notes": NOTES}
     if args.card:
         extra.update(card=args.card, summarised_on=card())
     if args.setup:
