@@ -214,6 +214,26 @@ def test_tiny_loop_killed_mid_round_resumes_without_repeating_oracle_calls(tmp_p
     path.write_text(yaml.safe_dump({**cfg, "oracle": {**cfg["oracle"], "steps": 7}}))
     with pytest.raises(DesignError, match=r"another config \(differs in \['oracle'\]\)"):
         run(path, resume=True)
+    # the benchmark's summary of run folders from their ledgers: hits per 1,000 calls, marked partial when short
+    import argparse
+    import shutil
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.design import NOTES, _from_ledgers
+
+    bench = tmp_path / "bench"
+    shutil.copytree(out, bench / "loop_seed0")
+    n_hits = len(rep["hits"])
+    for budget, partial in ((24, False), (30, True)):
+        result = tmp_path / f"summary_{budget}.json"
+        _from_ledgers(argparse.Namespace(out=str(bench), budget=budget, steps=5, methods=None, card=None, setup=None,
+                                         task="tiny", result=str(result)))
+        doc = json.loads(result.read_text())
+        m = doc["metrics"]
+        assert m["hits_per_1000_calls_by_arm"] == {"loop": pytest.approx(1000.0 * n_hits / 24)}
+        assert m["oracle_calls_by_arm"] == {"loop": 24} and m["partial"] is partial
+        assert m["hits_ratio_vs_best_baseline"] is None  # no baseline arm in the folder
+        assert doc["runs"]["loop"][0]["rounds_done"] == 3 and doc["notes"] == NOTES
 
 
 def test_mlip_oracle_chgnet_and_sevennet(tmp_path):
