@@ -150,3 +150,43 @@ def test_compiled_encoders_give_the_same_embeddings(shards):
         a = plain.model(batch, modalities=["crystal"])["crystal"]
         b = fast.model(batch, modalities=["crystal"])["crystal"]
     assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_logged_values_read_back_once_on_written_steps(shards, tmp_path, sync_free):
+    """With ``sync_free`` the values beside the loss are logged (as host values, from one stacked read-back) only on
+    the steps the loggers write; without it, every step, as device tensors. ``train/loss`` is logged every step."""
+    import csv
+    import math
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    dm = _data(shards, precompute_graph=sync_free)
+    module = _module({**OFF, "sync_free": sync_free})
+    calls: list[tuple[int, str, torch.Tensor]] = []
+    log = module.log
+
+    def recording_log(name, value, *args, **kwargs):
+        calls.append((module.trainer.global_step, name, value))
+        return log(name, value, *args, **kwargs)
+
+    module.log = recording_log
+    logger = CSVLogger(str(tmp_path), name="log", version=0)
+    trainer = pl.Trainer(max_steps=4, log_every_n_steps=2, logger=logger, accelerator="cpu", devices=1,
+                         limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    loss_steps = [s for s, k, _ in calls if k == "train/loss"]
+    assert loss_steps == [0, 1, 2, 3]
+    others = [(s, k, v) for s, k, v in calls if k != "train/loss"]
+    assert {k for _, k, _ in others} >= {"train/loss/crystal-xrd", "train/acc/crystal_to_xrd"}
+    written = {1, 3}  # log_every_n_steps=2: the loggers write after the second and the fourth step
+    assert {s for s, _, _ in others} == (written if sync_free else {0, 1, 2, 3})
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and math.isfinite(float(v)) for _, _, v in others)
+    rows = list(csv.DictReader(open(tmp_path / "log" / "version_0" / "metrics.csv")))
+    got = {int(r["step"]): r for r in rows if r.get("train/loss/crystal-xrd")}
+    assert set(got) == written
+    for s, k, v in others:
+        if s in written and k in got[s]:
+            assert float(got[s][k]) == pytest.approx(float(v), rel=1e-6)

@@ -29,7 +29,8 @@ ENGINE_DEFAULTS: dict[str, bool] = {
     # the crystal encoder's computed powder pattern, once per crystal when the data are loaded (resident
     # data, no crystal_augment), instead of every step
     "precompute_patterns": True,
-    # no host reads in the step: text rows known on the host, full attention masks, no presence tests
+    # no host reads in the step: text rows known on the host, full attention masks, no presence tests, and the
+    # logged values other than the loss read back in one copy only on the steps the loggers write
     "sync_free": True,
     # AdamW as one fused kernel per parameter group (CUDA)
     "fused_adamw": True,
@@ -330,9 +331,7 @@ class ContrastivePretraining(pl.LightningModule):
         """One contrastive step."""
         if self._static is not None:
             loss, values = self._static(batch)
-            bar = getattr(self._trainer, "progress_bar_callback", None) is not None
-            for k, v in values.items():
-                self.log(k, v, prog_bar=bar and k == "train/loss", batch_size=len(batch))
+            self._log_train(values, len(batch))
             return loss
         if not self.engine["sync_free"] and batch.rows:
             batch.rows = {}
@@ -348,18 +347,41 @@ class ContrastivePretraining(pl.LightningModule):
             self._crystal_features = None
             logs.update({f"loss/feature_{k}": v for k, v in terms.items()})
             loss = loss + float(spread.get("weight", 1.0)) * value
-        bs = len(batch)
+        values: dict[str, Any] = {}
         if self.hparams.mixture_loss_weight > 0 and self._mixture is not None and {"xrd", "crystal"} <= set(emb):
             mix_loss = self._mixture_loss(emb["xrd"], emb["crystal"], batch)
-            self.log("train/loss_mixture", mix_loss, batch_size=bs)
+            values["train/loss_mixture"] = mix_loss
             loss = loss + self.hparams.mixture_loss_weight * mix_loss
-        # progress-bar values are read back from the device every step: only when a bar shows them
-        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
-        self.log("train/loss", loss, prog_bar=bar, batch_size=bs)
-        for k, v in logs.items():
-            if k.startswith(("loss/", "acc/", "logit")):
-                self.log(f"train/{k}", v, batch_size=bs)
+        values["train/loss"] = loss
+        values.update({f"train/{k}": v for k, v in logs.items() if k.startswith(("loss/", "acc/", "logit"))})
+        self._log_train(values, len(batch))
         return loss
+
+    def _log_train(self, values: dict[str, Any], batch_size: int) -> None:
+        """Log a training step's values, reading them back from the device once, and only when they are written.
+
+        ``train/loss`` is logged every step as it is (callbacks such as EarlyStopping watch it; it is read back
+        when the loggers write, and every step only when a progress bar shows it). The other values are read
+        back together, in one stacked copy, on the steps whose metrics the loggers write
+        (``trainer.log_every_n_steps``), instead of one read-back per value. With ``engine.sync_free`` off each
+        is logged every step, as plain Lightning does.
+        """
+        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
+        self.log("train/loss", values["train/loss"], prog_bar=bar, batch_size=batch_size)
+        rest = {k: v for k, v in values.items() if k != "train/loss"}
+        if not rest:
+            return
+        connector = getattr(self._trainer, "_logger_connector", None)
+        if not self.engine["sync_free"] or connector is None:
+            for k, v in rest.items():
+                self.log(k, v, batch_size=batch_size)
+            return
+        if not connector.should_update_logs:
+            return
+        like = values["train/loss"]
+        host = torch.stack([torch.as_tensor(v, device=like.device).detach().float().reshape(()) for v in rest.values()])
+        for k, v in zip(rest, host.cpu(), strict=True):
+            self.log(k, v, batch_size=batch_size)
 
     def _keep_crystal_features(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         """Forward hook on the crystal projection: keep its input (the encoder's output) for feature_spread."""
