@@ -256,7 +256,10 @@ def main() -> None:
                          "--pretrained-override='--model.init_args.layer_decay=0.8 "
                          "--model.init_args.head_warmup_steps=200'")
     ap.add_argument("--pretrain-override", type=shlex.split, default=[],
-                    help="more train.py arguments for pretraining, one string (as --finetune-override)")
+                    help="more train.py arguments for pretraining, one string (as --finetune-override). The "
+                         "override strings are split like a shell line: quote an argument that holds spaces "
+                         "inside the string, --pretrain-override='\"--model.init_args.objectives={denoise: "
+                         "{weight: 1.0}}\"'")
     ap.add_argument("--no-eval", action="store_true", help="pretrain only; a later pretrain call evaluates")
     ap.add_argument("--workdir", default="runs/pretrain_ablation")
     ap.add_argument("--result", default=None)
