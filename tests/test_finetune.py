@@ -326,3 +326,38 @@ def test_layer_decay_head_warmup_and_aux_objective_through_train_py(tmp_path, ti
     for n, p in model.model.encoder.named_parameters():
         assert torch.equal(p.detach(), before[n]), n
     assert "train/aux_masked_atoms" in cli.trainer.callback_metrics
+
+
+def test_l2_sp_holds_the_encoder_near_its_pretrained_weights(tmp_path, tiny_shards):
+    import train
+    from mmmat.latent.model import MultimodalModel
+    from mmmat.tasks.finetune import PropertyFinetuning
+
+    torch.manual_seed(0)
+    mm = MultimodalModel({"crystal": {**ENC, "cutoff": 5.0}}, embed_dim=8)
+    mm.save_pretrained(tmp_path / "pre")
+
+    def run(l2_sp):
+        pre = f"--model.init_args.pretrained={tmp_path / 'pre'}"
+        cli = train.main(_args(tmp_path / f"l2sp_{l2_sp}", tiny_shards, pre,
+                               "--model.init_args.encoder_lr_ratio=1.0", f"--model.init_args.l2_sp={l2_sp}",
+                               "--trainer.max_steps=8", "--trainer.max_epochs=4")[1:], run=False)
+        model = cli.model
+        start = {n: p.detach().clone() for n, p in model.model.encoder.named_parameters()}
+        cli.trainer.fit(model, datamodule=cli.datamodule)
+        assert model.global_step == 8
+        drift = sum(float(((p.detach() - start[n]) ** 2).sum()) for n, p in model.model.encoder.named_parameters())
+        decay = {g["weight_decay"] for g in cli.trainer.optimizers[0].param_groups if g["part"] == "encoder"}
+        return drift, decay, cli
+
+    free, decay_free, _ = run(0.0)
+    held, decay_held, cli = run(100.0)
+    assert max(decay_free) > 0 and decay_held == {0.0}  # the penalty replaces the encoder's weight decay
+    assert 0 < held < 0.5 * free, (held, free)
+    logged = float(cli.trainer.callback_metrics["train/l2_sp"])  # the last step's squared distance
+    assert 0 < logged < free
+    assert not any(k.startswith("_sp_ref") for k in cli.model.state_dict())  # never saved with the model
+    with pytest.raises(ValueError, match="l2_sp"):
+        PropertyFinetuning(targets=["density"], encoder=ENC, l2_sp=0.1)  # no pretrained weights to hold on to
+    with pytest.raises(ValueError, match="l2_sp"):
+        PropertyFinetuning(targets=["density"], pretrained=str(tmp_path / "pre"), l2_sp=-1.0)

@@ -63,6 +63,10 @@ class PropertyFinetuning(pl.LightningModule):
             embedding and radial basis at the bottom (see :func:`encoder_layer_id`). None: one rate.
         head_warmup_steps: For the first steps only the heads learn (the encoder's learning rate is 0), so
             that randomly initialised heads do not send large gradients into a pretrained encoder.
+        l2_sp: Weight of a penalty on the squared distance of the encoder's trainable weights from their
+            pretrained values, ``l2_sp · Σ (θ - θ₀)²`` (L2-SP: fine-tuning stays near what pretraining found).
+            When positive it replaces the encoder's weight decay, which pulls toward zero instead. Needs
+            ``pretrained``; 0 (default): off.
         aux_objectives: The pretraining objectives (:mod:`mmmat.latent.objectives`) kept as auxiliary losses,
             ``{"denoise": {"weight": 0.1}}``; their heads start from the pretrained folder's
             ``objectives.safetensors`` when it has them.
@@ -94,6 +98,7 @@ class PropertyFinetuning(pl.LightningModule):
         subset_seed: int = 0,
         layer_decay: float | None = None,
         head_warmup_steps: int = 0,
+        l2_sp: float = 0.0,
         aux_objectives: dict[str, dict[str, Any]] | None = None,
         save_dir: str | None = None,
         seed: int = 0,
@@ -117,6 +122,15 @@ class PropertyFinetuning(pl.LightningModule):
             raise ValueError(f"layer_decay must lie in (0, 1], got {layer_decay}")
         if head_warmup_steps < 0:
             raise ValueError(f"head_warmup_steps must be >= 0, got {head_warmup_steps}")
+        if l2_sp < 0 or (l2_sp > 0 and pretrained is None):
+            raise ValueError(f"l2_sp must be >= 0, and positive only with model.pretrained (got {l2_sp})")
+        # the pretrained values of the encoder's trainable weights, for l2_sp (not saved with the model)
+        self._sp_ref: list[tuple[str, str]] = []
+        if l2_sp > 0:
+            for i, (name, p) in enumerate(self.model.encoder.named_parameters()):
+                if p.requires_grad:
+                    self.register_buffer(f"_sp_ref_{i}", p.detach().clone(), persistent=False)
+                    self._sp_ref.append((name, f"_sp_ref_{i}"))
         self.aux = torch.nn.ModuleDict()
         if aux_objectives:
             from mmmat.latent.objectives import create_objective
@@ -229,6 +243,11 @@ class PropertyFinetuning(pl.LightningModule):
                 value = obj.loss(crystal, gnn.node_features(crystal), target)
                 self.log(f"train/aux_{name}", value, batch_size=bs)
                 loss = loss + obj.weight * value
+        if self._sp_ref:
+            params = dict(self.model.encoder.named_parameters())
+            sp = torch.stack([(params[n] - getattr(self, ref)).pow(2).sum() for n, ref in self._sp_ref]).sum()
+            self.log("train/l2_sp", sp, batch_size=bs)
+            loss = loss + self.hparams.l2_sp * sp
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if len(parts) > 1:
             for name, v in parts.items():
@@ -392,6 +411,10 @@ class PropertyFinetuning(pl.LightningModule):
             return s
 
         params = adamw_param_groups(named, h.lr, h.weight_decay, lr_scale=scale, part=part)
+        if h.l2_sp > 0:  # the encoder is held near its pretrained weights, not pulled toward zero
+            for g in params:
+                if g["part"] == "encoder":
+                    g["weight_decay"] = 0.0
         opt = torch.optim.AdamW(params, lr=h.lr, betas=(0.9, 0.999))
         return warmup_cosine(self, opt)
 
