@@ -47,7 +47,11 @@ whose crystals carry peak tables (:mod:`mmmat.xrd.phases`), and returns an :clas
    unexplained at the end, the best :data:`COVERAGE_CANDIDATES` such crystals come first among the
    candidates after the phases found (``coverage`` of :class:`IdentifyResult`).  The main search screens
    every allowed crystal, and a minor phase of the elements no phase explains loses its pool place to
-   crystals of the major phases' elements (in val mixtures, 24 of 26 misses were such phases).
+   crystals of the major phases' elements (in val mixtures, 24 of 26 misses were such phases).  In the swap
+   check after the final refinement (each phase against the candidates that explain the same peaks), a phase
+   is also replaced by an alternative that explains more of the listed elements if the BIC rises by less than
+   :data:`MIN_DELTA_BIC` (:data:`ELEMENT_SWAP`): isostructural crystals such as YbMg and LaYbMg2 give nearly
+   the same pattern, and the element list tells them apart.
 
 4. **Weight fractions** by Hill & Howard (J. Appl. Cryst. 20, 467, 1987): w_p = S_p (ZMV)_p / Σ S (ZMV),
    S the fitted scale of the phase's per-cell intensities, ZM its cell mass, V its cell volume.  Rwp is
@@ -91,6 +95,9 @@ SWAP_ALTERNATIVES = 4
 #: the crystals that carry them (same criterion); and rank this many of those candidates right after the phases.
 COVERAGE_SEARCH = True
 COVERAGE_CANDIDATES = 3
+#: With an element list: in the swap check, a phase is replaced by one of its alternatives that explains more of
+#: the listed elements when the BIC rises by less than MIN_DELTA_BIC (isostructural crystals: YbMg, LaYbMg2).
+ELEMENT_SWAP = True
 
 
 @dataclass
@@ -927,19 +934,42 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
         others, o_scales = chosen[:i] + chosen[i + 1:], chosen_scales[:i] + chosen_scales[i + 1:]
         tried = trials(others, o_scales, search(fit_o, chosen, False))
         alternatives[chosen[i]] = [r for _, r, _ in tried[:SWAP_ALTERNATIVES]]
-        if not tried or tried[0][0] >= rss_all:
+        swapped = False
+        if tried and tried[0][0] < rss_all:
+            new_rows = [*chosen[:i], tried[0][1], *chosen[i + 1:]]
+            new_scales = [*chosen_scales[:i], tried[0][2], *chosen_scales[i + 1:]]
+            saved = dict(fitter.shape)
+            new_scales, rss_new = fitter.refine([lines(r) for r in new_rows], new_scales, [i],
+                                                ("zero_shift", "displacement_mm", "W"), max_nfev=REFINE_STEPS)
+            if rss_new < rss_all:
+                old = chosen[i]
+                alternatives[new_rows[i]] = [old] + [r for r in alternatives.pop(old) if r != new_rows[i]]
+                chosen, chosen_scales = new_rows, new_scales
+                swapped = True
+            else:
+                fitter.shape = saved
+        if swapped or not (ELEMENT_SWAP and elements and tried):
             continue
-        new_rows = [*chosen[:i], tried[0][1], *chosen[i + 1:]]
-        new_scales = [*chosen_scales[:i], tried[0][2], *chosen_scales[i + 1:]]
-        saved = dict(fitter.shape)
-        new_scales, rss_new = fitter.refine([lines(r) for r in new_rows], new_scales, [i],
-                                            ("zero_shift", "displacement_mm", "W"), max_nfev=REFINE_STEPS)
-        if rss_new < rss_all:
-            old = chosen[i]
-            alternatives[new_rows[i]] = [old] + [r for r in alternatives.pop(old) if r != new_rows[i]]
-            chosen, chosen_scales = new_rows, new_scales
-        else:
-            fitter.shape = saved
+        # with an element list: the best alternative (within MIN_DELTA_BIC) that explains more listed elements
+        listed = set(elements)
+        explained = len(listed & set().union(*(sets[r] for r in chosen)))
+        for rss_t, r, s_ in tried[:SWAP_ALTERNATIVES]:
+            rows_t = [*chosen[:i], r, *chosen[i + 1:]]
+            gain = len(listed & set().union(*(sets[q] for q in rows_t))) - explained
+            if gain <= 0 or fitter.bic(rss_t, len(chosen)) - fitter.bic(rss_all, len(chosen)) >= MIN_DELTA_BIC:
+                continue
+            new_rows = rows_t
+            new_scales = [*chosen_scales[:i], s_, *chosen_scales[i + 1:]]
+            saved = dict(fitter.shape)
+            new_scales, rss_new = fitter.refine([lines(q) for q in new_rows], new_scales, [i],
+                                                ("zero_shift", "displacement_mm", "W"), max_nfev=REFINE_STEPS)
+            if fitter.bic(rss_new, len(chosen)) - fitter.bic(rss_all, len(chosen)) < MIN_DELTA_BIC:
+                old = chosen[i]
+                alternatives[new_rows[i]] = [old] + [q for q in alternatives.pop(old) if q != new_rows[i]]
+                chosen, chosen_scales = new_rows, new_scales
+            else:
+                fitter.shape = saved
+            break
     # backward check with the final peak shape: a phase whose removal does not raise the BIC by more than
     # MIN_DELTA_BIC goes; each kept phase's score is the BIC rise its removal would cause
     while chosen:
