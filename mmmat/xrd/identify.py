@@ -927,6 +927,27 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
     # swap check: each kept phase against the candidates of the residual without it (those that explain the
     # same peaks); one that fits better after refinement replaces it, and the others are its alternatives
     alternatives: dict[int, list[int]] = {}
+
+    def near(rss_new: float, rss_all: float) -> bool:
+        """A swap that raises the BIC by less than MIN_DELTA_BIC (phase count unchanged)."""
+        return fitter.bic(rss_new, len(chosen)) - fitter.bic(rss_all, len(chosen)) < MIN_DELTA_BIC
+
+    def swap(i: int, trial: tuple[float, int, float], rss_all: float, by_elements: bool) -> bool:
+        """Replace phase i by the trial's crystal if it fits better after refinement (``by_elements``: is near)."""
+        nonlocal chosen, chosen_scales
+        rows_t = [*chosen[:i], trial[1], *chosen[i + 1:]]
+        scales_t = [*chosen_scales[:i], trial[2], *chosen_scales[i + 1:]]
+        saved = dict(fitter.shape)
+        scales_t, rss_new = fitter.refine([lines(r) for r in rows_t], scales_t, [i],
+                                          ("zero_shift", "displacement_mm", "W"), max_nfev=REFINE_STEPS)
+        if not (near(rss_new, rss_all) if by_elements else rss_new < rss_all):
+            fitter.shape = saved
+            return False
+        old = chosen[i]
+        alternatives[trial[1]] = [old] + [r for r in alternatives.pop(old) if r != trial[1]]
+        chosen, chosen_scales = rows_t, scales_t
+        return True
+
     for i in range(len(chosen)):
         prof = fitter.profiles([lines(r) for r in chosen], chosen_scales)
         _, rss_all, _ = fitter.solve(prof)
@@ -934,42 +955,19 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
         others, o_scales = chosen[:i] + chosen[i + 1:], chosen_scales[:i] + chosen_scales[i + 1:]
         tried = trials(others, o_scales, search(fit_o, chosen, False))
         alternatives[chosen[i]] = [r for _, r, _ in tried[:SWAP_ALTERNATIVES]]
-        swapped = False
-        if tried and tried[0][0] < rss_all:
-            new_rows = [*chosen[:i], tried[0][1], *chosen[i + 1:]]
-            new_scales = [*chosen_scales[:i], tried[0][2], *chosen_scales[i + 1:]]
-            saved = dict(fitter.shape)
-            new_scales, rss_new = fitter.refine([lines(r) for r in new_rows], new_scales, [i],
-                                                ("zero_shift", "displacement_mm", "W"), max_nfev=REFINE_STEPS)
-            if rss_new < rss_all:
-                old = chosen[i]
-                alternatives[new_rows[i]] = [old] + [r for r in alternatives.pop(old) if r != new_rows[i]]
-                chosen, chosen_scales = new_rows, new_scales
-                swapped = True
-            else:
-                fitter.shape = saved
-        if swapped or not (ELEMENT_SWAP and elements and tried):
+        # the best candidate replaces the phase if it fits better after refinement; with an element list, failing
+        # that, the best one that explains more listed elements does if the BIC rises by less than MIN_DELTA_BIC
+        if tried and tried[0][0] < rss_all and swap(i, tried[0], rss_all, by_elements=False):
             continue
-        # with an element list: the best alternative (within MIN_DELTA_BIC) that explains more listed elements
+        if not (ELEMENT_SWAP and elements and tried):
+            continue
         listed = set(elements)
         explained = len(listed & set().union(*(sets[r] for r in chosen)))
-        for rss_t, r, s_ in tried[:SWAP_ALTERNATIVES]:
-            rows_t = [*chosen[:i], r, *chosen[i + 1:]]
-            gain = len(listed & set().union(*(sets[q] for q in rows_t))) - explained
-            if gain <= 0 or fitter.bic(rss_t, len(chosen)) - fitter.bic(rss_all, len(chosen)) >= MIN_DELTA_BIC:
-                continue
-            new_rows = rows_t
-            new_scales = [*chosen_scales[:i], s_, *chosen_scales[i + 1:]]
-            saved = dict(fitter.shape)
-            new_scales, rss_new = fitter.refine([lines(q) for q in new_rows], new_scales, [i],
-                                                ("zero_shift", "displacement_mm", "W"), max_nfev=REFINE_STEPS)
-            if fitter.bic(rss_new, len(chosen)) - fitter.bic(rss_all, len(chosen)) < MIN_DELTA_BIC:
-                old = chosen[i]
-                alternatives[new_rows[i]] = [old] + [q for q in alternatives.pop(old) if q != new_rows[i]]
-                chosen, chosen_scales = new_rows, new_scales
-            else:
-                fitter.shape = saved
-            break
+        for t in tried[:SWAP_ALTERNATIVES]:
+            rows_t = [*chosen[:i], t[1], *chosen[i + 1:]]
+            if len(listed & set().union(*(sets[q] for q in rows_t))) > explained and near(t[0], rss_all):
+                swap(i, t, rss_all, by_elements=True)
+                break
     # backward check with the final peak shape: a phase whose removal does not raise the BIC by more than
     # MIN_DELTA_BIC goes; each kept phase's score is the BIC rise its removal would cause
     while chosen:
