@@ -841,11 +841,13 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
 
     sets = _cache(table)[("sets",)] if elements else []  # filled by _rows_within
 
+    def unexplained(chosen: list[int]) -> frozenset[str]:
+        """Elements of the list that no phase of ``chosen`` holds (none without a list)."""
+        return frozenset(elements).difference(*(sets[r] for r in chosen)) if elements else frozenset()
+
     def carrying_unexplained(chosen: list[int]) -> np.ndarray:
         """Allowed rows holding an element of the list that no phase of ``chosen`` holds (none without a list)."""
-        if not elements:
-            return np.zeros(0, dtype=np.int64)
-        left = frozenset(elements).difference(*(sets[r] for r in chosen))
+        left = unexplained(chosen)
         return rows[[bool(sets[r] & left) for r in rows]] if left else np.zeros(0, dtype=np.int64)
 
     def by_coverage(tried: list[tuple[float, int, float]], chosen: list[int]) -> list[tuple[float, int, float]]:
@@ -853,7 +855,7 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
 
         One phase explaining every element left is the simpler account of the scan than several.
         """
-        left = frozenset(elements or ()).difference(*(sets[r] for r in chosen))
+        left = unexplained(chosen)
         return sorted(tried, key=lambda t: (-len(sets[t[1]] & left), t[0]))
 
     def trials(chosen: list[int], chosen_scales: list[float], pool: dict[int, float]) -> list[tuple[float, int, float]]:
@@ -961,11 +963,9 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
             continue
         if not (ELEMENT_SWAP and elements and tried):
             continue
-        listed = set(elements)
-        explained = len(listed & set().union(*(sets[r] for r in chosen)))
+        left = len(unexplained(chosen))
         for t in tried[:SWAP_ALTERNATIVES]:
-            rows_t = [*chosen[:i], t[1], *chosen[i + 1:]]
-            if len(listed & set().union(*(sets[q] for q in rows_t))) > explained and near(t[0], rss_all):
+            if len(unexplained([*chosen[:i], t[1], *chosen[i + 1:]])) < left and near(t[0], rss_all):
                 swap(i, t, rss_all, by_elements=True)
                 break
     # backward check with the final peak shape: a phase whose removal does not raise the BIC by more than
