@@ -156,3 +156,38 @@ def test_feature_spread_rejects_unknown_options():
     enc = {"crystal": {"name": "crystal/schnet", "hidden": 16, "num_interactions": 1, "num_rbf": 8}}
     with pytest.raises(ValueError, match="feature_spread: unknown options"):
         ContrastivePretraining(enc, embed_dim=8, feature_spread={"weight": 1.0, "beta": 2.0})
+
+
+def test_contrastive_loss_with_every_pair_weighted_zero_is_inactive_and_zero():
+    from mmmat.latent.losses import MultimodalContrastiveLoss
+
+    emb = {m: torch.nn.functional.normalize(torch.randn(4, 8), dim=1) for m in ("crystal", "xrd", "image")}
+    off = MultimodalContrastiveLoss(anchor="crystal", weights={"xrd": 0.0, "image": 0.0})
+    assert off.inactive(list(emb))
+    assert float(off(emb)[0]) == 0.0
+    assert not MultimodalContrastiveLoss(anchor="crystal", weights={"xrd": 0.0}).inactive(list(emb))
+
+
+def test_structural_only_pretraining_runs_the_crystal_graph_branch_alone(tmp_path, tiny_shards):
+    """Every contrastive pair weighted 0: only the crystal encoder's graph branch and the heads train."""
+    import train
+    from mmmat.latent.model import MultimodalModel
+
+    cli = train.main([
+        "fit", "--config", TINY, f"--data.shards={tiny_shards}", f"--data.tokenizer={tmp_path}/tok",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--model.init_args.save_dir={tmp_path}/model", "--trainer.max_epochs=1", "--trainer.max_steps=2",
+        "--model.init_args.objectives={denoise: {weight: 1.0}, masked_atoms: {weight: 0.5}}",
+        "--model.init_args.loss_weights={xrd: 0.0, image: 0.0, literature_text: 0.0}",
+    ])
+    module = cli.model
+    assert module._structural_only()
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert math.isfinite(metrics["train/loss/objective_denoise"])
+    assert not any(k.startswith("train/loss/crystal-") for k in metrics)  # no contrastive pair was computed
+    torch.manual_seed(0)  # the initial weights, as train.py's seed_everything(0) drew them
+    fresh = type(module)(**{k: v for k, v in module.hparams.items() if not k.startswith("_")})
+    moved = {name for name, p in module.model.named_parameters()
+             if not torch.equal(p.detach().cpu(), dict(fresh.model.named_parameters())[name].detach())}
+    assert moved and all(name.startswith("encoders.crystal.") for name in moved)
+    assert MultimodalModel.from_pretrained(tmp_path / "model").modalities

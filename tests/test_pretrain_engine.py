@@ -122,6 +122,33 @@ def test_unknown_engine_option_is_an_error():
         ContrastivePretraining(ENCODERS, embed_dim=32, engine={"compiled": True})
 
 
+def test_engine_values_are_checked():
+    from mmmat.tasks.pretrain import ContrastivePretraining
+
+    with pytest.raises(ValueError, match="engine.compile_pattern_cnn must be true or false or 'fp32'"):
+        ContrastivePretraining(ENCODERS, embed_dim=32, engine={"compile_pattern_cnn": "bf16"})
+    with pytest.raises(ValueError, match="engine.compile must be true or false, got 'yes'"):
+        ContrastivePretraining(ENCODERS, embed_dim=32, engine={"compile": "yes"})
+    ContrastivePretraining(ENCODERS, embed_dim=32, engine={"compile_pattern_cnn": "fp32"})
+
+
+def test_pattern_cnn_in_float32_under_autocast():
+    """``engine.compile_pattern_cnn: fp32``: the CNN computes in float32 inside a bf16 autocast region."""
+    from mmmat.encoders.spectrum import XRDCNNEncoder
+
+    torch.manual_seed(0)
+    cnn = XRDCNNEncoder(out_dim=16, num_bins=256, widths=(8, 16), depths=(1, 1), hidden_dim=16)
+    profile = torch.rand(3, 1701)
+    reference = cnn.embed_profile(profile)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = cnn.embed_profile(profile)
+        cnn.float32 = True
+        high = cnn.embed_profile(profile)
+    assert low.dtype == torch.bfloat16 and high.dtype == torch.float32
+    assert torch.equal(high, reference)  # exactly the float32 network
+    assert not torch.equal(low.float(), reference)
+
+
 def test_crystal_augment_drops_the_precomputed_pattern(shards):
     from mmmat.tasks.pretrain import ContrastivePretraining
 

@@ -325,8 +325,18 @@ class XRDCNNEncoder(nn.Module):
             raise ValueError(f"profile must be (B, L), got shape {tuple(profile.shape)}")
         return self.embed_profile(profile)
 
+    #: Run the network in float32 even under autocast (set by ``engine.compile_pattern_cnn: fp32`` of
+    #: :class:`~mmmat.tasks.pretrain.ContrastivePretraining`); a runtime switch, not saved with the model.
+    float32 = False
+
     def embed_profile(self, profile: torch.Tensor) -> torch.Tensor:
         """(B, L) profiles → (B, out_dim): the network itself, on tensors only (what ``torch.compile`` wraps)."""
+        if self.float32:
+            with torch.autocast(device_type=profile.device.type, enabled=False):
+                return self._embed_profile(profile.float())
+        return self._embed_profile(profile)
+
+    def _embed_profile(self, profile: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(profile).unsqueeze(1)  # (B, 1, N)
         pos = self.pos.to(x.dtype)
         if pos.shape[1]:

@@ -346,6 +346,10 @@ class MultimodalContrastiveLoss(nn.Module):
         order = ([self.anchor] if self.anchor in modalities else []) + others
         return [(order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
 
+    def inactive(self, modalities: list[str]) -> bool:
+        """True when every pair among ``modalities`` has weight 0: the loss is then 0 and trains nothing."""
+        return all(self._weight(a, b) == 0.0 for a, b in self.pairs(list(modalities)))
+
     def _weight(self, a: str, b: str) -> float:
         for key in (f"{a}-{b}", f"{b}-{a}") + ((b,) if self.mode == "anchor" else ()):
             if key in self.weights:

@@ -25,7 +25,7 @@ from mmmat.tasks.schedule import adamw_param_groups, start_epoch, warmup_cosine
 
 #: Step optimisations of :class:`ContrastivePretraining` (``engine:`` in the config), each on by default except
 #: ``compile``; every one leaves what the step computes unchanged (tests/test_pretrain_engine.py).
-ENGINE_DEFAULTS: dict[str, bool] = {
+ENGINE_DEFAULTS: dict[str, bool | str] = {
     # the crystal encoder's computed powder pattern, once per crystal when the data are loaded (resident
     # data, no crystal_augment), instead of every step
     "precompute_patterns": True,
@@ -41,9 +41,12 @@ ENGINE_DEFAULTS: dict[str, bool] = {
     "cuda_graphs": False,
     # also compile the powder-pattern CNN (under ``compile`` or ``cuda_graphs``); off: it runs eager, because
     # compiled inside the captured step under bf16 autocast its loss went NaN on an H200 (torch 2.11;
-    # benchmarks/results/pretrain_cnn_nan_probe.json)
+    # benchmarks/results/pretrain_cnn_nan_probe.json); ``"fp32"``: compiled, with the CNN itself computed in
+    # float32 (autocast off inside it; everything compiled in float32 stayed finite)
     "compile_pattern_cnn": False,
 }
+#: engine options that take a string besides true / false
+ENGINE_CHOICES: dict[str, tuple[str, ...]] = {"compile_pattern_cnn": ("fp32",)}
 
 
 def _id_hash(material_id: str) -> int:
@@ -121,7 +124,7 @@ class ContrastivePretraining(pl.LightningModule):
         xrd_augment: dict[str, Any] | None = None,
         crystal_augment: dict[str, float] | None = None,
         augment: dict[str, dict[str, Any]] | None = None,
-        engine: dict[str, bool] | None = None,
+        engine: dict[str, bool | str] | None = None,
         objectives: dict[str, dict[str, Any]] | None = None,
         feature_spread: dict[str, float] | None = None,
         save_heads: bool = False,
@@ -136,6 +139,11 @@ class ContrastivePretraining(pl.LightningModule):
         if unknown_engine:
             raise ValueError(f"engine: unknown options {unknown_engine} (have {sorted(ENGINE_DEFAULTS)})")
         self.engine = {**ENGINE_DEFAULTS, **(engine or {})}
+        for key, value in self.engine.items():
+            choices = ENGINE_CHOICES.get(key, ())
+            if not isinstance(value, bool) and value not in choices:
+                alternatives = "".join(f" or {c!r}" for c in choices)
+                raise ValueError(f"engine.{key} must be true or false{alternatives}, got {value!r}")
         self.model = MultimodalModel(encoders, embed_dim=embed_dim, projection=projection)
         self.loss = MultimodalContrastiveLoss(anchor=anchor, mode=loss_mode, kind=loss_kind, weights=loss_weights)
         self.objectives = torch.nn.ModuleDict()
@@ -230,6 +238,12 @@ class ContrastivePretraining(pl.LightningModule):
                 if hasattr(enc, "full_attention_mask"):
                     enc.full_attention_mask = True
         self._precompute_patterns(dm)
+        if self.engine["compile_pattern_cnn"] == "fp32" and stage == "fit":
+            from mmmat.encoders.spectrum import XRDCNNEncoder
+
+            for module in self.model.encoders.modules():
+                if isinstance(module, XRDCNNEncoder):
+                    module.float32 = True
         if self.engine["cuda_graphs"] and stage == "fit":
             self._static_step()
         if self.engine["compile"] and stage == "fit" and self._static is None:
@@ -335,6 +349,8 @@ class ContrastivePretraining(pl.LightningModule):
             return loss
         if not self.engine["sync_free"] and batch.rows:
             batch.rows = {}
+        if self._structural_only():
+            return self._structural_step(batch)
         batch = self._augmented(batch)
         emb = self.model(batch, modalities=self.model.modalities)
         loss, logs = self.loss(emb, {m: batch.present[m] for m in emb})
@@ -354,6 +370,31 @@ class ContrastivePretraining(pl.LightningModule):
             loss = loss + self.hparams.mixture_loss_weight * mix_loss
         values["train/loss"] = loss
         values.update({f"train/{k}": v for k, v in logs.items() if k.startswith(("loss/", "acc/", "logit"))})
+        self._log_train(values, len(batch))
+        return loss
+
+    def _structural_only(self) -> bool:
+        """Whether the step is the structural objectives alone: every contrastive pair weighted 0, no other loss.
+
+        The encoders' outputs then reach no loss, so the step runs only the crystal encoder's graph branch on
+        the corrupted crystals (the same losses and gradients, several times more crystals per second). Under
+        several ranks the full forward pass still runs: DDP expects every parameter in every step's graph.
+        """
+        return bool(
+            len(self.objectives)
+            and self.hparams.feature_spread is None
+            and self.hparams.mixture_loss_weight == 0
+            and self.loss.inactive(self.model.modalities)
+            and (self._trainer is None or self.trainer.world_size == 1)
+        )
+
+    def _structural_step(self, batch: MultimodalBatch) -> torch.Tensor:
+        """The step of :meth:`_structural_only`: the weighted objective losses, nothing else encoded."""
+        if "crystal" in self.augmenters:
+            self.augmenters["crystal"].augment_batch(batch, "crystal")
+        logs: dict[str, Any] = {}
+        loss = self._objective_losses(batch, logs)
+        values = {"train/loss": loss, **{f"train/{k}": v for k, v in logs.items()}}
         self._log_train(values, len(batch))
         return loss
 
