@@ -251,6 +251,8 @@ def main() -> None:
             metrics[f"host_syncs_per_step_b{b}{key}"] = r.get("syncs_per_step")
             metrics[f"host_syncs_per_steady_step_b{b}{key}"] = r.get("syncs_per_steady_step")
             metrics[f"peak_memory_gb_b{b}{key}"] = round(r.get("peak_memory_gb", float("nan")), 2)
+            if "peak_memory_reserved_gb" in r:
+                metrics[f"peak_memory_reserved_gb_b{b}{key}"] = round(r["peak_memory_reserved_gb"], 2)
             metrics[f"loss_finite_b{b}{key}"] = r.get("loss_finite")
         write_result("pretrain_speed", metrics, {"runs": runs}, out=args.result)
     if f"b{args.batch_sizes[0]}" in runs:

@@ -251,8 +251,9 @@ class StepProfiler(pl.Callback):
     without the profiler), ``device_ms`` (kernel and copy time per step), ``busy_share`` (device time / wall time
     without the profiler), ``syncs_per_step`` (every synchronisation in the window, per step),
     ``syncs_per_steady_step`` (per step that neither ends an epoch nor follows an epoch's end: epoch-end
-    callbacks read values back) with ``sync_steps_at_epoch_end``, ``peak_memory_gb``, ``batch_size``, and
-    ``last_loss`` / ``loss_finite`` (the loss of the last step, read once after the windows).
+    callbacks read values back) with ``sync_steps_at_epoch_end``, ``peak_memory_gb``, ``peak_memory_reserved_gb``
+    (CUDA graph pools included), ``batch_size``, and ``last_loss`` / ``loss_finite`` (the loss of the last step,
+    read once after the windows).
 
     Args:
         out_dir: Folder for the reports.
@@ -369,6 +370,9 @@ class StepProfiler(pl.Callback):
                              busy_share=busy / self.steps / timed, profiled_wall_ms=wall / self.steps * 1e3)
         if torch.cuda.is_available():
             self._numbers["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            # what the caching allocator holds, CUDA graph pools included: their memory was allocated at capture,
+            # before the window, so the allocated peak above leaves captured steps' activations out
+            self._numbers["peak_memory_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
         self._lines += [
             f"wall per step without profiler: {self._t.get('timed', float('nan')) * 1e3:.1f} ms",
             f"GPU busy share (device time / wall without profiler): {busy / self.steps / timed:.2f}",
