@@ -179,41 +179,127 @@ def test_compiled_encoders_give_the_same_embeddings(shards):
     assert torch.allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("sync_free", [True, False])
-def test_logged_values_read_back_once_on_written_steps(shards, tmp_path, sync_free):
-    """With ``sync_free`` the values beside the loss are logged (as host values, from one stacked read-back) only on
-    the steps the loggers write; without it, every step, as device tensors. ``train/loss`` is logged every step."""
+def _fit_logged(shards, path, sync_free):
+    """Four steps logged every second step into a CSVLogger: the ``self.log`` calls (step, name, ``logger``
+    argument), the values given to ``_log_train`` by step, and the rows of metrics.csv."""
     import csv
-    import math
 
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
 
     dm = _data(shards, precompute_graph=sync_free)
     module = _module({**OFF, "sync_free": sync_free})
-    calls: list[tuple[int, str, torch.Tensor]] = []
-    log = module.log
+    calls: list[tuple[int, str, bool | None]] = []
+    given: dict[int, dict[str, float]] = {}
+    log, log_train = module.log, module._log_train
 
     def recording_log(name, value, *args, **kwargs):
-        calls.append((module.trainer.global_step, name, value))
+        assert isinstance(value, torch.Tensor) and value.ndim == 0
+        calls.append((module.trainer.global_step, name, kwargs.get("logger")))
         return log(name, value, *args, **kwargs)
 
-    module.log = recording_log
-    logger = CSVLogger(str(tmp_path), name="log", version=0)
+    def recording_log_train(values, batch_size):
+        given[module.trainer.global_step] = {k: float(v) for k, v in values.items()}
+        return log_train(values, batch_size)
+
+    module.log, module._log_train = recording_log, recording_log_train
+    logger = CSVLogger(str(path), name="log", version=0)
     trainer = pl.Trainer(max_steps=4, log_every_n_steps=2, logger=logger, accelerator="cpu", devices=1,
                          limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(module, datamodule=dm)
-    loss_steps = [s for s, k, _ in calls if k == "train/loss"]
-    assert loss_steps == [0, 1, 2, 3]
-    others = [(s, k, v) for s, k, v in calls if k != "train/loss"]
-    assert {k for _, k, _ in others} >= {"train/loss/crystal-xrd", "train/acc/crystal_to_xrd"}
-    written = {1, 3}  # log_every_n_steps=2: the loggers write after the second and the fourth step
-    assert {s for s, _, _ in others} == (written if sync_free else {0, 1, 2, 3})
-    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and math.isfinite(float(v)) for _, _, v in others)
-    rows = list(csv.DictReader(open(tmp_path / "log" / "version_0" / "metrics.csv")))
-    got = {int(r["step"]): r for r in rows if r.get("train/loss/crystal-xrd")}
-    assert set(got) == written
-    for s, k, v in others:
-        if s in written and k in got[s]:
-            assert float(got[s][k]) == pytest.approx(float(v), rel=1e-6)
+    with open(path / "log" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return calls, given, rows
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_logged_values_reach_the_loggers_for_the_written_steps(shards, tmp_path, sync_free):
+    """Every logged value reaches the loggers for exactly the steps they write, at the step numbers and with the
+    values plain Lightning gives. With ``sync_free`` they go to the loggers from one stacked copy per written step
+    (``train/loss`` is logged to Lightning every step for the callbacks only); without it each value is logged
+    every step as a device tensor."""
+    calls, given, rows = _fit_logged(shards, tmp_path / "run", sync_free)
+    assert sorted(given) == [0, 1, 2, 3]
+    names = set(given[0])
+    assert names >= {"train/loss", "train/loss/crystal-xrd", "train/acc/crystal_to_xrd"}
+    if sync_free:  # the loss for the callbacks only; the loggers get every value from the stacked copy
+        assert calls == [(s, "train/loss", False) for s in range(4)]
+    else:
+        assert {(s, k) for s, k, _ in calls} == {(s, k) for s in range(4) for k in names}
+        assert all(flag is None for _, _, flag in calls)
+    written = [1, 3]  # log_every_n_steps=2: the loggers write after the second and the fourth step
+    got = {int(r["step"]): r for r in rows if r.get("train/loss")}
+    assert sorted(got) == written and len([r for r in rows if r.get("train/loss")]) == len(written)
+    for s in written:
+        assert {k for k, v in got[s].items() if v} == names | {"epoch", "step"}
+        for k in names:
+            assert float(got[s][k]) == pytest.approx(given[s][k], rel=1e-6), (s, k)
+    if sync_free:  # the same rows as the plain path writes
+        _, _, plain = _fit_logged(shards, tmp_path / "plain", False)
+        assert [r.keys() for r in rows] == [r.keys() for r in plain]
+        for row, ref in zip(rows, plain, strict=True):
+            assert row["step"] == ref["step"] and row["epoch"] == ref["epoch"]
+            for k in names:
+                assert float(row[k]) == pytest.approx(float(ref[k]), rel=1e-5), k
+
+
+class _FakeEvent:
+    """Stands for a ``torch.cuda.Event``: not complete until ``done``; counts the waits."""
+
+    def __init__(self):
+        self.done, self.waits = False, 0
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waits += 1
+        self.done = True
+
+
+class _FakeLogger:
+    def __init__(self):
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics, step):
+        self.rows.append((step, dict(metrics)))
+
+    def save(self):
+        pass
+
+
+def test_pending_logs_written_once_their_copy_has_landed():
+    from mmmat.tasks.pretrain import _PendingLogs
+
+    pending, logger = _PendingLogs(capacity=3), _FakeLogger()
+    events = [_FakeEvent() for _ in range(3)]
+    for i, (step, event) in enumerate(zip([1, 3, 5], events, strict=True)):
+        pending.push(step, 0, ["train/loss", "train/acc"], torch.tensor([float(i), 10.0 + i]), event)
+    assert pending.write([logger]) == [] and logger.rows == []  # nothing has landed
+    events[1].done = True
+    assert pending.write([logger]) == [] and logger.rows == []  # in order: the second waits for the first
+    events[0].done = True
+    written = pending.write([logger])
+    assert logger.rows == [(1, {"epoch": 0, "train/loss": 0.0, "train/acc": 10.0}),
+                           (3, {"epoch": 0, "train/loss": 1.0, "train/acc": 11.0})]
+    assert written == [m for _, m in logger.rows]
+    pending.push(7, 1, ["train/loss"], torch.tensor([3.0]), None)  # on the host already
+    pending.write([logger])
+    assert [s for s, _ in logger.rows] == [1, 3]  # behind step 5, still on its way
+    assert not any(e.waits for e in events)
+    pending.write([logger], wait=True)  # the epoch-end flush
+    assert logger.rows[2:] == [(5, {"epoch": 0, "train/loss": 2.0, "train/acc": 12.0}),
+                               (7, {"epoch": 1, "train/loss": 3.0})]
+    assert events[2].waits == 1 and not pending.entries
+
+
+def test_pending_logs_keep_at_most_capacity_entries():
+    from mmmat.tasks.pretrain import _PendingLogs
+
+    pending, logger = _PendingLogs(capacity=2), _FakeLogger()
+    events = [_FakeEvent() for _ in range(3)]
+    for step, event in enumerate(events):
+        pending.push(step, 0, ["train/loss"], torch.tensor([float(step)]), event)
+        pending.write([logger])
+    assert [s for s, _ in logger.rows] == [0] and events[0].waits == 1 and len(pending.entries) == 2

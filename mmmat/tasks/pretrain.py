@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ ENGINE_DEFAULTS: dict[str, bool | str] = {
     # data, no crystal_augment), instead of every step
     "precompute_patterns": True,
     # no host reads in the step: text rows known on the host, full attention masks, no presence tests, and the
-    # logged values other than the loss read back in one copy only on the steps the loggers write
+    # logged values copied to the host in one asynchronous copy on the steps the loggers write, and written to
+    # the loggers (with the step they belong to) once the copy has landed, at most a few logging intervals
+    # late; whatever is still on its way is written at the epoch's end
     "sync_free": True,
     # AdamW as one fused kernel per parameter group (CUDA)
     "fused_adamw": True,
@@ -47,6 +50,56 @@ ENGINE_DEFAULTS: dict[str, bool | str] = {
 }
 #: engine options that take a string besides true / false
 ENGINE_CHOICES: dict[str, tuple[str, ...]] = {"compile_pattern_cnn": ("fp32",)}
+
+
+class _PendingLogs:
+    """Logged values on their way from the device to the host, written to the loggers once they have landed.
+
+    Each entry is one written step's values: ``(step, epoch, names, host, event)``, where ``host`` holds the
+    values (in the order of ``names``) and ``event`` is recorded after their copy (None: already on the host).
+    :meth:`write` never waits unless asked to or more than ``capacity`` entries are pending (then for the oldest
+    ones, which happens only when the device runs that many logging intervals behind the host).
+    """
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self.entries: deque[tuple[int, int, list[str], torch.Tensor, Any]] = deque()
+
+    @staticmethod
+    def copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start copying ``values`` into a pinned host buffer; the buffer and an event that marks the copy's end."""
+        if values.device.type != "cuda":
+            return values, None
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def push(self, step: int, epoch: int, names: list[str], host: torch.Tensor, event: Any) -> None:
+        """Queue one step's values, their copy started (:meth:`copy_to_host`)."""
+        self.entries.append((step, epoch, names, host, event))
+
+    def write(self, loggers: list[Any], wait: bool = False) -> list[dict[str, float]]:
+        """Write every entry whose copy has landed to ``loggers``, oldest first, each with its own step.
+
+        ``wait``: every entry, waiting for the copies. Returns the written metrics, in order.
+        """
+        written = []
+        while self.entries:
+            event = self.entries[0][4]
+            landed = event is None or event.query()
+            if not landed and not wait and len(self.entries) <= self.capacity:
+                break
+            step, epoch, names, host, _ = self.entries.popleft()
+            if not landed:
+                event.synchronize()
+            metrics: dict[str, float] = {"epoch": epoch, **dict(zip(names, host.tolist(), strict=True))}
+            for logger in loggers:
+                logger.log_metrics(metrics, step=step)
+                logger.save()
+            written.append(metrics)
+        return written
 
 
 def _id_hash(material_id: str) -> int:
@@ -171,6 +224,7 @@ class ContrastivePretraining(pl.LightningModule):
         self._val: list[dict[str, Any]] = []
         self._mixture: torch.Tensor | None = None
         self._static: Any = None
+        self._pending_logs = _PendingLogs()
         if mixture_loss_weight < 0:
             raise ValueError(f"mixture_loss_weight must be >= 0, got {mixture_loss_weight}")
         if mixture_loss_weight > 0:
@@ -399,30 +453,52 @@ class ContrastivePretraining(pl.LightningModule):
         return loss
 
     def _log_train(self, values: dict[str, Any], batch_size: int) -> None:
-        """Log a training step's values, reading them back from the device once, and only when they are written.
+        """Log a training step's values without reading anything back from the device in the step.
 
-        ``train/loss`` is logged every step as it is (callbacks such as EarlyStopping watch it; it is read back
-        when the loggers write, and every step only when a progress bar shows it). The other values are read
-        back together, in one stacked copy, on the steps whose metrics the loggers write
-        (``trainer.log_every_n_steps``), instead of one read-back per value. With ``engine.sync_free`` off each
-        is logged every step, as plain Lightning does.
+        ``train/loss`` goes to Lightning every step as it is, for the callbacks only (EarlyStopping watches it;
+        it is read back at epoch ends, and every step only when a progress bar shows it). For the loggers, on
+        the steps they write (``trainer.log_every_n_steps``) every value, ``train/loss`` included, is stacked
+        and copied to the host asynchronously (:class:`_PendingLogs`); the values are written to the loggers,
+        with the step they belong to, at a later step once their copy has landed (at most a few logging
+        intervals late; at once on the CPU), and whatever is still on its way at the epoch's end and at the
+        end of training. With ``engine.sync_free`` off each value is logged every step, as plain Lightning does.
         """
         bar = getattr(self._trainer, "progress_bar_callback", None) is not None
-        self.log("train/loss", values["train/loss"], prog_bar=bar, batch_size=batch_size)
-        rest = {k: v for k, v in values.items() if k != "train/loss"}
-        if not rest:
-            return
         connector = getattr(self._trainer, "_logger_connector", None)
+        loss = values["train/loss"]
         if not self.engine["sync_free"] or connector is None:
-            for k, v in rest.items():
-                self.log(k, v, batch_size=batch_size)
+            self.log("train/loss", loss, prog_bar=bar, batch_size=batch_size)
+            for k, v in values.items():
+                if k != "train/loss":
+                    self.log(k, v, batch_size=batch_size)
             return
-        if not connector.should_update_logs:
-            return
-        like = values["train/loss"]
-        host = torch.stack([torch.as_tensor(v, device=like.device).detach().float().reshape(()) for v in rest.values()])
-        for k, v in zip(rest, host.cpu(), strict=True):
-            self.log(k, v, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=bar, batch_size=batch_size, logger=False)
+        if connector.should_update_logs:
+            stacked = torch.stack([torch.as_tensor(v, device=loss.device).detach().float().reshape(())
+                                   for v in values.values()])
+            host, event = self._pending_logs.copy_to_host(stacked)
+            step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's loggers use
+            self._pending_logs.push(step, self.current_epoch, list(values), host, event)
+        self._write_logs()
+
+    def _write_logs(self, wait: bool = False) -> None:
+        """Write the logged values whose copy has landed (``wait``: all of them) to the loggers.
+
+        Those beside the loss also go to ``trainer.callback_metrics``, where Lightning keeps the last value logged
+        of each (the summary of train.py prints them).
+        """
+        for metrics in self._pending_logs.write(self.loggers, wait=wait):
+            self.trainer.callback_metrics.update(
+                {k: torch.tensor(v) for k, v in metrics.items() if k not in ("epoch", "train/loss")}
+            )
+
+    def on_train_epoch_end(self) -> None:
+        """Write the logged values still on their way to the host."""
+        self._write_logs(wait=True)
+
+    def on_train_end(self) -> None:
+        """Write the logged values still on their way to the host."""
+        self._write_logs(wait=True)
 
     def _keep_crystal_features(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         """Forward hook on the crystal projection: keep its input (the encoder's output) for feature_spread."""
