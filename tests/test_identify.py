@@ -253,3 +253,22 @@ def test_element_list_swaps_a_phase_for_the_isostructural_crystal_that_explains_
     monkeypatch.setattr(ident, "ELEMENT_SWAP", True)
     res = identify(pat, index, max_phases=2)  # without the list nothing says which: the pattern's own choice stands
     assert {p.material_id for p in res.phases} == {"cu", "mgo"}
+
+
+def test_a_phase_must_explain_its_share_of_the_misfit(tiny_index, monkeypatch):
+    """MIN_RSS_DROP(_ELEMENTS): a phase that lowers the BIC but explains less of the misfit left without it goes."""
+    import mmmat.xrd.identify as ident
+
+    table = load_table(tiny_index)
+    pat = _scan(table, ["zno", "rutile"], [0.95, 0.05], [1.0, 1.0])
+    res = identify(pat, tiny_index, elements=["Zn", "Ti", "O"])
+    assert {p.material_id for p in res.phases} == {"zno", "rutile"}
+    fit = res.fitted - res.contributions["rutile"]  # the minor phase's share of the misfit, roughly
+    w = 1.0 / np.maximum(res.measured, 1.0)
+    share = 1.0 - float((w * (res.measured - res.fitted) ** 2).sum()) / float((w * (res.measured - fit) ** 2).sum())
+    assert 0.0 < share < 1.0
+    monkeypatch.setattr(ident, "MIN_RSS_DROP_ELEMENTS", min(0.999, share + 0.2))
+    strict = identify(pat, tiny_index, elements=["Zn", "Ti", "O"])
+    assert [p.material_id for p in strict.phases] == ["zno"]
+    monkeypatch.setattr(ident, "MIN_RSS_DROP", min(0.999, share + 0.2))  # the same rule without an element list
+    assert [p.material_id for p in identify(pat, tiny_index).phases] == ["zno"]
