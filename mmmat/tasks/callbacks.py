@@ -245,7 +245,8 @@ class StepProfiler(pl.Callback):
 
     Steps ``[start, start + steps)`` run under :mod:`torch.profiler` (CPU and CUDA activity); the next
     ``sync_steps`` steps run with ``torch.cuda.set_sync_debug_mode("warn")`` and every synchronising call is
-    counted by its source line. Each rank writes ``<out_dir>/profile_rank<r>.txt``: the wall time per step
+    counted by its source line and the innermost caller outside torch.
+    Each rank writes ``<out_dir>/profile_rank<r>.txt``: the wall time per step
     (synchronised, without the profiler), the GPU busy share, the operators by CUDA and by CPU time, and the
     synchronising lines per step; and ``<out_dir>/profile_rank<r>.json`` with the numbers: ``wall_ms`` (per step,
     without the profiler), ``device_ms`` (kernel and copy time per step), ``busy_share`` (device time / wall time
@@ -308,10 +309,12 @@ class StepProfiler(pl.Callback):
         if step == self.start + self.steps and self.sync_steps and cuda:
             import warnings
 
-            self._warn = warnings.catch_warnings(record=True)
-            self._records = self._warn.__enter__()
+            self._warn = warnings.catch_warnings()
+            self._warn.__enter__()
+            self._records = []
             self._seen, self._epoch_ended, self._per_step = 0, False, []
             warnings.simplefilter("always")
+            warnings.showwarning = self._record_sync
             torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(
@@ -332,16 +335,14 @@ class StepProfiler(pl.Callback):
             if not self.sync_steps or pl_module.device.type != "cuda":
                 self._finish(trainer)
         if self._warn is not None:  # synchronisations since the last step's end, and whether an epoch ended
-            n = sum("synchroniz" in str(w.message) for w in self._records)
+            n = len(self._records)
             ends_epoch = idx + 1 >= getattr(trainer, "num_training_batches", float("inf"))
             self._per_step.append((n - self._seen, self._epoch_ended or ends_epoch))
             self._seen, self._epoch_ended = n, False
         if step == self.start + self.steps + self.sync_steps and self._warn is not None:
             torch.cuda.set_sync_debug_mode(0)
-            for w in self._records:
-                if "synchroniz" in str(w.message):
-                    key = f"{w.filename}:{w.lineno}"
-                    self._syncs[key] = self._syncs.get(key, 0) + 1
+            for key in self._records:
+                self._syncs[key] = self._syncs.get(key, 0) + 1
             self._warn.__exit__(None, None, None)
             self._warn = None
             self._numbers["syncs_per_step"] = sum(self._syncs.values()) / self.sync_steps
@@ -352,6 +353,24 @@ class StepProfiler(pl.Callback):
             for key, n in sorted(self._syncs.items(), key=lambda kv: -kv[1]):
                 self._lines.append(f"{n / self.sync_steps:8.1f}  {key}")
             self._finish(trainer)
+
+    def _record_sync(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                     line: Any = None) -> None:
+        """``warnings.showwarning`` in the check window: count a synchronisation by its line and its caller.
+
+        The line that synchronises is often inside torch (``Tensor.__format__`` calling ``item``); the caller is
+        the innermost frame of the stack outside torch and the warnings machinery.
+        """
+        if "synchroniz" not in str(message):
+            return
+        import traceback
+
+        caller = next((f for f in reversed(traceback.extract_stack()[:-1])
+                       if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")), None)
+        where = f"{filename}:{lineno}"
+        if caller is not None and caller.filename != filename:
+            where += f" (from {caller.filename}:{caller.lineno})"
+        self._records.append(where)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Mark the step interval that holds an epoch's end (its hooks may read values back)."""
