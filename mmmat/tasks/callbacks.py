@@ -245,10 +245,10 @@ class StepProfiler(pl.Callback):
 
     Steps ``[start, start + steps)`` run under :mod:`torch.profiler` (CPU and CUDA activity); the next
     ``sync_steps`` steps run with ``torch.cuda.set_sync_debug_mode("warn")`` and every synchronising call is
-    counted by its source line and the innermost caller outside torch.
-    Each rank writes ``<out_dir>/profile_rank<r>.txt``: the wall time per step
-    (synchronised, without the profiler), the GPU busy share, the operators by CUDA and by CPU time, and the
-    synchronising lines per step; and ``<out_dir>/profile_rank<r>.json`` with the numbers: ``wall_ms`` (per step,
+    counted by its source line and the innermost caller outside torch. Each rank writes
+    ``<out_dir>/profile_rank<r>.txt``: the wall time per step (synchronised, without the profiler), the GPU busy
+    share, the operators by CUDA and by CPU time, and the synchronising lines per step; and
+    ``<out_dir>/profile_rank<r>.json`` with the numbers: ``wall_ms`` (per step,
     without the profiler), ``device_ms`` (kernel and copy time per step), ``busy_share`` (device time / wall time
     without the profiler), ``syncs_per_step`` (every synchronisation in the window, per step),
     ``syncs_per_steady_step`` (per step that neither ends an epoch nor follows an epoch's end: epoch-end
