@@ -361,3 +361,34 @@ def test_l2_sp_holds_the_encoder_near_its_pretrained_weights(tmp_path, tiny_shar
         PropertyFinetuning(targets=["density"], encoder=ENC, l2_sp=0.1)  # no pretrained weights to hold on to
     with pytest.raises(ValueError, match="l2_sp"):
         PropertyFinetuning(targets=["density"], pretrained=str(tmp_path / "pre"), l2_sp=-1.0)
+
+
+def test_shrink_perturb_starts_from_shrunk_pretrained_weights_plus_a_fresh_init(tmp_path):
+    from mmmat.encoders import create_encoder
+    from mmmat.latent.model import MultimodalModel
+    from mmmat.tasks.finetune import PropertyFinetuning
+
+    torch.manual_seed(0)
+    mm = MultimodalModel({"crystal": {**ENC, "cutoff": 5.0}}, embed_dim=8)
+    mm.save_pretrained(tmp_path / "pre")
+    plain = PropertyFinetuning(targets=["density"], pretrained=str(tmp_path / "pre"))
+    sp = PropertyFinetuning(targets=["density"], pretrained=str(tmp_path / "pre"), shrink_perturb=[0.4, 0.1], seed=3)
+    cfg = dict(plain.model.config["encoder"])
+    torch.manual_seed(3)
+    fresh = dict(create_encoder(cfg.pop("name"), **cfg).named_parameters())
+    moved = 0
+    for (name, a), (_, b) in zip(plain.model.encoder.named_parameters(), sp.model.encoder.named_parameters(),
+                                 strict=True):
+        if a.dim() >= 2:  # weight matrices: 0.4 x pretrained + 0.1 x fresh
+            assert torch.allclose(b, 0.4 * a + 0.1 * fresh[name], atol=1e-6), name
+            moved += 1
+        else:  # biases and norms keep their pretrained values
+            assert torch.equal(a, b), name
+    assert moved >= 4
+    same = PropertyFinetuning(targets=["density"], pretrained=str(tmp_path / "pre"), shrink_perturb=[1.0, 0.0])
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.encoder.parameters(), same.model.encoder.parameters(),
+                                                  strict=True))
+    with pytest.raises(ValueError, match="shrink_perturb needs model.pretrained"):
+        PropertyFinetuning(targets=["density"], encoder=ENC, shrink_perturb=[0.5, 0.01])
+    with pytest.raises(ValueError, match="shrink_perturb must be"):
+        PropertyFinetuning(targets=["density"], pretrained=str(tmp_path / "pre"), shrink_perturb=[0.5])

@@ -67,6 +67,10 @@ class PropertyFinetuning(pl.LightningModule):
             pretrained values, ``l2_sp · Σ (θ - θ₀)²`` (L2-SP: fine-tuning stays near what pretraining found).
             When positive it replaces the encoder's weight decay, which pulls toward zero instead. Needs
             ``pretrained``; 0 (default): off.
+        shrink_perturb: ``[shrink, perturb]``: start every weight matrix of the pretrained encoder (linear,
+            embedding; not biases or norms) at ``shrink · θ_pretrained + perturb · θ_fresh``, with ``θ_fresh`` the
+            same layer of a fresh initialisation drawn from ``seed`` (shrink and perturb: Ash & Adams 2020, for
+            warm starts that generalise worse than cold ones). Needs ``pretrained``; None (default): off.
         aux_objectives: The pretraining objectives (:mod:`mmmat.latent.objectives`) kept as auxiliary losses,
             ``{"denoise": {"weight": 0.1}}``; their heads start from the pretrained folder's
             ``objectives.safetensors`` when it has them.
@@ -99,6 +103,7 @@ class PropertyFinetuning(pl.LightningModule):
         layer_decay: float | None = None,
         head_warmup_steps: int = 0,
         l2_sp: float = 0.0,
+        shrink_perturb: list[float] | None = None,
         aux_objectives: dict[str, dict[str, Any]] | None = None,
         save_dir: str | None = None,
         seed: int = 0,
@@ -124,6 +129,8 @@ class PropertyFinetuning(pl.LightningModule):
             raise ValueError(f"head_warmup_steps must be >= 0, got {head_warmup_steps}")
         if l2_sp < 0 or (l2_sp > 0 and pretrained is None):
             raise ValueError(f"l2_sp must be >= 0, and positive only with model.pretrained (got {l2_sp})")
+        if shrink_perturb is not None:
+            self._shrink_perturb(shrink_perturb, pretrained, seed)
         # the pretrained values of the encoder's trainable weights, for l2_sp (not saved with the model)
         self._sp_ref: list[tuple[str, str]] = []
         if l2_sp > 0:
@@ -142,6 +149,24 @@ class PropertyFinetuning(pl.LightningModule):
         self.num_train_labels: int | None = None
         self._eval: list[dict[str, Any]] = []
         self.last_val: dict[str, Any] | None = None
+
+    def _shrink_perturb(self, values: list[float], pretrained: str | None, seed: int) -> None:
+        """Shrink the pretrained encoder's weight matrices toward 0 and add a fresh initialisation's (see init)."""
+        if pretrained is None:
+            raise ValueError("shrink_perturb needs model.pretrained (it rescales pretrained weights)")
+        if len(values) != 2 or not all(math.isfinite(float(v)) and float(v) >= 0 for v in values):
+            raise ValueError(f"shrink_perturb must be [shrink, perturb], two numbers >= 0, got {values}")
+        from mmmat.encoders import create_encoder
+
+        shrink, perturb = (float(v) for v in values)
+        cfg = dict(self.model.config["encoder"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = dict(create_encoder(cfg.pop("name"), **cfg).named_parameters())
+        with torch.no_grad():
+            for name, p in self.model.encoder.named_parameters():
+                if p.dim() >= 2:
+                    p.mul_(shrink).add_(fresh[name].to(p.dtype), alpha=perturb)
 
     def _load_aux_heads(self, pretrained: str | None) -> None:
         """Start the auxiliary heads from the pretraining's, when the pretrained folder holds them."""
