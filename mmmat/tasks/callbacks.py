@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -358,18 +359,22 @@ class StepProfiler(pl.Callback):
                      line: Any = None) -> None:
         """``warnings.showwarning`` in the check window: count a synchronisation by its line and its caller.
 
-        The line that synchronises is often inside torch (``Tensor.__format__`` calling ``item``); the caller is
-        the innermost frame of the stack outside torch and the warnings machinery.
+        The line that synchronises is often inside torch (``Tensor.__format__`` calling ``item``); the callers are
+        the three innermost frames of the stack outside the torch package (Lightning's count), the warnings
+        machinery and this callback.
         """
         if "synchroniz" not in str(message):
             return
         import traceback
 
-        caller = next((f for f in reversed(traceback.extract_stack()[:-1])
-                       if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")), None)
+        torch_dir = os.path.dirname(torch.__file__) + os.sep
+        outside = [f for f in reversed(traceback.extract_stack()[:-1])
+                   if not f.filename.startswith(torch_dir) and not f.filename.endswith("warnings.py")
+                   and f.filename != __file__]
         where = f"{filename}:{lineno}"
-        if caller is not None and caller.filename != filename:
-            where += f" (from {caller.filename}:{caller.lineno})"
+        chain = [f"{f.filename}:{f.lineno} {f.name}" for f in outside[:3] if f.filename != filename]
+        if chain:
+            where += " (from " + " <- ".join(chain) + ")"
         self._records.append(where)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
