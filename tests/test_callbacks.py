@@ -116,3 +116,27 @@ def test_step_profiler_names_the_callers_of_a_synchronisation(tmp_path):
     assert prof._records[0].startswith(
         f"{tensor_py}:1150 (from {lib}:2 check <- /work/project/module.py:2 step <- ")
     assert len(prof._records) == 1  # other warnings are not counted
+
+
+def test_step_profiler_does_not_count_switching_the_check_on(tmp_path, monkeypatch):
+    """Turning the synchronisation check on is reported as a synchronisation; the window leaves it out."""
+    import types
+    import warnings
+
+    import torch
+
+    def switch(mode):  # what torch 2.11 does when the check is switched on
+        if mode:
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", switch)
+    prof = StepProfiler(str(tmp_path), start=2, steps=1, sync_steps=2)
+    module = types.SimpleNamespace(device=torch.device("cuda"))
+    trainer = types.SimpleNamespace(global_step=3)
+    prof.on_train_batch_start(trainer, module, batch=[0], idx=0)
+    try:
+        assert prof._records == []
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)  # one in the step
+        assert len(prof._records) == 1
+    finally:
+        prof._warn.__exit__(None, None, None)

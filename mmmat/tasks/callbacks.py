@@ -317,6 +317,8 @@ class StepProfiler(pl.Callback):
             warnings.simplefilter("always")
             warnings.showwarning = self._record_sync
             torch.cuda.set_sync_debug_mode("warn")
+            # switching the check on is itself reported as a synchronisation (torch 2.11); it is not the step's
+            self._records.clear()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
@@ -360,8 +362,8 @@ class StepProfiler(pl.Callback):
         """``warnings.showwarning`` in the check window: count a synchronisation by its line and its caller.
 
         The line that synchronises is often inside torch (``Tensor.__format__`` calling ``item``); the callers are
-        the three innermost frames of the stack outside the torch package (Lightning's count), the warnings
-        machinery and this callback.
+        the three innermost frames of the stack outside the torch package (Lightning's count) and the warnings
+        machinery.
         """
         if "synchroniz" not in str(message):
             return
@@ -369,8 +371,7 @@ class StepProfiler(pl.Callback):
 
         torch_dir = os.path.dirname(torch.__file__) + os.sep
         outside = [f for f in reversed(traceback.extract_stack()[:-1])
-                   if not f.filename.startswith(torch_dir) and not f.filename.endswith("warnings.py")
-                   and f.filename != __file__]
+                   if not f.filename.startswith(torch_dir) and not f.filename.endswith("warnings.py")]
         where = f"{filename}:{lineno}"
         chain = [f"{f.filename}:{f.lineno} {f.name}" for f in outside[:3] if f.filename != filename]
         if chain:
