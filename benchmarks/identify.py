@@ -70,7 +70,7 @@ def build_index(index: Path, data: Path) -> None:
         print(f"mp20p: {len(crystals)} crystals, {len(problems)} skipped", flush=True)
         add_crystals(index, crystals, info={"source": "mp20p (train, val, test)"})
     if not any(m.startswith("iucr-") for m in PhaseTable.load(index).material_id):
-        iucr = [crystal_from_structure(s, f"iucr-{name}", source="iucr") for name, s, _ in iucr_items(data)
+        iucr = [crystal_from_structure(s, f"iucr-{name}", source="iucr") for name, s, _, _ in iucr_items(data)
                 if s is not None]
         add_crystals(index, iucr, info={"source": "mp20p (train, val, test) + IUCr structures"})
 
@@ -85,7 +85,7 @@ def ensure_embeddings(index: Path, model: Path, shards: Path | None, data: Path)
     from mmmat.retrieval.api import add_structures_to_index
 
     embed_shards_index(model, shards, index)
-    iucr = [(f"iucr-{name}", s) for name, s, _ in iucr_items(data) if s is not None] if \
+    iucr = [(f"iucr-{name}", s) for name, s, _, _ in iucr_items(data) if s is not None] if \
         (data / "xrd_measured").is_dir() else []
     if iucr:
         add_structures_to_index(index, iucr, model, skip_duplicates=True)
@@ -97,8 +97,19 @@ def learned_ranking(res) -> list[str]:
     return [c["material_id"] for c in sorted(hits, key=lambda c: c["learned_rank"])]
 
 
-def iucr_items(data: Path) -> list[tuple[str, object, object]]:
-    """(file stem, structure or None, pattern or error text) of the IUCr Rietveld CIFs."""
+def modulated(cif: Path) -> bool:
+    """Whether a CIF describes an incommensurately modulated structure (a superspace group).
+
+    pymatgen reads only its basic cell: positions, occupancies and satellite reflections of the modulation are
+    lost, so the peak table computed from it is not that of the measured phase.
+    """
+    text = cif.read_text(errors="replace")
+    dim = re.search(r"^_cell_modulation_dimension\s+(\d+)", text, re.MULTILINE)
+    return bool(dim and int(dim.group(1)) > 0) or re.search(r"^_space_group_ssg_name\b", text, re.MULTILINE) is not None
+
+
+def iucr_items(data: Path) -> list[tuple[str, object, object, bool]]:
+    """(file stem, structure or None, pattern or error text, :func:`modulated`) of the IUCr Rietveld CIFs."""
     from pymatgen.io.cif import CifParser
 
     from mmmat.io import InputError, read_pattern
@@ -118,7 +129,7 @@ def iucr_items(data: Path) -> list[tuple[str, object, object]]:
                 s = CifParser(str(f)).parse_structures(primitive=False)[0]
         except Exception:  # pymatgen raises many types on these files
             s = None
-        out.append((f.stem, s, pat))
+        out.append((f.stem, s, pat, modulated(f)))
     return out
 
 
@@ -296,8 +307,8 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
     if args.iucr_slice:
         a, b = (int(x) if x else None for x in args.iucr_slice.split(":"))
         items = items[a:b]
-    for name, s, pat in items:
-        row: dict = {"file": name}
+    for name, s, pat, mod in items:
+        row: dict = {"file": name, "modulated": mod}
         if s is None or not isinstance(pat, Pattern):
             row["error"] = pat if isinstance(pat, str) else "structure not parsed"
             rows.append(row)
@@ -337,6 +348,7 @@ def iucr(args: argparse.Namespace) -> tuple[dict, dict]:
 def iucr_metrics(rows: list[dict], learned: bool) -> dict:
     """Counts over the IUCr rows (also used to merge rows measured by several processes)."""
     ok = [r for r in rows if "elements" in r and "none" in r]
+    periodic = [r for r in ok if not r.get("modulated")]
     metrics = {
         "iucr_profiles": len(rows),
         "iucr_readable": len(ok),
@@ -345,6 +357,10 @@ def iucr_metrics(rows: list[dict], learned: bool) -> dict:
         "iucr_rank1_classical": sum(r["elements"]["rank_classical"] == 1 for r in ok),
         "iucr_rank1_classical_no_elements": sum(r["none"]["rank_classical"] == 1 for r in ok),
         "iucr_top10_classical_no_elements": sum((r["none"]["rank_classical"] or 99) <= 10 for r in ok),
+        # incommensurately modulated structures: their basic cell's computed pattern is not the phase's
+        "iucr_modulated": sum(bool(r.get("modulated")) for r in ok),
+        "iucr_rank1_identify_periodic": sum(r["elements"]["rank_identify"] == 1 for r in periodic),
+        "iucr_rank1_classical_periodic": sum(r["elements"]["rank_classical"] == 1 for r in periodic),
     }
     for tag, suffix in (("elements", "_elements"), ("none", "")):
         ranks = [r[tag]["rank_learned"] for r in ok]

@@ -272,3 +272,32 @@ def test_a_phase_must_explain_its_share_of_the_misfit(tiny_index, monkeypatch):
     assert [p.material_id for p in strict.phases] == ["zno"]
     monkeypatch.setattr(ident, "MIN_RSS_DROP", min(0.999, share + 0.2))  # the same rule without an element list
     assert [p.material_id for p in identify(pat, tiny_index).phases] == ["zno"]
+
+
+def test_benchmark_flags_modulated_structures(tmp_path):
+    """An incommensurately modulated CIF (superspace group) is flagged and counted apart from periodic ones."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("identify_bench_mod", root / "benchmarks" / "identify.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["identify_bench_mod"] = bench
+    spec.loader.exec_module(bench)
+    periodic = tmp_path / "a.cif"
+    periodic.write_text("data_a\n_cell_length_a 4.0\n_symmetry_space_group_name_H-M 'P m -3 m'\n")
+    mod = tmp_path / "b.cif"
+    mod.write_text("data_b\n_cell_length_a\n3.9183(2)\n_space_group_ssg_name\n'X2/m(\\a0\\g)0s'\n"
+                   "_cell_modulation_dimension\n1\n")
+    zero = tmp_path / "c.cif"
+    zero.write_text("data_c\n_cell_modulation_dimension 0\n")
+    assert [bench.modulated(f) for f in (periodic, mod, zero)] == [False, True, False]
+
+    def row(rank, modulated):
+        ranks = {"rank_identify": rank, "rank_classical": 1, "rank_learned": None}
+        return {"modulated": modulated, "elements": dict(ranks), "none": dict(ranks)}
+
+    m = bench.iucr_metrics([row(1, False), row(3, True), row(1, False)], learned=False)
+    assert (m["iucr_readable"], m["iucr_rank1_identify"], m["iucr_modulated"]) == (3, 2, 1)
+    assert (m["iucr_rank1_identify_periodic"], m["iucr_rank1_classical_periodic"]) == (2, 2)
