@@ -233,3 +233,60 @@ def test_eager_pattern_cnn_breaks_the_graph_and_keeps_the_result(shards):
     la, ga = _loss_and_grads(plain, lambda b: plain.training_step(b, 0), data.batch(idx), 0)
     lb, gb = _loss_and_grads(static_m, lambda b: step(b)[0], data.batch(idx), 0)
     _same(la, ga, lb, gb)
+
+
+def _ddp_worker(rank, world, init_file, shards, out_dir):
+    """One rank: the plain and the compiled static step, each inside DDP on this rank's half of a batch."""
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mmmat.tasks.static_step import StaticStep
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        class Step(torch.nn.Module):  # what Lightning's DDP wrapper does: the step runs inside DDP's forward
+            def __init__(self, module, run):
+                super().__init__()
+                self.module, self.run = module, run
+
+            def forward(self, batch):
+                return self.run(batch)
+
+        dm = _data(shards, precompute_graph=True)
+        plain, static_m = _module(), _module()
+        static_m.load_state_dict(copy.deepcopy(plain.state_dict()))
+        plain._precompute_patterns(dm)
+        torch._dynamo.reset()
+        step = StaticStep(static_m, compile=True, mode=None, backend="eager", fullgraph=False)
+        idx = torch.tensor([3, 1, 4, 15, 9, 2, 6, 5, 35, 8, 27, 0]).chunk(world)[rank]
+        data = dm.resident("train")
+        out = {}
+        for tag, module, run in (("plain", plain, lambda b: plain.training_step(b, 0)),
+                                 ("static", static_m, lambda b: step(b)[0])):
+            ddp = DistributedDataParallel(Step(module, run))
+            torch.manual_seed(rank)
+            module.zero_grad()
+            loss = ddp(data.batch(idx))
+            loss.backward()  # DDP averages the gradients over the ranks
+            out[tag] = (loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+        out["breaks"] = " ".join(counters["graph_break"])
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_static_step_under_ddp_equals_plain_step(shards, tmp_path):
+    """Two gloo ranks: the compiled static step inside DDP (the cross-rank gathers of the contrastive loss run
+    between its graphs) gives each rank the plain step's loss and the same DDP-averaged gradients."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(shards), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert "_gather_with_grad_eager" in ranks[0]["breaks"]  # the collectives run between the graphs
+    for r in ranks:
+        _same(r["plain"][0], r["plain"][1], r["static"][0], r["static"][1])
+    assert not torch.allclose(ranks[0]["plain"][0], ranks[1]["plain"][0])  # each rank its own half
+    for name, g in ranks[0]["static"][1].items():  # the gradients were averaged: the same on both ranks
+        torch.testing.assert_close(g, ranks[1]["static"][1][name])

@@ -101,6 +101,16 @@ def gather_with_grad(x: Tensor) -> Tensor:
     _, world = _dist_info()
     if world == 1:
         return x
+    return _gather_with_grad_eager(x)
+
+
+@torch.compiler.disable
+def _gather_with_grad_eager(x: Tensor) -> Tensor:
+    """The collective of :func:`gather_with_grad`, never inside a compiled graph.
+
+    In a compiled step (``engine.cuda_graphs`` under DDP) the gather is a graph break: the collective runs
+    eagerly between the captured graphs, on every rank in the same order, instead of inside a CUDA graph.
+    """
     return _GatherWithGrad.apply(x)
 
 
@@ -109,6 +119,12 @@ def _gather_mask(mask: Tensor) -> Tensor:
     _, world = _dist_info()
     if world == 1:
         return mask
+    return _gather_mask_eager(mask)
+
+
+@torch.compiler.disable
+def _gather_mask_eager(mask: Tensor) -> Tensor:
+    """The collective of :func:`_gather_mask`, never inside a compiled graph."""
     return _all_gather(mask.to(torch.uint8)).bool()
 
 

@@ -40,7 +40,8 @@ ENGINE_DEFAULTS: dict[str, bool | str] = {
     # torch.compile of every encoder's network (fewer kernels and less Python per step)
     "compile": False,
     # the whole step (augmentation, encoders, losses) on batches padded to fixed capacities, compiled as one
-    # graph and replayed as CUDA graphs (mmmat.tasks.static_step); one process only, replaces ``compile``
+    # graph and replayed as CUDA graphs (mmmat.tasks.static_step); replaces ``compile``; under DDP each rank
+    # captures its own step, with the cross-rank gathers of the contrastive loss between the graphs
     "cuda_graphs": False,
     # also compile the powder-pattern CNN (under ``compile`` or ``cuda_graphs``); off: it runs eager, because
     # compiled inside the captured step under bf16 autocast its loss went NaN on an H200 (torch 2.11;
@@ -306,17 +307,17 @@ class ContrastivePretraining(pl.LightningModule):
     def _static_step(self) -> None:
         """Set up the static-shape, captured step (``engine.cuda_graphs``).
 
-        The plain step runs instead, with a warning that says why, under several ranks, off CUDA, and with
-        settings the static step does not support (structural objectives, crystal augmentation).
+        The plain step runs instead, with a warning that says why, off CUDA and with settings the static step
+        does not support (structural objectives, crystal augmentation). Under DDP every rank runs its own
+        captured step; the contrastive loss's cross-rank gathers run between the graphs (graph breaks), and
+        DDP all-reduces the gradients as the compiled backward produces them.
         """
         import warnings
 
         from mmmat.tasks.static_step import StaticStep
 
         why = None
-        if self.trainer.world_size > 1:
-            why = f"it applies to one process only, and {self.trainer.world_size} ranks run"
-        elif self.trainer.strategy.root_device.type != "cuda":
+        if self.trainer.strategy.root_device.type != "cuda":
             why = f"CUDA graphs need a CUDA device, and the step runs on {self.trainer.strategy.root_device.type}"
         else:
             try:
