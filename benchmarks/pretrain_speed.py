@@ -20,6 +20,9 @@
    ``b<N>_graphs`` and metrics ``*_cuda_graphs``; ``--graphs-only`` skips the runs of part 1 (their figures
    then come from ``--merge``). ``--parallel`` starts the one-GPU runs of one part together, one per GPU of
    the host (each process sees one GPU; the host's CPU cores are shared), to fit one call's time.
+5. With ``--ddp-graphs`` (with ``--ddp``): the DDP step again with every rank running the captured step
+   (``engine.cuda_graphs`` and ``compile_pattern_cnn: fp32``, as the one-GPU config), run ``ddp_b256_graphs``,
+   metrics ``*_cuda_graphs`` beside the plain DDP step's.
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ def _finish(args: argparse.Namespace, tag: str, proc: subprocess.Popen, work: Pa
 GRAPHS_ENGINE = "precompute_patterns: true, sync_free: true, fused_adamw: true, compile: true, cuda_graphs: true"
 #: the same with the pattern CNN compiled into the graphs too (``--graphs-cnn``)
 GRAPHS_CNN_ENGINE = GRAPHS_ENGINE + ", compile_pattern_cnn: true"
+#: the DDP step with each rank's step captured, the pattern CNN inside in float32 (what mp20p.yaml runs on one GPU)
+DDP_GRAPHS_ENGINE = ("precompute_patterns: true, sync_free: true, fused_adamw: true, compile: false, "
+                     "cuda_graphs: true, compile_pattern_cnn: fp32")
 
 
 def _batches(args: argparse.Namespace, n: int, batch: int, cutoff: float) -> list:
@@ -217,6 +223,8 @@ def main() -> None:
     ap.add_argument("--ddp-only", action="store_true",
                     help="only the DDP step, against the one-GPU batch-256 run of --merge")
     ap.add_argument("--ddp", action="store_true", help="also the two-GPU DDP step and ddp_speedup")
+    ap.add_argument("--ddp-graphs", action="store_true",
+                    help="with --ddp: also the DDP step with each rank's step captured (engine.cuda_graphs)")
     ap.add_argument("--cuda-graphs", action="store_true", help="also the step with engine.cuda_graphs on")
     ap.add_argument("--graphs-only", action="store_true", help="only the cuda_graphs runs (part 1 from --merge)")
     ap.add_argument("--graphs-cnn", action="store_true",
@@ -282,7 +290,20 @@ def main() -> None:
             "gpu_busy_share_rank0": round(r["busy_share"], 3),
             "host_syncs_per_step_rank0": r.get("syncs_per_step"),
         }
-        write_result("pretrain_2gpu_speed", d, {"runs": {"ddp_b256": r, "b256": one}}, out=args.ddp_result)
+        ddp_runs = {"ddp_b256": r, "b256": one}
+        if args.ddp_graphs:
+            engine = f"--model.init_args.engine={{{DDP_GRAPHS_ENGINE}}}"
+            g = ddp_runs["ddp_b256_graphs"] = step_speed(args, args.ddp_config, 256, "ddp_b256_graphs",
+                                                         [*args.extra, engine])
+            d.update({
+                "crystals_per_s_cuda_graphs": round(2 * 256 / g["wall_ms"] * 1e3, 1),
+                "ddp_speedup_cuda_graphs": round(one["wall_ms"] / g["wall_ms"] * 2, 3),
+                "gpu_busy_share_rank0_cuda_graphs": round(g["busy_share"], 3),
+                "host_syncs_per_step_rank0_cuda_graphs": g.get("syncs_per_step"),
+                "host_syncs_per_steady_step_rank0_cuda_graphs": g.get("syncs_per_steady_step"),
+                "loss_finite_cuda_graphs": g.get("loss_finite"),
+            })
+        write_result("pretrain_2gpu_speed", d, {"runs": ddp_runs}, out=args.ddp_result)
 
 
 if __name__ == "__main__":
