@@ -51,7 +51,11 @@ whose crystals carry peak tables (:mod:`mmmat.xrd.phases`), and returns an :clas
    check after the final refinement (each phase against the candidates that explain the same peaks), a phase
    is also replaced by an alternative that explains more of the listed elements if the BIC rises by less than
    :data:`MIN_DELTA_BIC` (:data:`ELEMENT_SWAP`): isostructural crystals such as YbMg and LaYbMg2 give nearly
-   the same pattern, and the element list tells them apart.
+   the same pattern, and the element list tells them apart.  Failing that, while a listed element is
+   unexplained, the crystals of the phase's structure type that carry one (:func:`prototypes`: an Er analogue
+   of a Sm phase) are tried too, each refined first (:data:`SUBSTITUTE_SWAP`): their peaks are already fitted
+   by the phase, so the residual screen rarely lists them.  And a swap by fit alone never leaves more listed
+   elements unexplained (:data:`KEEP_ELEMENTS`), so it does not undo what the element swaps established.
 
 4. **Weight fractions** by Hill & Howard (J. Appl. Cryst. 20, 467, 1987): w_p = S_p (ZMV)_p / Σ S (ZMV),
    S the fitted scale of the phase's per-cell intensities, ZM its cell mass, V its cell volume.  Rwp is
@@ -106,6 +110,14 @@ COVERAGE_CANDIDATES = 3
 #: With an element list: in the swap check, a phase is replaced by one of its alternatives that explains more of
 #: the listed elements when the BIC rises by less than MIN_DELTA_BIC (isostructural crystals: YbMg, LaYbMg2).
 ELEMENT_SWAP = True
+#: In that swap check, also try the allowed crystals of the phase's structure type (same space group and
+#: stoichiometry, :func:`prototypes`) that hold an unexplained element: such a substitute (an Er analogue of a
+#: Sm phase) fits the phase's peaks at a slightly other lattice scale, so the residual screen rarely lists it.
+SUBSTITUTE_SWAP = True
+#: BIC rise (before refinement) up to which a substitute is refined and judged by :data:`MIN_DELTA_BIC`.
+SUBSTITUTE_BIC = 40.0
+#: With an element list, the swap by fit never leaves more listed elements unexplained.
+KEEP_ELEMENTS = True
 
 
 @dataclass
@@ -343,6 +355,29 @@ def molecular_rows(table: PhaseTable) -> np.ndarray:
     if key not in cache:
         sets = [frozenset(e.split()) for e in table.elements]
         cache[key] = np.array([e <= VOLATILE or (e <= _VOLATILE_C and e != _CARBON) for e in sets], dtype=bool)
+    return cache[key]
+
+
+def prototypes(table: PhaseTable) -> list[tuple[int, tuple[float, ...]]]:
+    """Per crystal, its structure-type key: (space group, the sorted element counts of its reduced formula).
+
+    Crystals with the same key and one element exchanged are isostructural substitutes (LiSmTl2 and LiErTl2),
+    whose patterns differ mainly by a small change of lattice scale. Formulas with brackets (Ca(CoO2)2) are
+    expanded.
+    """
+    cache = _cache(table)
+    key = ("prototypes",)
+    if key not in cache:
+        from pymatgen.core import Composition
+
+        out = []
+        for f, g in zip(table.formula.tolist(), table.spacegroup.tolist()):
+            try:
+                counts = tuple(sorted(round(v, 3) for v in Composition(str(f)).get_el_amt_dict().values()))
+            except Exception:  # pymatgen raises several types on odd formula strings: no substitute then
+                counts = (float("nan"),)
+            out.append((int(g), counts))
+        cache[key] = out
     return cache[key]
 
 
@@ -858,6 +893,12 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
         left = unexplained(chosen)
         return rows[[bool(sets[r] & left) for r in rows]] if left else np.zeros(0, dtype=np.int64)
 
+    def substitutes(row: int, chosen: list[int]) -> np.ndarray:
+        """Allowed crystals isostructural with ``row`` (:func:`prototypes`) that hold an unexplained element."""
+        protos, left = prototypes(table), unexplained(chosen)
+        return np.array([r for r in rows if protos[r] == protos[row] and r not in chosen and sets[r] & left],
+                        dtype=np.int64)
+
     def by_coverage(tried: list[tuple[float, int, float]], chosen: list[int]) -> list[tuple[float, int, float]]:
         """Trials ordered by how many unexplained elements each crystal carries (most first), then by misfit.
 
@@ -972,15 +1013,31 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
         alternatives[chosen[i]] = [r for _, r, _ in tried[:SWAP_ALTERNATIVES]]
         # the best candidate replaces the phase if it fits better after refinement; with an element list, failing
         # that, the best one that explains more listed elements does if the BIC rises by less than MIN_DELTA_BIC
-        if tried and tried[0][0] < rss_all and swap(i, tried[0], rss_all, by_elements=False):
+        # the best candidate that fits better replaces the phase; with an element list, one that would leave more
+        # listed elements unexplained is passed over (it would undo what the element swaps below establish)
+        best = next((t for t in tried if t[0] < rss_all and not (
+            KEEP_ELEMENTS and elements
+            and len(unexplained([*chosen[:i], t[1], *chosen[i + 1:]])) > len(unexplained(chosen)))), None)
+        if best is not None and swap(i, best, rss_all, by_elements=False):
             continue
-        if not (ELEMENT_SWAP and elements and tried):
+        if not (ELEMENT_SWAP and elements):
             continue
         left = len(unexplained(chosen))
+        swapped = False
         for t in tried[:SWAP_ALTERNATIVES]:
             if len(unexplained([*chosen[:i], t[1], *chosen[i + 1:]])) < left and near(t[0], rss_all):
-                swap(i, t, rss_all, by_elements=True)
+                swapped = swap(i, t, rss_all, by_elements=True)
                 break
+        if swapped or not (left and SUBSTITUTE_SWAP):
+            continue
+        # isostructural substitutes carrying unexplained elements, screened apart; the lattice scale the screen
+        # gives them is coarse, so each within SUBSTITUTE_BIC of the fit is refined before the criterion
+        subs = substitutes(chosen[i], chosen)
+        if subs.size:
+            for t in trials(others, o_scales, search(fit_o, chosen, False, subs)):
+                if fitter.bic(t[0], len(chosen)) - fitter.bic(rss_all, len(chosen)) < SUBSTITUTE_BIC and \
+                        swap(i, t, rss_all, by_elements=True):
+                    break
     # backward check with the final peak shape: a phase whose removal does not raise the BIC by more than
     # MIN_DELTA_BIC goes; each kept phase's score is the BIC rise its removal would cause
     while chosen:
