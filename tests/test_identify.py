@@ -49,6 +49,18 @@ def tiny_index(tmp_path_factory):
     return root / "index"
 
 
+def _cif_index(tmp_path, structures, names):
+    """An index of ``names`` from ``structures``, added through ``mmmat index add`` from a folder of CIFs."""
+    cifs = tmp_path / "cifs"
+    cifs.mkdir()
+    for name in names:
+        (cifs / f"{name}.cif").write_text(structures[name].to(fmt="cif"))
+    index = tmp_path / "index"
+    r = CliRunner().invoke(app, ["index", "add", "--index", str(index), "--cif", str(cifs)])
+    assert r.exit_code == 0, r.output
+    return index
+
+
 def _scan(table: PhaseTable, names, fractions, scales, seed=0, **inst):
     rows = [int(np.flatnonzero(table.material_id == n)[0]) for n in names]
     values = dict(ka2_ratio=0.5, U=0.004, V=-0.002, W=0.003, size_nm=100.0, asymmetry=0.05, zero_shift=0.02,
@@ -234,13 +246,7 @@ def test_element_list_swaps_a_phase_for_the_isostructural_crystal_that_explains_
     s = _structures()
     s["cu3ni"] = Structure(Lattice.cubic(3.615), ["Ni", "Cu", "Cu", "Cu"],
                            [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-    cifs = tmp_path / "cifs"
-    cifs.mkdir()
-    for name in ("cu", "cu3ni", "mgo", "zno", "nacl"):
-        (cifs / f"{name}.cif").write_text(s[name].to(fmt="cif"))
-    index = tmp_path / "index"
-    r = CliRunner().invoke(app, ["index", "add", "--index", str(index), "--cif", str(cifs)])
-    assert r.exit_code == 0, r.output
+    index = _cif_index(tmp_path, s, ("cu", "cu3ni", "mgo", "zno", "nacl"))
     table = load_table(index)
     pat = _scan(table, ["cu", "mgo"], [0.6, 0.4], [1.0, 1.0], size_nm=20.0, counts=3e3)
     elements = ["Cu", "Ni", "Mg", "O"]
@@ -332,13 +338,7 @@ def test_element_list_swaps_a_look_alike_for_its_isostructural_substitute(tmp_pa
 
     s = _structures()
     s["ni"] = Structure.from_spacegroup("Fm-3m", Lattice.cubic(3.524), ["Ni"], [[0, 0, 0]])
-    cifs = tmp_path / "cifs"
-    cifs.mkdir()
-    for name in ("cu", "ni", "mgo", "zno", "nacl"):
-        (cifs / f"{name}.cif").write_text(s[name].to(fmt="cif"))
-    index = tmp_path / "index"
-    r = CliRunner().invoke(app, ["index", "add", "--index", str(index), "--cif", str(cifs)])
-    assert r.exit_code == 0, r.output
+    index = _cif_index(tmp_path, s, ("cu", "ni", "mgo", "zno", "nacl"))
     table = load_table(index)
     pat = _scan(table, ["ni", "mgo"], [0.6, 0.4], [1.0, 1.0], size_nm=20.0, counts=3e3)
     elements = ["Cu", "Ni", "Mg", "O"]
