@@ -208,7 +208,7 @@ def test_ranking_interleaves_alternatives_and_runners_up():
     assert res.ranking() == ["a", "b", "b1", "a1", "r1", "a2", "r2", "c9"]
 
 
-def test_ranking_puts_coverage_candidates_after_the_phases():
+def test_ranking_interleaves_coverage_alternatives_and_runners_up_after_the_phases():
     from mmmat.xrd.identify import IdentifyResult, PhaseHit
 
     z = np.zeros(3)
@@ -216,7 +216,7 @@ def test_ranking_puts_coverage_candidates_after_the_phases():
         phases=[PhaseHit("a", "A", 1, 1.0, 1.0, 50.0)], rwp=10.0, two_theta=z, measured=z, fitted=z, residual=z,
         background=z, contributions={}, candidates=[], runners_up=["r1"], alternatives={"a": ["a1"]},
         coverage=["c1", "a", "c2"])
-    assert res.ranking() == ["a", "c1", "c2", "a1", "r1"]
+    assert res.ranking() == ["a", "c1", "a1", "r1", "c2"]
     assert res.to_dict()["coverage"] == ["c1", "a", "c2"]
 
 

@@ -166,16 +166,19 @@ class IdentifyResult:
     def ranking(self) -> list[str]:
         """Material ids, likeliest first: phases found, coverage candidates, alternatives and runners-up, the rest.
 
-        The phases found come in the order added; then the candidates that carry elements of the element list
-        no phase found explains (``coverage``, best first); after them, round by round, the next alternative of
-        each phase (weakest evidence first: the likeliest to be mistaken) and the next runner-up of the
-        residual; then the other candidates.
+        The phases found come in the order added; then, round by round, the next candidate that carries
+        elements of the element list no phase found explains (``coverage``, best first), the next alternative
+        of each phase (weakest evidence first: the likeliest to be mistaken) and the next runner-up of the
+        residual; then the other candidates.  Interleaving the three kinds of doubt keeps a mistaken phase's
+        alternative from being pushed down by a long coverage list.
         """
         out = [p.material_id for p in self.phases]
-        out += [m for m in self.coverage if m not in out]
         weakest = [p.material_id for p in sorted(self.phases, key=lambda p: p.score)]
         merged: list[str] = []
-        for k in range(max([len(self.runners_up), *(len(v) for v in self.alternatives.values())], default=0)):
+        rounds = max([len(self.runners_up), len(self.coverage), *(len(v) for v in self.alternatives.values())],
+                     default=0)
+        for k in range(rounds):
+            merged += self.coverage[k:k + 1]
             merged += [self.alternatives[m][k] for m in weakest if k < len(self.alternatives.get(m, []))]
             merged += self.runners_up[k:k + 1]
         for m in [*merged, *(c["material_id"] for c in self.candidates)]:
