@@ -34,6 +34,7 @@ IUCr Rietveld CIFs, as peak tables (``phases.npz``, built once into ``--index`` 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import re
@@ -291,6 +292,11 @@ def synthetic(args: argparse.Namespace) -> tuple[dict, dict]:
                 "all_top5": round(float(np.mean([c["none"]["top5_identify"] for c in sub])), 4),
                 "classical_all_top5_elements": round(float(np.mean([c["elements"]["top5_classical"] for c in sub])), 4),
             }
+    if args.cases:  # every pattern, one JSON object per line: two runs can be compared pattern by pattern
+        Path(args.cases).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.cases, "w") as fh:
+            for c in cases:
+                fh.write(json.dumps(c, default=float) + "\n")
     return metrics, {"synthetic_by_phase_count": by_k, "synthetic_cases_head": cases[:20]}
 
 
@@ -388,7 +394,6 @@ def _precursor_elements(stem: str) -> list[str]:
 
 def scans(args: argparse.Namespace) -> tuple[dict, dict]:
     """Part (c)."""
-    import json
     import subprocess
 
     from mmmat.xrd.identify import identify
@@ -440,7 +445,6 @@ def merge_pieces(files: list[str], out: str | None) -> None:
     the 2- and 3-phase counts); a median or percentile cannot be pooled: those keys hold the pattern-weighted
     mean of the pieces' values, and each piece's ``seconds_per_scan`` median is kept in ``synthetic_pieces``.
     """
-    import json
 
     docs = [json.loads(Path(f).read_text()) for f in files]
     n = np.array([d["metrics"]["synthetic_patterns"] for d in docs], dtype=float)
@@ -491,6 +495,8 @@ def main() -> None:
     ap.add_argument("--parts", default="synthetic,iucr,scans")
     ap.add_argument("--plots", default=str(ROOT / "runs" / "identify_scans"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cases", default=None,
+                    help="Write every synthetic pattern's outcome to this JSON-lines file (for paired comparisons).")
     ap.add_argument("--scan-slice", default=None, help="Only these XRDML scans (Python slice a:b of the sorted list).")
     ap.add_argument("--iucr-slice", default=None, help="Only these IUCr files (Python slice a:b of the sorted list).")
     ap.add_argument("--model", default=None, help="Model folder with an xrd encoder: measure the learned route.")
