@@ -47,7 +47,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     from mmmat.data.loader import load_records, split_shards
     from mmmat.evaluation.generation import csp_match_details
-    from mmmat.evaluation.relax import batched_relax, load_potential
+    from mmmat.evaluation.relax import batched_relax, load_potential, single_points
     from mmmat.generative.csp import CSPPipeline
     from mmmat.generative.templates import TemplateLibrary
 
@@ -74,7 +74,7 @@ def main() -> None:
 
     pot = load_potential(args.potential, args.device)
     t0 = time.perf_counter()
-    single = batched_relax(pot, flat, steps=0).energy_per_atom
+    single = single_points(pot, flat)
     t_single = time.perf_counter() - t0
     t0 = time.perf_counter()
     relaxed = batched_relax(pot, flat, steps=args.steps, fmax=0.1)
