@@ -20,6 +20,10 @@
    ``b<N>_graphs`` and metrics ``*_cuda_graphs``; ``--graphs-only`` skips the runs of part 1 (their figures
    then come from ``--merge``). ``--parallel`` starts the one-GPU runs of one part together, one per GPU of
    the host (each process sees one GPU; the host's CPU cores are shared), to fit one call's time.
+6. With ``--link`` (with ``--ddp``): how fast the two GPUs exchange the model's gradients: one NCCL all-reduce
+   of a buffer the size of the DDP config's encoder parameters, in float32 and in bfloat16 (milliseconds, and bus
+   bandwidth as nccl-tests counts it), plus ``nvidia-smi topo -m``; the floor under the DDP step when the
+   all-reduce is not hidden behind the backward pass.
 5. With ``--ddp-graphs`` (with ``--ddp``): the DDP step again with every rank running the captured step
    (``engine.cuda_graphs`` and ``compile_pattern_cnn: fp32``, as the one-GPU config), run ``ddp_b256_graphs``,
    metrics ``*_cuda_graphs`` beside the plain DDP step's.
@@ -130,6 +134,61 @@ DDP_GRAPHS_ENGINE = ("precompute_patterns: true, sync_free: true, fused_adamw: t
                      "cuda_graphs: true, compile_pattern_cnn: fp32")
 
 
+def _link_worker(rank: int, numel: int, rounds: int, out: str) -> None:
+    """One rank of :func:`link_speed`: all-reduce ``numel`` elements ``rounds`` times, fp32 then bf16."""
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{out}.init", rank=rank, world_size=2)
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        buf = torch.ones(numel, dtype=dtype, device="cuda")
+        for _ in range(3):
+            dist.all_reduce(buf)
+        torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            dist.all_reduce(buf)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) / rounds * 1e3
+        size = numel * buf.element_size()
+        # bus bandwidth of a ring all-reduce over n ranks: 2 (n - 1) / n x size / time
+        res[str(dtype).split(".")[-1]] = {"ms": round(ms, 3), "bus_gb_per_s": round(size / ms / 1e6, 2)}
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def link_speed(args: argparse.Namespace) -> dict:
+    """All-reduce time of the DDP config's gradient between two GPUs of this host (fp32 and bf16)."""
+    import torch.multiprocessing as mp
+    import yaml
+
+    cfg = yaml.safe_load(Path(args.ddp_config).read_text())
+    numel = _config_numel(cfg)
+    out = str(Path(args.workdir) / "link.json")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    mp.spawn(_link_worker, args=(numel, 20, out), nprocs=2, join=True)
+    res = json.loads(Path(out).read_text())
+    topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+    return {"gradient_mb_fp32": round(numel * 4 / 1e6, 1), "allreduce_gradient_ms_fp32": res["float32"]["ms"],
+            "allreduce_gradient_ms_bf16": res["bfloat16"]["ms"],
+            "allreduce_bus_gb_per_s_fp32": res["float32"]["bus_gb_per_s"], "nvidia_smi_topo": topo}
+
+
+def _config_numel(cfg: dict) -> int:
+    """Parameters of the encoders a pretraining config names (what DDP all-reduces, projections aside)."""
+    import importlib
+
+    total = 0
+    for spec in cfg["model"]["init_args"]["encoders"].values():
+        module, name = spec["class_path"].rsplit(".", 1)
+        encoder = getattr(importlib.import_module(module), name)(**(spec.get("init_args") or {})).build()
+        total += sum(p.numel() for p in encoder.parameters())
+    return total
+
+
 def _batches(args: argparse.Namespace, n: int, batch: int, cutoff: float) -> list:
     from mmmat.tasks.datamodule import MultimodalDataModule
 
@@ -225,6 +284,8 @@ def main() -> None:
     ap.add_argument("--ddp", action="store_true", help="also the two-GPU DDP step and ddp_speedup")
     ap.add_argument("--ddp-graphs", action="store_true",
                     help="with --ddp: also the DDP step with each rank's step captured (engine.cuda_graphs)")
+    ap.add_argument("--link", action="store_true",
+                    help="with --ddp: also the all-reduce time of the gradient between the two GPUs")
     ap.add_argument("--cuda-graphs", action="store_true", help="also the step with engine.cuda_graphs on")
     ap.add_argument("--graphs-only", action="store_true", help="only the cuda_graphs runs (part 1 from --merge)")
     ap.add_argument("--graphs-cnn", action="store_true",
@@ -291,6 +352,13 @@ def main() -> None:
             "host_syncs_per_step_rank0": r.get("syncs_per_step"),
         }
         ddp_runs = {"ddp_b256": r, "b256": one}
+        if args.link:
+            try:
+                link = link_speed(args)
+                ddp_runs["link_topology"] = link.pop("nvidia_smi_topo")
+                d.update(link)
+            except Exception as err:  # the step figures stand without it
+                ddp_runs["link_failed"] = repr(err)
         if args.ddp_graphs:
             engine = f"--model.init_args.engine={{{DDP_GRAPHS_ENGINE}}}"
             g = ddp_runs["ddp_b256_graphs"] = step_speed(args, args.ddp_config, 256, "ddp_b256_graphs",
