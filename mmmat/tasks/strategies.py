@@ -65,7 +65,7 @@ class FlatGradientDDPStrategy(DDPStrategy):
     def post_backward(self, closure_loss: Tensor) -> None:
         """Average the gradients across ranks (after each backward of automatic optimisation)."""
         module = self.lightning_module
-        if module is None or not module.automatic_optimization or self.world_size <= 1:
+        if module is None or not module.automatic_optimization:
             return
         self.sync_gradients()
 
