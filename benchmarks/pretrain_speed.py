@@ -20,13 +20,13 @@
    ``b<N>_graphs`` and metrics ``*_cuda_graphs``; ``--graphs-only`` skips the runs of part 1 (their figures
    then come from ``--merge``). ``--parallel`` starts the one-GPU runs of one part together, one per GPU of
    the host (each process sees one GPU; the host's CPU cores are shared), to fit one call's time.
+5. With ``--ddp-graphs`` (with ``--ddp``): the DDP step again with every rank running the captured step
+   (``engine.cuda_graphs`` and ``compile_pattern_cnn: fp32``, as the one-GPU config), run ``ddp_b256_graphs``,
+   metrics ``*_cuda_graphs`` beside the plain DDP step's.
 6. With ``--link`` (with ``--ddp``): how fast the two GPUs exchange the model's gradients: one NCCL all-reduce
    of a buffer the size of the DDP config's encoder parameters, in float32 and in bfloat16 (milliseconds, and bus
    bandwidth as nccl-tests counts it), plus ``nvidia-smi topo -m``; the floor under the DDP step when the
    all-reduce is not hidden behind the backward pass.
-5. With ``--ddp-graphs`` (with ``--ddp``): the DDP step again with every rank running the captured step
-   (``engine.cuda_graphs`` and ``compile_pattern_cnn: fp32``, as the one-GPU config), run ``ddp_b256_graphs``,
-   metrics ``*_cuda_graphs`` beside the plain DDP step's.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class FlatGradientDDPStrategy(DDPStrategy):
     """
 
     _WRAPPER_ONLY = ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph", "find_unused_parameters",
-                     "ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "broadcast_buffers")
+                     "ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper")
 
     def __init__(self, broadcast_buffers: bool = True, **kwargs: Any):
         wrapper = [k for k in kwargs if k in self._WRAPPER_ONLY and kwargs[k] not in (None, False)]
@@ -58,9 +58,7 @@ class FlatGradientDDPStrategy(DDPStrategy):
         module = self.model
         assert module is not None
         with torch.no_grad():
-            states = list(module.parameters()) + list(module.buffers())
-            _broadcast_flat([t for t in states if t.is_floating_point()])
-            _broadcast_flat([t for t in states if not t.is_floating_point()])
+            _flat_collective(list(module.parameters()) + list(module.buffers()), dist.broadcast, src=0)
 
     def post_backward(self, closure_loss: Tensor) -> None:
         """Average the gradients across ranks (after each backward of automatic optimisation)."""
@@ -83,25 +81,22 @@ class FlatGradientDDPStrategy(DDPStrategy):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        for dtype in {g.dtype for g in grads}:
-            group = [g for g in grads if g.dtype == dtype]
-            flat = _flatten_dense_tensors(group)
-            dist.all_reduce(flat)
-            flat.div_(self.world_size)
-            torch._foreach_copy_(group, list(_unflatten_dense_tensors(flat, group)))
+        _flat_collective([p.grad for p in params], dist.all_reduce, divide=self.world_size)
         if self.broadcast_buffers:
-            buffers = list(module.buffers())
-            _broadcast_flat([b for b in buffers if b.is_floating_point()])
-            _broadcast_flat([b for b in buffers if not b.is_floating_point()])
+            _flat_collective(list(module.buffers()), dist.broadcast, src=0)
 
 
-def _broadcast_flat(tensors: list[Tensor]) -> None:
-    """Broadcast rank 0's values of ``tensors`` (one dtype per call is grouped inside) in place."""
+def _flat_collective(tensors: list[Tensor], collective: Any, divide: int = 1, **kwargs: Any) -> None:
+    """Run ``collective`` (``dist.all_reduce`` or ``dist.broadcast``) on ``tensors`` in place.
+
+    One flat buffer per dtype; the result is divided by ``divide`` and copied back in one batched copy.
+    """
     if not tensors or not dist.is_available() or not dist.is_initialized():
         return
     for dtype in {t.dtype for t in tensors}:
         group = [t for t in tensors if t.dtype == dtype]
         flat = _flatten_dense_tensors(group)
-        dist.broadcast(flat, src=0)
+        collective(flat, **kwargs)
+        if divide != 1:
+            flat.div_(divide)
         torch._foreach_copy_(group, list(_unflatten_dense_tensors(flat, group)))
