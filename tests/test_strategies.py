@@ -58,3 +58,13 @@ def test_flat_gradient_strategy_refuses_wrapper_options():
         FlatGradientDDPStrategy(bucket_cap_mb=8)
     s = FlatGradientDDPStrategy(broadcast_buffers=False)
     assert s.broadcast_buffers is False
+
+
+def test_dtype_groups_follow_first_appearance():
+    """Each dtype group is one collective: the grouping order must not depend on hashing (it differs by process)."""
+    from mmmat.tasks.strategies import _dtype_groups
+
+    a, b, c, d = torch.zeros(2), torch.zeros(3, dtype=torch.long), torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)
+    groups = _dtype_groups([b, a, d, c])
+    assert [g[0].dtype for g in groups] == [torch.long, torch.float32, torch.bfloat16]
+    assert groups[1][0] is a and groups[1][1] is c

@@ -93,10 +93,22 @@ def _flat_collective(tensors: list[Tensor], collective: Any, divide: int = 1, **
     """
     if not tensors or not dist.is_available() or not dist.is_initialized():
         return
-    for dtype in {t.dtype for t in tensors}:
-        group = [t for t in tensors if t.dtype == dtype]
+    for group in _dtype_groups(tensors):
         flat = _flatten_dense_tensors(group)
         collective(flat, **kwargs)
         if divide != 1:
             flat.div_(divide)
         torch._foreach_copy_(group, list(_unflatten_dense_tensors(flat, group)))
+
+
+def _dtype_groups(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """``tensors`` grouped by dtype, groups in the order their dtype first appears.
+
+    The order must be the same on every rank: each group is one collective, and ranks that issue them in
+    different orders exchange mismatched buffers. A set of dtypes iterates in hash order, which differs
+    between processes.
+    """
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
