@@ -347,3 +347,46 @@ def test_element_list_swaps_a_look_alike_for_its_isostructural_substitute(tmp_pa
     monkeypatch.setattr(ident, "SUBSTITUTE_SWAP", False)
     res = identify(pat, index, elements=elements, max_phases=2)
     assert {p.material_id for p in res.phases} == {"cu", "mgo"}
+
+
+def test_weighted_screen_ranks_the_phases_present_above_look_alikes(tmp_path):
+    """ZnO + rutile: GaN (ZnO's structure, lines 1-2 % away) shares much of the scan's energy, so the uniform
+    screen ranks it above rutile; weighted by the counts, GaN's lines that fall beside the peaks cost it, and the
+    two phases present come first."""
+    from mmmat.xrd.identify import _background, _fwhm_estimate, _net, _smooth, screen
+    from mmmat.xrd.phases import add_crystals, crystal_from_structure
+
+    add_crystals(tmp_path / "index", [crystal_from_structure(v, k) for k, v in _structures().items()])
+    table = load_table(tmp_path / "index")
+    pat = _scan(table, ["zno", "rutile"], [0.6, 0.4], [1.0, 1.0], counts=2e3, size_nm=20.0)
+    tt, y = np.asarray(pat.two_theta, dtype=float), np.asarray(pat.intensity, dtype=float)
+    fwhm = _fwhm_estimate(tt, _net(tt, y))
+    smooth = _smooth(tt, y, fwhm)
+    signal = np.clip(smooth - _background(tt, smooth), 0.0, None)
+    rows = np.arange(len(table))
+    top = {}
+    for tag, variance in (("uniform", None), ("weighted", smooth)):
+        score, scale = screen(table, rows, tt, signal, pat.wavelength, fwhm, variance=variance)
+        assert score.shape == scale.shape == rows.shape and (score >= 0).all()
+        top[tag] = [str(table.material_id[i]) for i in np.argsort(-score)[:2]]
+    assert top["uniform"] == ["zno", "gan"]
+    assert top["weighted"] == ["zno", "rutile"]
+
+
+def test_other_first_phases_undo_a_superstructure_taken_first(tmp_path, monkeypatch):
+    """Rock-salt NaCl at twice the edge of a simple-cubic crystal holds all its lines, and more: for a scan of the
+    simple-cubic crystal and rutile without an element list, the greedy search takes NaCl first and never takes
+    it back; grown from the other first phases too (FIRST_PHASE_STARTS), the lower BIC finds the simple cubic."""
+    from pymatgen.core import Lattice, Structure
+
+    import mmmat.xrd.identify as ident
+
+    s = _structures()
+    s["po"] = Structure(Lattice.cubic(2.82), ["Po"], [[0, 0, 0]])
+    index = _cif_index(tmp_path, s, tuple(s))
+    pat = _scan(load_table(index), ["rutile", "po"], [0.5, 0.5], [1.0, 1.0], counts=2e3, size_nm=20.0)
+    monkeypatch.setattr(ident, "FIRST_PHASE_STARTS", 1)
+    assert "nacl" in {p.material_id for p in identify(pat, index).phases}
+    monkeypatch.setattr(ident, "FIRST_PHASE_STARTS", 4)
+    found = {p.material_id for p in identify(pat, index).phases}
+    assert "po" in found and "nacl" not in found

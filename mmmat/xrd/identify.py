@@ -9,20 +9,24 @@ whose crystals carry peak tables (:mod:`mmmat.xrd.phases`), and returns an :clas
    in a scan at room conditions:
 
    * *classical* (:func:`screen`): a matched filter over the whole index at once.  The signal (the
-     background-free scan, later the positive residual of the current fit) is divided by the
-     Lorentz-polarisation factor and put on an absolute ln(1/d) grid (bin :data:`SCREEN_STEP`), where an
-     isotropic lattice scale is a shift and every crystal's lines are one row of a sparse stick matrix built
-     once per index; it is blurred by a Gaussian of the scan's peak width and multiplied by the stick matrix
-     at every lattice scale in :data:`SCALE_RANGE` (one sparse-dense product).  A crystal's score is the
-     squared non-negative projection over the self-overlap of its blurred sticks: the share of the signal it
-     can explain alone, at its best scale;
+     background-free scan, later the positive residual of the current fit, both smoothed over half a peak
+     width) is put on an absolute ln(1/d) grid (bin :data:`SCREEN_STEP`), where an isotropic lattice scale is
+     a shift and every crystal's lines are one row of a sparse stick matrix built once per index; it is
+     blurred by a Gaussian of the scan's peak width and multiplied by the stick matrix at every lattice scale
+     in :data:`SCALE_RANGE` (one sparse-dense product).  A crystal's score is the squared non-negative
+     projection over the norm of its blurred sticks: without an element list, weighted by the scan's
+     smoothed counts as the fit is (the weighted misfit a crystal removes alone, at its best scale; lines
+     where the scan has no peak cost it), with one, uniform on the signal divided by the Lorentz-polarisation
+     factor (the share of the signal it can explain alone) (:data:`WEIGHTED_SCREEN`);
    * *learned* (when the index holds crystal embeddings and its model has an ``xrd`` encoder, or
      ``model`` is given): the scan is embedded and the nearest crystals of the index are taken.
 
 2. **Fit** (iterative residual search): phases are added greedily.  Each step screens the residual of the
    current fit, takes the best :data:`POOL` candidates plus the learned ones, fits each together with the
    phases already kept (linear parameters only: exact and fast) and keeps the one that lowers the weighted
-   residual most, after refining its lattice scale and the peak shape.  Non-linear parameters (each phase's
+   residual most, after refining its lattice scale and the peak shape.  Without an element list the search
+   is run from the best :data:`FIRST_PHASE_STARTS` single phases of different structure types, and the set
+   of lowest BIC is kept.  Non-linear parameters (each phase's
    lattice scale, zero shift, sample displacement, Caglioti U and W, Scherrer size, axial asymmetry) are
    refined by a damped Gauss-Newton (Levenberg-Marquardt) loop whose forward-difference Jacobian is rendered
    in one batched call of :func:`mmmat.xrd.instrument.bragg_profiles` (the scan's Kα1/Kα2 wavelengths and
@@ -51,7 +55,8 @@ whose crystals carry peak tables (:mod:`mmmat.xrd.phases`), and returns an :clas
    check after the final refinement (each phase against the candidates that explain the same peaks), a phase
    is also replaced by an alternative that explains more of the listed elements if the BIC rises by less than
    :data:`MIN_DELTA_BIC` (:data:`ELEMENT_SWAP`): isostructural crystals such as YbMg and LaYbMg2 give nearly
-   the same pattern, and the element list tells them apart.  Failing that, while a listed element is
+   the same pattern, and the element list tells them apart (with or without a list, the swap check also
+   screens the phase's own structure type apart, :data:`PROTOTYPE_SWAP`).  Failing that, while a listed element is
    unexplained, the crystals of the phase's structure type that carry one (:func:`prototypes`: an Er analogue
    of a Sm phase) are tried too, each refined first (:data:`SUBSTITUTE_SWAP`): their peaks are already fitted
    by the phase, so the residual screen rarely lists them.  And a swap by fit alone never leaves more listed
