@@ -455,10 +455,15 @@ def _screen_matrix(table: PhaseTable) -> tuple[Any, np.ndarray, np.ndarray, np.n
     return cache[key]
 
 
-def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int) -> np.ndarray:
-    """||sticks * Gaussian(sigma)||² of each crystal over the bins lo_bin..hi_bin (lines there only)."""
+def _blur_level(sigma_bins: float) -> int:
+    """The cached blur width nearest ``sigma_bins``: 1.25**level bins."""
+    return round(math.log(max(sigma_bins, 0.5)) / math.log(1.25))
+
+
+def _self_overlap(table: PhaseTable, sigma_bins: float) -> np.ndarray:
+    """Each line's share of its crystal's ||sticks * Gaussian(sigma)||² (cached per blur level)."""
     _, row, col, w = _screen_matrix(table)
-    level = round(math.log(max(sigma_bins, 0.5)) / math.log(1.25))
+    level = _blur_level(sigma_bins)
     cache = _cache(table)
     key = ("self", level)
     if key not in cache:  # Σ_l' w_l' exp(-Δ²/4σ²) for each line l: the self-overlap of blurred sticks
@@ -475,12 +480,20 @@ def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int
             acc[idx] += w[idx + j] * k  # idx holds each line once: plain fancy-index addition is exact
             acc[idx + j] += w[idx] * k
         cache[key] = w * acc
-    rkey = ("range", level, lo_bin, hi_bin)
+    return cache[key]
+
+
+def _screen_norms(table: PhaseTable, sigma_bins: float, lo_bin: int, hi_bin: int) -> np.ndarray:
+    """||sticks * Gaussian(sigma)||² of each crystal over the bins lo_bin..hi_bin (lines there only)."""
+    _, row, col, _ = _screen_matrix(table)
+    self_overlap = _self_overlap(table, sigma_bins)
+    cache = _cache(table)
+    rkey = ("range", _blur_level(sigma_bins), lo_bin, hi_bin)
     if rkey not in cache:
         for old in [k for k in cache if k[0] == "range"][:-4]:  # keep a few recent ranges
             del cache[old]
         inside = (col >= lo_bin) & (col <= hi_bin)
-        cache[rkey] = np.bincount(row[inside], weights=cache[key][inside], minlength=len(table))
+        cache[rkey] = np.bincount(row[inside], weights=self_overlap[inside], minlength=len(table))
     return cache[rkey]
 
 
@@ -529,9 +542,7 @@ def screen(table: PhaseTable, rows: np.ndarray, tt: np.ndarray, signal: np.ndarr
     if variance is None:
         norms = _screen_norms(table, sigma / math.sqrt(2), lo_bin, hi_bin)[rows]
     else:  # each line's self-overlap times the (slowly varying) weight of its bin: the weighted template norm
-        _screen_norms(table, sigma / math.sqrt(2), lo_bin, hi_bin)
-        level = round(math.log(max(sigma / math.sqrt(2), 0.5)) / math.log(1.25))
-        self_overlap = _cache(table)[("self", level)]
+        self_overlap = _self_overlap(table, sigma / math.sqrt(2))
         w_grid = np.interp(centres, lnq, point_weight * lp)
         inside = (col_l >= lo_bin) & (col_l <= hi_bin)
         w_line = np.zeros(col_l.size)
@@ -972,12 +983,6 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
         left = unexplained(chosen)
         return rows[[bool(sets[r] & left) for r in rows]] if left else np.zeros(0, dtype=np.int64)
 
-    def substitutes(row: int, chosen: list[int]) -> np.ndarray:
-        """Allowed crystals isostructural with ``row`` (:func:`prototypes`) that hold an unexplained element."""
-        protos, left = prototypes(table), unexplained(chosen)
-        return np.array([r for r in rows if protos[r] == protos[row] and r not in chosen and sets[r] & left],
-                        dtype=np.int64)
-
     allowed = np.zeros(len(table), dtype=bool)
     allowed[rows] = True
 
@@ -985,6 +990,11 @@ def _identify(pattern: Pattern | str | Path, index: str | Path, elements: Sequen
         """Allowed crystals of ``row``'s structure type (:func:`prototypes`), the phases kept excepted."""
         members = prototype_members(table).get(prototypes(table)[row], np.zeros(0, dtype=np.int64))
         return members[allowed[members] & ~np.isin(members, chosen)]
+
+    def substitutes(row: int, chosen: list[int]) -> np.ndarray:
+        """Allowed crystals isostructural with ``row`` (:func:`prototypes`) that hold an unexplained element."""
+        left = unexplained(chosen)
+        return np.array([r for r in isostructural(row, chosen).tolist() if sets[r] & left], dtype=np.int64)
 
     def by_coverage(tried: list[tuple[float, int, float]], chosen: list[int]) -> list[tuple[float, int, float]]:
         """Trials ordered by how many unexplained elements each crystal carries (most first), then by misfit.
